@@ -1,0 +1,281 @@
+"""The config file: hooks to capture, where the database is, how to deliver.
+
+Loading checks everything that can be checked without a database; install.py
+checks tables and columns against the database itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "cdc_hooks.toml"
+EVENT_KINDS = ("insert", "update", "delete")
+DEFAULT_EVENTS = ("insert", "update")  # durian's post_save
+# About a day in all: quick retries for blips, then hourly for outages.
+DEFAULT_RETRY_SCHEDULE = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)
+HOOK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,39}$")
+
+
+@dataclass(frozen=True)
+class TableName:
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{_quote_if_needed(self.schema)}.{_quote_if_needed(self.name)}"
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    name: str
+    table: TableName | None = None  # None: a custom hook, sent explicitly
+    events: tuple[str, ...] = DEFAULT_EVENTS
+    provides: tuple[str, ...] | None = None  # None: every column but the key
+    key: tuple[str, ...] | None = None  # None: the table's primary key
+    when_changed: tuple[str, ...] | None = None  # None: any provided column
+
+    @property
+    def is_custom(self) -> bool:
+        return self.table is None
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    timeout: float = 4.0  # seconds per attempt, the whole exchange (durian's)
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    concurrency: int = 64  # requests in flight per relay
+    listener_concurrency: int = 16  # requests in flight per listener per relay
+    max_response_bytes: int = 4096  # response body kept in the attempt log
+    allow_private_networks: bool = False
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    dsn: str | None = None
+    hooks: tuple[HookConfig, ...] = ()
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    path: Path | None = None
+
+    def hook(self, name: str) -> HookConfig:
+        for hook in self.hooks:
+            if hook.name == name:
+                return hook
+        known = ", ".join(h.name for h in self.hooks) or "none declared"
+        raise ConfigError(f'unknown hook "{name}" (hooks: {known})')
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The file to read: --config, else CDC_HOOKS_CONFIG, else ./cdc_hooks.toml."""
+    return Path(explicit or os.environ.get("CDC_HOOKS_CONFIG") or DEFAULT_CONFIG_FILE)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, required: bool = True) -> Config:
+    """Reads and validates the config file; CDC_HOOKS_DSN overrides its dsn."""
+    file = config_path(path)
+    if not file.exists():
+        if required or path is not None:
+            raise ConfigError(f"{file}: no such config file")
+        return Config(dsn=os.environ.get("CDC_HOOKS_DSN"))
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    config = parse_config(raw)
+    dsn = os.environ.get("CDC_HOOKS_DSN") or config.dsn
+    return Config(dsn=dsn, hooks=config.hooks, delivery=config.delivery, path=file)
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validates the parsed TOML document."""
+    _check_keys(raw, {"database", "hooks", "delivery", "web"}, "config")
+    database = _table(raw.get("database", {}), "[database]")
+    _check_keys(database, {"dsn"}, "[database]")
+    dsn = database.get("dsn")
+    if dsn is not None and not isinstance(dsn, str):
+        raise ConfigError("[database] dsn must be a string")
+    hooks_raw = raw.get("hooks", [])
+    if not isinstance(hooks_raw, list):
+        raise ConfigError("hooks must be an array of tables: [[hooks]]")
+    hooks = tuple(_parse_hook(h, i) for i, h in enumerate(hooks_raw))
+    seen: set[str] = set()
+    for hook in hooks:
+        if hook.name in seen:
+            raise ConfigError(f'hook "{hook.name}": duplicate hook name')
+        seen.add(hook.name)
+    delivery = _parse_delivery(_table(raw.get("delivery", {}), "[delivery]"))
+    return Config(dsn=dsn, hooks=hooks, delivery=delivery)
+
+
+def _parse_hook(raw: Any, index: int) -> HookConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"hooks[{index}] must be a table")
+    name = raw.get("name")
+    if not isinstance(name, str) or not HOOK_NAME.match(name):
+        raise ConfigError(
+            f"hooks[{index}]: name must be a string of letters, digits, _ . - "
+            f"starting with a letter or _, at most 40 characters (got {name!r})"
+        )
+    where = f'hook "{name}"'
+    _check_keys(raw, {"name", "table", "events", "provides", "key", "when_changed"}, where)
+    table = raw.get("table")
+    if table is None:
+        for key in ("events", "key", "when_changed"):
+            if key in raw:
+                raise ConfigError(f"{where}: {key} needs a table (a custom hook has none)")
+        if "provides" not in raw:
+            raise ConfigError(f"{where}: a custom hook (no table) must list what it provides")
+        return HookConfig(name=name, provides=_names(raw["provides"], where, "provides"))
+    if not isinstance(table, str):
+        raise ConfigError(f"{where}: table must be a string")
+    try:
+        table_name = parse_table_name(table)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    events = _names(raw.get("events", list(DEFAULT_EVENTS)), where, "events")
+    for event in events:
+        if event not in EVENT_KINDS:
+            raise ConfigError(
+                f'{where}: unknown event "{event}" (expected any of {", ".join(EVENT_KINDS)})'
+            )
+    provides = _names(raw["provides"], where, "provides") if "provides" in raw else None
+    key = _names(raw["key"], where, "key") if "key" in raw else None
+    when_changed = None
+    if "when_changed" in raw:
+        when_changed = _names(raw["when_changed"], where, "when_changed")
+        if "update" not in events:
+            raise ConfigError(f"{where}: when_changed applies to update events, which it lacks")
+        if provides is not None:
+            for column in when_changed:
+                if column not in provides:
+                    raise ConfigError(f'{where}: when_changed column "{column}" is not provided')
+    return HookConfig(name, table_name, events, provides, key, when_changed)
+
+
+def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
+    _check_keys(
+        raw,
+        {"timeout", "retry_schedule", "concurrency", "listener_concurrency",
+         "max_response_bytes", "allow_private_networks", "allowed_networks"},
+        "[delivery]",
+    )
+    defaults = DeliveryConfig()
+    timeout = _number(raw.get("timeout", defaults.timeout), "[delivery] timeout", 0.1, 300)
+    schedule_raw = raw.get("retry_schedule", list(defaults.retry_schedule))
+    if not isinstance(schedule_raw, list):
+        raise ConfigError("[delivery] retry_schedule must be an array of seconds")
+    schedule = tuple(
+        _number(s, "[delivery] retry_schedule entries", 0, 7 * 86400) for s in schedule_raw
+    )
+    concurrency = int(_number(raw.get("concurrency", defaults.concurrency),
+                              "[delivery] concurrency", 1, 4096, integer=True))
+    per_listener = int(_number(raw.get("listener_concurrency", defaults.listener_concurrency),
+                               "[delivery] listener_concurrency", 1, 4096, integer=True))
+    max_bytes = int(_number(raw.get("max_response_bytes", defaults.max_response_bytes),
+                            "[delivery] max_response_bytes", 0, 1 << 20, integer=True))
+    allow_private = raw.get("allow_private_networks", False)
+    if not isinstance(allow_private, bool):
+        raise ConfigError("[delivery] allow_private_networks must be true or false")
+    networks = []
+    for entry in raw.get("allowed_networks", []):
+        try:
+            networks.append(ipaddress.ip_network(str(entry), strict=False))
+        except ValueError:
+            raise ConfigError(f"[delivery] allowed_networks: {entry!r} is not a network") from None
+    return DeliveryConfig(timeout, schedule, concurrency, per_listener, max_bytes,
+                          allow_private, tuple(networks))
+
+
+def parse_table_name(text: str) -> TableName:
+    """'person', 'public.person' or 'public."People"' -> TableName (default schema public)."""
+    parts = _split_identifiers(text)
+    if len(parts) == 1:
+        return TableName("public", parts[0])
+    if len(parts) == 2:
+        return TableName(parts[0], parts[1])
+    raise ValueError(f"table {text!r} must be NAME or SCHEMA.NAME")
+
+
+def _split_identifiers(text: str) -> list[str]:
+    parts: list[str] = []
+    i = 0
+    while True:
+        if i < len(text) and text[i] == '"':
+            end = i + 1
+            name = ""
+            while True:
+                close = text.find('"', end)
+                if close < 0:
+                    raise ValueError(f"table {text!r} has an unclosed quote")
+                name += text[end:close]
+                if text[close + 1 : close + 2] == '"':
+                    name += '"'
+                    end = close + 2
+                    continue
+                i = close + 1
+                break
+        else:
+            match = re.match(r"[A-Za-z_][A-Za-z0-9_$]*", text[i:])
+            if not match:
+                raise ValueError(f"table {text!r} is not a valid name")
+            name = match.group().lower()
+            i += match.end()
+        if not name:
+            raise ValueError(f"table {text!r} has an empty name")
+        parts.append(name)
+        if i == len(text):
+            return parts
+        if text[i] != ".":
+            raise ValueError(f"table {text!r} is not a valid name")
+        i += 1
+
+
+def _quote_if_needed(name: str) -> str:
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            near = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f' (did you mean "{near[0]}"?)' if near else ""
+            raise ConfigError(f'{where}: unknown key "{key}"{hint}')
+
+
+def _table(raw: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    return raw
+
+
+def _names(raw: Any, where: str, key: str) -> tuple[str, ...]:
+    if not isinstance(raw, Sequence) or isinstance(raw, str) or not all(
+        isinstance(v, str) and v for v in raw
+    ):
+        raise ConfigError(f"{where}: {key} must be an array of names")
+    if len(set(raw)) != len(raw):
+        raise ConfigError(f"{where}: {key} lists a name twice")
+    return tuple(raw)
+
+
+def _number(raw: Any, where: str, low: float, high: float, *, integer: bool = False) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or (
+        integer and not isinstance(raw, int)
+    ):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where} must be {kind}")
+    if not low <= raw <= high:
+        raise ConfigError(f"{where} must be between {low:g} and {high:g} (got {raw})")
+    return float(raw)

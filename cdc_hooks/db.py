@@ -1,0 +1,352 @@
+"""All database access: named queries from sql/, migrations, and the two stores.
+
+``Database`` (synchronous) serves install, the CLI, the Python API and the web
+interface; ``RelayStore`` (asynchronous) serves the relay's hot loop. Both run
+only the named queries of sql/queries.sql and the files of sql/migrations.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from .errors import DatabaseUnavailable
+
+SCHEMA = "cdc_hooks"
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def sql_text(name: str) -> str:
+    """The text of a file in sql/ (shipped as package data)."""
+    return resources.files("cdc_hooks.sql").joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def queries() -> dict[str, str]:
+    """The named queries of sql/queries.sql."""
+    text = sql_text("queries.sql")
+    parts = _QUERY_HEADER.split(text)
+    return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def query(name: str) -> sql.SQL:
+    return sql.SQL(queries()[name])  # type: ignore[arg-type]
+
+
+@functools.cache
+def migrations() -> list[tuple[int, str]]:
+    """(version, SQL) of each file in sql/migrations, in order."""
+    folder = resources.files("cdc_hooks.sql").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = re.match(r"^(\d+)_\w+\.sql$", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname of a DSN, for messages: never its password."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable DSN)"
+    host = info.get("host") or "local socket"
+    port = info.get("port") or "5432"
+    return f"{host}:{port}/{info.get('dbname') or info.get('user') or ''}"
+
+
+def connect(dsn: str | None, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    if not dsn:
+        raise DatabaseUnavailable(
+            "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN"
+        )
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseUnavailable(f"invalid DSN: {_first_line(exc)}") from None
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1].strip() if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class InstalledHook:
+    name: str
+    table_schema: str | None
+    table_name: str | None
+    events: tuple[str, ...]
+    provides: tuple[str, ...]
+    key_columns: tuple[str, ...]
+    when_changed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ListenerRow:
+    id: int
+    hook: str
+    url: str
+    match: str
+    state: str
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_status: str | None = None
+    last_code: int | None = None
+    last_error: str | None = None
+    last_finished_at: datetime | None = None
+
+
+class Database:
+    """A synchronous session with the database (one connection)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    @classmethod
+    def connect(cls, dsn: str | None) -> Database:
+        return cls(connect(dsn))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.conn.transaction():
+            yield
+
+    def run(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(query(name), params)
+            return cur.fetchall() if cur.description else []
+
+    def one(self, name: str, params: dict[str, Any] | None = None) -> tuple[Any, ...] | None:
+        rows = self.run(name, params)
+        return rows[0] if rows else None
+
+    def execute(self, statement: sql.Composable) -> None:
+        self.conn.execute(statement)
+
+    # Schema -------------------------------------------------------------
+
+    def schema_exists(self) -> bool:
+        return bool(self.one("schema_exists")[0])  # type: ignore[index]
+
+    def schema_version(self) -> int:
+        if not self.schema_exists():
+            return 0
+        return int(self.one("schema_version")[0])  # type: ignore[index]
+
+    def pending_migrations(self) -> list[tuple[int, str]]:
+        current = self.schema_version()
+        return [(v, text) for v, text in migrations() if v > current]
+
+    def migrate(self) -> list[int]:
+        """Brings the cdc_hooks schema to the newest version; call inside a transaction."""
+        self.run("lock_install")
+        pending = self.pending_migrations()
+        if pending and not self.schema_exists():
+            self.execute(sql.SQL(sql_text("bootstrap.sql")))  # type: ignore[arg-type]
+        for version, text in pending:
+            self.execute(sql.SQL(text))  # type: ignore[arg-type]
+            self.run("record_schema_version", {"version": version})
+        return [v for v, _ in pending]
+
+    # Hooks --------------------------------------------------------------
+
+    def installed_hooks(self) -> list[InstalledHook]:
+        if not self.schema_exists():
+            return []
+        return [
+            InstalledHook(r[0], r[1], r[2], tuple(r[3]), tuple(r[4]), tuple(r[5]), tuple(r[6]))
+            for r in self.run("installed_hooks")
+        ]
+
+    def save_hook(self, hook: InstalledHook) -> None:
+        self.run("save_hook", {
+            "name": hook.name, "table_schema": hook.table_schema, "table_name": hook.table_name,
+            "events": list(hook.events), "provides": list(hook.provides),
+            "key_columns": list(hook.key_columns), "when_changed": list(hook.when_changed),
+        })
+
+    def forget_hook(self, name: str) -> None:
+        self.run("forget_hook", {"name": name})
+
+    def table_triggers(self, schema: str, table: str) -> list[str]:
+        return [r[0] for r in self.run("table_triggers", {"schema": schema, "table": table})]
+
+    def table_columns(self, schema: str, table: str) -> list[str] | None:
+        row = self.one("table_columns", {"schema": schema, "table": table})
+        return list(row[0]) if row and row[0] is not None else None
+
+    def function_exists(self, function: str) -> bool:
+        return bool(self.one("function_exists", {"function": function})[0])  # type: ignore[index]
+
+    def pending_counts(self) -> tuple[int, int]:
+        row = self.one("pending_counts")
+        return int(row[0]), int(row[1])  # type: ignore[index]
+
+    def send(self, hook: str, payload_json: str) -> int:
+        return int(self.one("send", {"hook": hook, "payload": payload_json})[0])  # type: ignore[index]
+
+    # Listeners ----------------------------------------------------------
+
+    def add_listener(self, hook: str, url: str, match_json: str, config_json: str,
+                     secret: str) -> int:
+        row = self.one("add_listener", {"hook": hook, "url": url, "match": match_json,
+                                        "config": config_json, "secret": secret})
+        return int(row[0])  # type: ignore[index]
+
+    def list_listeners(self) -> list[ListenerRow]:
+        return [ListenerRow(*r) for r in self.run("list_listeners")]
+
+    def get_listener(self, listener_id: int) -> ListenerRow | None:
+        row = self.one("get_listener", {"id": listener_id})
+        return ListenerRow(*row) if row else None
+
+    def remove_listener(self, listener_id: int) -> bool:
+        with self.transaction():
+            self.run("remove_listener_deliveries", {"id": listener_id})
+            return self.one("remove_listener", {"id": listener_id}) is not None
+
+    def set_listener_state(self, listener_id: int, state: str, reason: str | None = None) -> bool:
+        return self.one("set_listener_state",
+                        {"id": listener_id, "state": state, "reason": reason}) is not None
+
+    def update_listener(self, listener_id: int, *, url: str | None = None,
+                        match_json: str | None = None, secret: str | None = None) -> bool:
+        return self.one("update_listener", {"id": listener_id, "url": url,
+                                            "match": match_json, "secret": secret}) is not None
+
+    # Deliveries ---------------------------------------------------------
+
+    def list_deliveries(self, *, status: str | None = None, listener_id: int | None = None,
+                        since: datetime | None = None, limit: int = 50) -> list[tuple[Any, ...]]:
+        return self.run("list_deliveries", {"status": status, "listener_id": listener_id,
+                                            "since": since, "limit": limit})
+
+    def delivery_attempts(self, delivery_id: int) -> list[tuple[Any, ...]]:
+        return self.run("delivery_attempts", {"id": delivery_id})
+
+    def redeliver(self, *, delivery_id: int | None = None, listener_id: int | None = None,
+                  since: datetime | None = None, only_dead: bool = True) -> list[int]:
+        rows = self.run("redeliver", {"id": delivery_id, "listener_id": listener_id,
+                                      "since": since, "only_dead": only_dead})
+        return [r[0] for r in rows]
+
+    def status(self, minutes: int = 5) -> dict[str, Any]:
+        with self.conn.cursor() as cur:
+            cur.execute(query("status"), {"minutes": minutes})
+            row = cur.fetchone()
+            names = [d.name for d in cur.description]  # type: ignore[union-attr]
+        return dict(zip(names, row, strict=True))  # type: ignore[arg-type]
+
+    def failing_listeners(self) -> list[tuple[Any, ...]]:
+        return self.run("failing_listeners")
+
+
+class RelayStore:
+    """The relay's asynchronous access: dispatch, claims, results, waiting."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def connect(cls, dsn: str, *, autocommit: bool = True) -> RelayStore:
+        conn = await psycopg.AsyncConnection.connect(
+            dsn, autocommit=autocommit, connect_timeout=10, prepare_threshold=0
+        )
+        return cls(conn)
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def run(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        async with self.conn.cursor() as cur:
+            await cur.execute(query(name), params)
+            return await cur.fetchall() if cur.description else []
+
+    async def active_listeners(self) -> list[tuple[Any, ...]]:
+        return await self.run("active_listeners")
+
+    async def take_outbox(self, limit: int) -> list[tuple[Any, ...]] | None:
+        """Within the caller's transaction: outbox rows, or None if another relay dispatches."""
+        locked = await self.run("try_lock_dispatch")
+        if not locked[0][0]:
+            return None
+        return await self.run("take_outbox", {"limit": limit})
+
+    async def insert_events(self, ids: Sequence[int], hooks: Sequence[str], kinds: Sequence[str],
+                            row_keys: Sequence[str | None], bodies: Sequence[str],
+                            times: Sequence[datetime]) -> None:
+        await self.run("insert_events", {"ids": list(ids), "hooks": list(hooks),
+                                         "kinds": list(kinds), "row_keys": list(row_keys),
+                                         "bodies": list(bodies), "times": list(times)})
+
+    async def insert_deliveries(self, event_ids: Sequence[int], listener_ids: Sequence[int],
+                                row_keys: Sequence[str | None]) -> None:
+        await self.run("insert_deliveries", {"event_ids": list(event_ids),
+                                             "listener_ids": list(listener_ids),
+                                             "row_keys": list(row_keys)})
+
+    async def outbox_nonempty(self) -> bool:
+        return bool((await self.run("outbox_nonempty"))[0][0])
+
+    async def claim_deliveries(self, slots: dict[int, int], lease: float) -> list[tuple[Any, ...]]:
+        return await self.run("claim_deliveries", {
+            "listener_ids": list(slots), "slots": list(slots.values()), "lease": lease,
+        })
+
+    async def record_results(self, results: Sequence[Any]) -> None:
+        columns: dict[str, list[Any]] = {k: [] for k in (
+            "ids", "attempts", "statuses", "retry_in", "codes", "errors", "durations", "responses")}
+        for r in results:
+            columns["ids"].append(r.delivery_id)
+            columns["attempts"].append(r.attempt)
+            columns["statuses"].append(r.status)
+            columns["retry_in"].append(r.retry_in)
+            columns["codes"].append(r.code)
+            columns["errors"].append(r.error)
+            columns["durations"].append(r.duration_ms)
+            columns["responses"].append(r.response)
+        await self.run("record_results", columns)
+
+    async def disable_listener(self, listener_id: int, reason: str) -> None:
+        await self.run("disable_listener_gone", {"id": listener_id, "reason": reason})
+
+    async def seconds_until_due(self, listener_ids: Sequence[int]) -> float | None:
+        rows = await self.run("next_due", {"listener_ids": list(listener_ids)})
+        if not rows or rows[0][0] is None:
+            return None
+        return max(0.0, float(rows[0][0]))
+
+    async def register_waiter(self) -> None:
+        await self.run("register_waiter")
+
+    async def unregister_waiter(self) -> None:
+        await self.run("unregister_waiter")
+
+    async def prune_waiters(self) -> None:
+        await self.run("prune_waiters")

@@ -1,0 +1,33 @@
+"""Errors a user can act on: the CLI prints the message alone and exits with exit_code."""
+
+
+class CdcHooksError(Exception):
+    exit_code = 1
+
+
+class ConfigError(CdcHooksError, ValueError):
+    """A config that cannot be used; the message names the hook and the problem."""
+
+    exit_code = 2
+
+
+class MatchError(CdcHooksError, ValueError):
+    """A match that cannot be used; the message names the field and the problem."""
+
+    exit_code = 2
+
+
+class ListenerError(CdcHooksError, ValueError):
+    """A listener that cannot be created or changed as asked."""
+
+    exit_code = 2
+
+
+class NotFound(CdcHooksError, LookupError):
+    exit_code = 1
+
+
+class DatabaseUnavailable(CdcHooksError):
+    """PostgreSQL cannot be reached; the message names host and port, never the password."""
+
+    exit_code = 1

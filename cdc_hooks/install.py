@@ -1,0 +1,304 @@
+"""Install: bring the database in line with the config, in one transaction.
+
+Resolves each hook against the live table (SQLAlchemy's inspector), creates or
+upgrades the cdc_hooks schema, and (re)creates the capture function and the
+statement-level triggers of every hook that is new or changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+import sqlalchemy
+from psycopg import sql
+
+from .config import Config, HookConfig
+from .db import Database, InstalledHook, connect, migrations, sql_text
+from .errors import ConfigError
+
+TRIGGER_EVENTS = {
+    "insert": ("INSERT", "REFERENCING NEW TABLE AS new_rows"),
+    "update": ("UPDATE", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+    "delete": ("DELETE", "REFERENCING OLD TABLE AS old_rows"),
+}
+
+
+def function_name(hook: str) -> str:
+    return f"capture_{hook}"
+
+
+def trigger_name(hook: str, event: str) -> str:
+    return f"cdc_hooks_{hook}_{event}"
+
+
+@dataclass
+class Plan:
+    """What install would do: human-readable changes and the SQL to run."""
+
+    changes: list[str] = field(default_factory=list)
+    migrations: list[int] = field(default_factory=list)
+    statements: list[sql.Composable] = field(default_factory=list)
+    hooks_to_save: list[InstalledHook] = field(default_factory=list)
+    hooks_to_forget: list[str] = field(default_factory=list)
+
+
+def resolve_hooks(config: Config) -> list[InstalledHook]:
+    """Each hook of the config made concrete against the live tables.
+
+    Raises ConfigError listing every problem, one line per hook.
+    """
+    engine = sqlalchemy.create_engine(
+        "postgresql+psycopg://", creator=lambda: connect(config.dsn),
+        poolclass=sqlalchemy.pool.NullPool,
+    )
+    resolved, problems = [], []
+    try:
+        with engine.connect() as connection:
+            inspector = sqlalchemy.inspect(connection)
+            for hook in config.hooks:
+                try:
+                    resolved.append(_resolve_hook(hook, inspector))
+                except ConfigError as exc:
+                    problems.append(str(exc))
+    finally:
+        engine.dispose()
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return resolved
+
+
+def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> InstalledHook:
+    where = f'hook "{hook.name}"'
+    if hook.table is None:
+        return InstalledHook(hook.name, None, None, (), hook.provides or (), (), ())
+    table = hook.table
+    if not inspector.has_table(table.name, schema=table.schema):
+        raise ConfigError(f"{where}: table {table} does not exist")
+    columns = [c["name"] for c in inspector.get_columns(table.name, schema=table.schema)]
+    key = hook.key or tuple(
+        inspector.get_pk_constraint(table.name, schema=table.schema)["constrained_columns"]
+    )
+    if not key:
+        raise ConfigError(
+            f"{where}: table {table} has no primary key; "
+            "name the columns that identify a row with key = [...]"
+        )
+    provides = hook.provides if hook.provides is not None else tuple(
+        c for c in columns if c not in key
+    )
+    for kind, names in (("key", key), ("provided", provides), ("when_changed", hook.when_changed or ())):
+        for column in names:
+            if column not in columns:
+                raise ConfigError(f'{where}: {kind} column "{column}" does not exist in {table}')
+    return InstalledHook(hook.name, table.schema, table.name, hook.events, provides, key,
+                         hook.when_changed or provides)
+
+
+def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
+    plan = Plan()
+    current_version = db.schema_version()
+    plan.migrations = [v for v, _ in migrations() if v > current_version]
+    if plan.migrations:
+        verb = "create" if current_version == 0 else f"upgrade from version {current_version}"
+        plan.changes.append(f"schema cdc_hooks: {verb} to version {plan.migrations[-1]}")
+    installed = {h.name: h for h in db.installed_hooks()}
+    wanted = {h.name for h in desired}
+    for hook in desired:
+        before = installed.get(hook.name)
+        if before == hook and _in_place(db, hook):
+            continue
+        if before is not None and before.table_name and before != hook:
+            plan.statements.extend(_drop_statements(db, before))
+        plan.statements.extend(_create_statements(hook))
+        plan.hooks_to_save.append(hook)
+        plan.changes.append(("~ " if before else "+ ") + describe_hook(hook))
+    for name, before in installed.items():
+        if name not in wanted:
+            plan.statements.extend(_drop_statements(db, before))
+            plan.hooks_to_forget.append(name)
+            plan.changes.append(f"- {name}: removed")
+    return plan
+
+
+def describe_hook(hook: InstalledHook) -> str:
+    if hook.table_name is None:
+        return f"{hook.name}: custom hook providing {', '.join(hook.provides)}"
+    table = f"{hook.table_schema}.{hook.table_name}"
+    return (f"{hook.name}: {', '.join(hook.events)} on {table} providing "
+            f"{', '.join(hook.provides) or '(no columns)'}")
+
+
+def _in_place(db: Database, hook: InstalledHook) -> bool:
+    """True if the hook's function and triggers all exist."""
+    if hook.table_name is None:
+        return True
+    present = set(db.table_triggers(hook.table_schema or "public", hook.table_name))
+    expected = {trigger_name(hook.name, e) for e in hook.events}
+    return expected <= present and db.function_exists(function_name(hook.name))
+
+
+def _create_statements(hook: InstalledHook) -> list[sql.Composable]:
+    if hook.table_name is None:
+        return []
+    captured = list(dict.fromkeys([*hook.key_columns, *hook.provides]))
+    function = sql.Identifier("cdc_hooks", function_name(hook.name))
+    table = sql.Identifier(hook.table_schema or "public", hook.table_name)
+    statements: list[sql.Composable] = [
+        sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
+            function=function,
+            columns=sql.SQL(", ").join(sql.Identifier(c) for c in captured),
+            arrays=sql.SQL(", ").join(
+                sql.SQL("{}::text, to_jsonb(array_agg({}))").format(sql.Literal(c), sql.Identifier(c))
+                for c in captured
+            ),
+        )
+    ]
+    for event in TRIGGER_EVENTS:
+        statements.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+            sql.Identifier(trigger_name(hook.name, event)), table))
+    for event in hook.events:
+        operation, referencing = TRIGGER_EVENTS[event]
+        statements.append(sql.SQL(
+            "CREATE TRIGGER {trigger} AFTER {operation} ON {table} {referencing} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION {function}({hook}, {columns})"
+        ).format(
+            trigger=sql.Identifier(trigger_name(hook.name, event)),
+            operation=sql.SQL(operation),  # type: ignore[arg-type]
+            table=table,
+            referencing=sql.SQL(referencing),  # type: ignore[arg-type]
+            function=function,
+            hook=sql.Literal(hook.name),
+            columns=sql.Literal(_text_array(captured)),
+        ))
+    return statements
+
+
+def _drop_statements(db: Database, hook: InstalledHook) -> list[sql.Composable]:
+    if hook.table_name is None:
+        return []
+    statements: list[sql.Composable] = []
+    if db.table_columns(hook.table_schema or "public", hook.table_name) is not None:
+        table = sql.Identifier(hook.table_schema or "public", hook.table_name)
+        statements += [
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(trigger_name(hook.name, event)), table)
+            for event in TRIGGER_EVENTS
+        ]
+    statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
+        sql.Identifier("cdc_hooks", function_name(hook.name))))
+    return statements
+
+
+def _text_array(items: Iterable[str]) -> str:
+    """A PostgreSQL array literal of strings, for a trigger argument."""
+    quoted = ('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items)
+    return "{" + ",".join(quoted) + "}"
+
+
+def install(config: Config) -> Plan:
+    """Applies the config atomically: every hook, or nothing."""
+    desired = resolve_hooks(config)
+    with Database.connect(config.dsn) as db:
+        with db.transaction():
+            db.run("lock_install")
+            plan = plan_install(db, desired)
+            db.migrate()
+            for statement in plan.statements:
+                db.execute(statement)
+            for hook in plan.hooks_to_save:
+                db.save_hook(hook)
+            for name in plan.hooks_to_forget:
+                db.forget_hook(name)
+        return plan
+
+
+def dry_run(config: Config) -> tuple[Plan, str]:
+    """The plan and the SQL install would run; changes nothing."""
+    desired = resolve_hooks(config)
+    with Database.connect(config.dsn) as db:
+        plan = plan_install(db, desired)
+        script = _script(db, plan)
+        db.conn.rollback()
+        return plan, script
+
+
+def _script(db: Database, plan: Plan) -> str:
+    parts = []
+    for version, text in migrations():
+        if version in plan.migrations:
+            if version == plan.migrations[0] and not db.schema_exists():
+                parts.append(sql_text("bootstrap.sql"))
+            parts.append(text)
+    parts += [s.as_string(db.conn).rstrip().rstrip(";") + ";" for s in plan.statements]
+    return "\n".join(parts)
+
+
+def check(config: Config) -> list[str]:
+    """Drift between config and database, one line per problem (empty: in line)."""
+    problems: list[str] = []
+    with Database.connect(config.dsn) as db:
+        if not db.schema_exists():
+            return ["schema cdc_hooks is not installed (run cdc-hooks install)"]
+        latest = migrations()[-1][0]
+        if db.schema_version() < latest:
+            problems.append(f"schema cdc_hooks is at version {db.schema_version()}, "
+                            f"this cdc-hooks needs {latest} (run cdc-hooks install)")
+        installed = {h.name: h for h in db.installed_hooks()}
+        try:
+            desired = {h.name: h for h in resolve_hooks(config)}
+        except ConfigError as exc:
+            problems.extend(str(exc).splitlines())
+            desired = {}
+        for hook in config.hooks:
+            if hook.name not in installed:
+                problems.append(f'hook "{hook.name}": not installed (run cdc-hooks install)')
+            elif hook.name in desired and desired[hook.name] != installed[hook.name]:
+                problems.append(f'hook "{hook.name}": config changed since install '
+                                "(run cdc-hooks install)")
+        configured = {h.name for h in config.hooks}
+        for hook in installed.values():
+            if hook.name not in configured:
+                problems.append(f'hook "{hook.name}": installed but not in the config')
+            problems.extend(_live_drift(db, hook))
+    return problems
+
+
+def _live_drift(db: Database, hook: InstalledHook) -> list[str]:
+    if hook.table_name is None:
+        return []
+    where = f'hook "{hook.name}"'
+    table = f"{hook.table_schema}.{hook.table_name}"
+    columns = db.table_columns(hook.table_schema or "public", hook.table_name)
+    if columns is None:
+        return [f"{where}: table {table} no longer exists"]
+    problems = [
+        f'{where}: column "{c}" no longer exists in {table} (dropped or renamed); '
+        "its events lack it"
+        for c in dict.fromkeys([*hook.key_columns, *hook.provides]) if c not in columns
+    ]
+    present = set(db.table_triggers(hook.table_schema or "public", hook.table_name))
+    problems += [f"{where}: trigger {trigger_name(hook.name, e)} is missing on {table}"
+                 for e in hook.events if trigger_name(hook.name, e) not in present]
+    if not db.function_exists(function_name(hook.name)):
+        problems.append(f"{where}: function cdc_hooks.{function_name(hook.name)} is missing")
+    return problems
+
+
+def uninstall(config: Config, *, drop_schema: bool = False) -> list[str]:
+    """Removes every installed hook's triggers; the schema only when asked."""
+    done: list[str] = []
+    with Database.connect(config.dsn) as db, db.transaction():
+        if not db.schema_exists():
+            return ["nothing installed"]
+        db.run("lock_install")
+        for hook in db.installed_hooks():
+            for statement in _drop_statements(db, hook):
+                db.execute(statement)
+            db.forget_hook(hook.name)
+            done.append(f"- {hook.name}: removed")
+        if drop_schema:
+            outbox, pending = db.pending_counts()
+            db.execute(sql.SQL("DROP SCHEMA cdc_hooks CASCADE"))
+            done.append(f"- schema cdc_hooks dropped ({outbox} outbox chunks and "
+                        f"{pending} pending deliveries discarded)")
+    return done

@@ -1,0 +1,275 @@
+"""durian's matching classes, deepmatch, and their JSON form.
+
+JSON form (storage, REST API, CLI): a plain value means Is; an object with one
+``$``-prefixed key is a matcher (``{"$startswith": "J"}``); any other object
+is a nested match into a json column (``{"profile": {"city": "NYC"}}``).
+
+String matchers (Startswith, Endswith, Contains, Like) match strings only: a
+number, null, list or object never matches them. Like is a regular-expression
+*search* run by RE2, in time linear in the input, so a subscriber's hostile
+pattern cannot stall the relay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any as AnyValue
+from typing import ClassVar
+
+import re2
+
+from . import jsoncodec
+from .errors import MatchError
+
+
+class Matcher:
+    """Base of the matching classes; ``op`` is the JSON operator name."""
+
+    op: ClassVar[str]
+
+    def __init__(self, pattern: AnyValue = None) -> None:
+        self.pattern = pattern
+
+    def __call__(self, value: AnyValue) -> bool:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, AnyValue]:
+        return {"$" + self.op: self.pattern}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.pattern == self.pattern  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.op, repr(self.pattern)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pattern!r})"
+
+
+class Any_(Matcher):
+    """Matches anything, even a field that is not sent at all."""
+
+    op = "any"
+
+    def __init__(self, pattern: None = None) -> None:
+        super().__init__(None)
+
+    def __call__(self, value: AnyValue) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "Any()"
+
+
+class Is(Matcher):
+    """Strict equality: 1 is not "1", True is not 1."""
+
+    op = "is"
+
+    def __call__(self, value: AnyValue) -> bool:
+        return strict_equal(self.pattern, value)
+
+
+class _StringMatcher(Matcher):
+    def __init__(self, pattern: str) -> None:
+        if not isinstance(pattern, str):
+            raise MatchError(f"{self.op} needs a string pattern, not {type(pattern).__name__}")
+        super().__init__(pattern)
+
+
+class Startswith(_StringMatcher):
+    op = "startswith"
+
+    def __call__(self, value: AnyValue) -> bool:
+        return isinstance(value, str) and value.startswith(self.pattern)
+
+
+class Endswith(_StringMatcher):
+    op = "endswith"
+
+    def __call__(self, value: AnyValue) -> bool:
+        return isinstance(value, str) and value.endswith(self.pattern)
+
+
+class Contains(_StringMatcher):
+    op = "contains"
+
+    def __call__(self, value: AnyValue) -> bool:
+        return isinstance(value, str) and self.pattern in value
+
+
+class Like(_StringMatcher):
+    """A regular-expression search (not a full match), run by RE2."""
+
+    op = "like"
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__(pattern)
+        try:
+            self._regex = re2.compile(pattern)
+        except re2.error as exc:
+            raise MatchError(f"like pattern {pattern!r} does not compile: {exc}") from None
+
+    def __call__(self, value: AnyValue) -> bool:
+        return isinstance(value, str) and self._regex.search(value) is not None
+
+
+# The seed's name for the matcher that matches anything.
+Any = Any_
+
+MATCHERS: dict[str, type[Matcher]] = {
+    cls.op: cls for cls in (Any_, Is, Startswith, Endswith, Contains, Like)
+}
+
+Rules = Mapping[str, AnyValue]
+
+
+def strict_equal(expected: AnyValue, actual: AnyValue) -> bool:
+    """Equality without Python's cross-type leniency (True == 1, 1 == "1" is already False)."""
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        return type(expected) is type(actual) and expected == actual
+    if isinstance(expected, int | float | Decimal) and isinstance(actual, int | float | Decimal):
+        return Decimal(str(expected)) == Decimal(str(actual))
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        return expected.keys() == actual.keys() and all(
+            strict_equal(v, actual[k]) for k, v in expected.items()
+        )
+    if isinstance(expected, list | tuple) and isinstance(actual, list | tuple):
+        return len(expected) == len(actual) and all(
+            strict_equal(a, b) for a, b in zip(expected, actual, strict=True)
+        )
+    return type(expected) is type(actual) and expected == actual
+
+
+def deepmatch(rules: Rules, data: Mapping[str, AnyValue]) -> bool:
+    """True if data satisfies every rule; nested dicts match recursively."""
+    for key, rule in rules.items():
+        if isinstance(rule, Matcher):
+            if isinstance(rule, Any_):
+                continue
+            if key not in data or not rule(data[key]):
+                return False
+        elif isinstance(rule, Mapping):
+            value = data.get(key)
+            if not isinstance(value, Mapping) or not deepmatch(rule, value):
+                return False
+        elif key not in data or not strict_equal(rule, data[key]):
+            return False
+    return True
+
+
+def rules_from_json(raw: AnyValue, *, path: str = "") -> dict[str, AnyValue]:
+    """Parses the JSON form into rules of Matchers; raises MatchError naming the field."""
+    if not isinstance(raw, Mapping):
+        raise MatchError(f"match{' at ' + path if path else ''} must be an object")
+    rules: dict[str, AnyValue] = {}
+    for key, value in raw.items():
+        field = f"{path}.{key}" if path else key
+        if not isinstance(key, str) or not key or key.startswith("$"):
+            raise MatchError(f'match field "{field}": expected a field name')
+        rules[key] = _rule_from_json(value, field)
+    return rules
+
+
+def _rule_from_json(value: AnyValue, field: str) -> AnyValue:
+    if isinstance(value, Mapping):
+        keys = list(value)
+        if len(keys) == 1 and isinstance(keys[0], str) and keys[0].startswith("$"):
+            return matcher_from_json(keys[0][1:], value[keys[0]], field)
+        if any(isinstance(k, str) and k.startswith("$") for k in keys):
+            raise MatchError(f'match field "{field}": a matcher object has exactly one $ key')
+        return rules_from_json(value, path=field)
+    return Is(value)
+
+
+def matcher_from_json(op: str, pattern: AnyValue, field: str) -> Matcher:
+    cls = MATCHERS.get(op)
+    if cls is None:
+        raise MatchError(
+            f'match field "{field}": unknown operator "{op}" (expected {", ".join(MATCHERS)})'
+        )
+    if cls is Any_ and pattern is not None:
+        raise MatchError(f'match field "{field}": any takes no value (use null)')
+    try:
+        return cls(pattern)
+    except MatchError as exc:
+        raise MatchError(f'match field "{field}": {exc}') from None
+
+
+def rules_to_json(rules: Rules) -> dict[str, AnyValue]:
+    """The JSON form of rules (inverse of rules_from_json)."""
+    out: dict[str, AnyValue] = {}
+    for key, rule in rules.items():
+        if isinstance(rule, Is) and not isinstance(rule.pattern, Mapping):
+            out[key] = rule.pattern
+        elif isinstance(rule, Matcher):
+            out[key] = rule.to_json()
+        elif isinstance(rule, Mapping):
+            out[key] = rules_to_json(rule)
+        else:
+            out[key] = rule
+    return out
+
+
+def rules_from_python(rules: Mapping[str, AnyValue]) -> dict[str, AnyValue]:
+    """Normalises rules given in Python (plain values, Matchers, dicts) via the JSON form."""
+    try:
+        return rules_from_json(jsoncodec.loads(jsoncodec.dumps(rules_to_json(rules))))
+    except TypeError as exc:
+        raise MatchError(f"match values must be JSON-encodable: {exc}") from None
+
+
+def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
+    """Parses one CLI ``--match``: FIELD=VALUE, FIELD=OP:VALUE or FIELD:=JSON.
+
+    Values are strings unless given as JSON with ``:=`` (``age:=30``); a dotted
+    FIELD reaches into a json column. Returns (path, JSON-form rule).
+    """
+    if ":=" in option and ("=" not in option or option.index(":=") < option.index("=")):
+        field, _, text = option.partition(":=")
+        try:
+            value: AnyValue = jsoncodec.loads(text)
+        except ValueError:
+            raise MatchError(f"--match {option!r}: {text!r} is not JSON") from None
+        if isinstance(value, Mapping):
+            raise MatchError(f"--match {option!r}: use FIELD.SUBFIELD to match inside objects")
+        rule: AnyValue = {"$is": value}
+    elif "=" in option:
+        field, _, text = option.partition("=")
+        op, sep, rest = text.partition(":")
+        if sep and op in MATCHERS:
+            rule = {"$" + op: None if op == "any" else rest}
+            if op == "any" and rest:
+                raise MatchError(f"--match {option!r}: any takes no value")
+        else:
+            rule = text
+    else:
+        raise MatchError(f"--match {option!r}: expected FIELD=VALUE, FIELD=OP:VALUE or FIELD:=JSON")
+    path = field.split(".")
+    if not all(path):
+        raise MatchError(f"--match {option!r}: empty field name")
+    return path, rule
+
+
+def match_options_to_json(options: list[str]) -> dict[str, AnyValue]:
+    """Combines several ``--match`` options into one JSON-form match, validated."""
+    result: dict[str, AnyValue] = {}
+    for option in options:
+        path, rule = parse_match_option(option)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict) or any(k.startswith("$") for k in child):
+                raise MatchError(f"--match {option!r}: field {part!r} is already matched as a value")
+            node = child
+        if path[-1] in node:
+            raise MatchError(f"--match {option!r}: field {'.'.join(path)!r} is matched twice")
+        node[path[-1]] = rule
+    rules_from_json(result)
+    return result
+
+
+def match_fields(match_json: Mapping[str, AnyValue]) -> list[str]:
+    """The top-level fields a JSON-form match names (to check against provides)."""
+    return list(match_json)

@@ -1,0 +1,1 @@
+"""The SQL of cdc-hooks, shipped as package data (cdc_hooks.sql)."""

@@ -1,0 +1,251 @@
+-- Named queries, loaded by cdc_hooks.db: each starts with "-- name: NAME".
+-- Parameters use psycopg's %(name)s style.
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM cdc_hooks.schema_version;
+
+-- name: record_schema_version
+INSERT INTO cdc_hooks.schema_version (version) VALUES (%(version)s);
+
+-- name: lock_install
+-- One installer at a time; held until the install transaction ends.
+SELECT pg_advisory_xact_lock(hashtext('cdc_hooks.install'));
+
+-- name: schema_exists
+SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'cdc_hooks');
+
+-- name: installed_hooks
+SELECT name, table_schema, table_name, events, provides, key_columns, when_changed
+FROM cdc_hooks.hooks ORDER BY name;
+
+-- name: save_hook
+INSERT INTO cdc_hooks.hooks AS h (name, table_schema, table_name, events, provides, key_columns, when_changed)
+VALUES (%(name)s, %(table_schema)s, %(table_name)s, %(events)s, %(provides)s, %(key_columns)s, %(when_changed)s)
+ON CONFLICT (name) DO UPDATE SET
+    table_schema = excluded.table_schema, table_name = excluded.table_name,
+    events = excluded.events, provides = excluded.provides,
+    key_columns = excluded.key_columns, when_changed = excluded.when_changed,
+    installed_at = now();
+
+-- name: forget_hook
+DELETE FROM cdc_hooks.hooks WHERE name = %(name)s;
+
+-- name: table_triggers
+-- Triggers of ours on a table, by name.
+SELECT t.tgname
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND t.tgname LIKE 'cdc\_hooks\_%%'
+ORDER BY t.tgname;
+
+-- name: table_columns
+-- Live columns of a table (NULL list if the table is gone).
+SELECT array_agg(a.attname::text ORDER BY a.attnum)
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(%(table)s))
+  AND a.attnum > 0 AND NOT a.attisdropped;
+
+-- name: function_exists
+SELECT to_regprocedure('cdc_hooks.' || quote_ident(%(function)s) || '()') IS NOT NULL;
+
+-- name: pending_counts
+SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS outbox,
+       (SELECT count(*) FROM cdc_hooks.deliveries WHERE status = 'pending') AS deliveries;
+
+-- name: send
+SELECT cdc_hooks.send(%(hook)s, %(payload)s::jsonb);
+
+-- Listeners -----------------------------------------------------------------
+
+-- name: add_listener
+INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret)
+VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s)
+RETURNING id;
+
+-- name: list_listeners
+-- Without secrets: they are shown once, at creation.
+SELECT l.id, l.hook, l.url, l.match::text, l.state, l.disabled_reason, l.created_at, l.updated_at,
+       last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
+FROM cdc_hooks.listeners l
+LEFT JOIN LATERAL (
+    SELECT d.status, d.last_status, d.last_error, d.finished_at
+    FROM cdc_hooks.deliveries d
+    WHERE d.listener_id = l.id AND d.attempts > 0
+    ORDER BY d.id DESC LIMIT 1
+) last ON true
+ORDER BY l.id;
+
+-- name: get_listener
+SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_at
+FROM cdc_hooks.listeners WHERE id = %(id)s;
+
+-- name: remove_listener_deliveries
+DELETE FROM cdc_hooks.deliveries WHERE listener_id = %(id)s;
+
+-- name: remove_listener
+DELETE FROM cdc_hooks.listeners WHERE id = %(id)s RETURNING id;
+
+-- name: set_listener_state
+UPDATE cdc_hooks.listeners
+SET state = %(state)s, disabled_reason = %(reason)s, updated_at = now()
+WHERE id = %(id)s
+RETURNING id;
+
+-- name: update_listener
+UPDATE cdc_hooks.listeners
+SET url = coalesce(%(url)s, url), match = coalesce(%(match)s::jsonb, match),
+    secret = coalesce(%(secret)s, secret), updated_at = now()
+WHERE id = %(id)s
+RETURNING id;
+
+-- name: active_listeners
+-- What the relay matches events against and signs with.
+SELECT id, hook, url, match::text, secret, state
+FROM cdc_hooks.listeners WHERE state <> 'disabled';
+
+-- Relay: dispatch ------------------------------------------------------------
+
+-- name: try_lock_dispatch
+-- One dispatcher at a time across relays keeps events of a row in commit order.
+SELECT pg_try_advisory_xact_lock(hashtext('cdc_hooks.dispatch'));
+
+-- name: take_outbox
+DELETE FROM cdc_hooks.outbox
+WHERE id IN (SELECT id FROM cdc_hooks.outbox ORDER BY id LIMIT %(limit)s)
+RETURNING id, hook, kind, payload::text, occurred_at;
+
+-- name: insert_events
+INSERT INTO cdc_hooks.events (id, hook, kind, row_key, body, occurred_at)
+SELECT * FROM unnest(%(ids)s::bigint[], %(hooks)s::text[], %(kinds)s::text[],
+                     %(row_keys)s::text[], %(bodies)s::jsonb[], %(times)s::timestamptz[]);
+
+-- name: insert_deliveries
+INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key)
+SELECT * FROM unnest(%(event_ids)s::bigint[], %(listener_ids)s::bigint[], %(row_keys)s::text[]);
+
+-- name: outbox_nonempty
+SELECT EXISTS (SELECT 1 FROM cdc_hooks.outbox);
+
+-- Relay: waiting for work ----------------------------------------------------
+
+-- name: register_waiter
+INSERT INTO cdc_hooks.waiters (pid) VALUES (pg_backend_pid()) ON CONFLICT DO NOTHING;
+
+-- name: unregister_waiter
+DELETE FROM cdc_hooks.waiters WHERE pid = pg_backend_pid();
+
+-- name: prune_waiters
+-- Rows left by relays that died: their backends are gone.
+DELETE FROM cdc_hooks.waiters w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_get_activity(w.pid));
+
+-- Relay: delivery ------------------------------------------------------------
+
+-- name: claim_deliveries
+-- Up to `slots` due deliveries per listener, each the oldest pending one of its
+-- row for that listener (per-row order), leased for `lease` seconds: a relay
+-- that dies mid-request leaves them to be claimed again when the lease ends.
+WITH due AS (
+    SELECT d.id
+    FROM unnest(%(listener_ids)s::bigint[], %(slots)s::int[]) AS l (id, slots)
+    CROSS JOIN LATERAL (
+        SELECT d.id
+        FROM cdc_hooks.deliveries d
+        WHERE d.listener_id = l.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+          AND NOT EXISTS (
+              SELECT 1 FROM cdc_hooks.deliveries e
+              WHERE e.listener_id = d.listener_id AND e.row_key = d.row_key
+                AND e.status = 'pending' AND e.event_id < d.event_id)
+        ORDER BY d.next_attempt_at, d.event_id
+        LIMIT l.slots
+        FOR UPDATE SKIP LOCKED
+    ) d
+)
+UPDATE cdc_hooks.deliveries d
+SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.attempts + 1
+FROM due, cdc_hooks.events ev
+WHERE d.id = due.id AND ev.id = d.event_id
+RETURNING d.id, d.event_id, d.listener_id, d.attempts, ev.body::text;
+
+-- name: record_results
+-- Results of a batch of attempts; a result whose lease was lost (another relay
+-- claimed the delivery again since) only lands in the attempt log.
+WITH result AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
+                         %(retry_in)s::float8[], %(codes)s::int[], %(errors)s::text[],
+                         %(durations)s::real[], %(responses)s::text[])
+        AS r (id, attempt, status, retry_in, code, error, duration_ms, response)
+), updated AS (
+    UPDATE cdc_hooks.deliveries d
+    SET status = r.status, last_status = r.code, last_error = r.error,
+        next_attempt_at = CASE WHEN r.status = 'pending'
+                               THEN now() + make_interval(secs => r.retry_in)
+                               ELSE d.next_attempt_at END,
+        finished_at = CASE WHEN r.status = 'pending' THEN NULL ELSE now() END
+    FROM result r
+    WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
+)
+INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, error, response)
+SELECT id, code, duration_ms, error, response FROM result;
+
+-- name: disable_listener_gone
+UPDATE cdc_hooks.listeners
+SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
+WHERE id = %(id)s AND state <> 'disabled';
+
+-- name: next_due
+-- When the earliest pending delivery of a non-disabled listener falls due.
+SELECT extract(epoch FROM min(d.next_attempt_at) - now())
+FROM cdc_hooks.deliveries d
+WHERE d.status = 'pending' AND d.listener_id = ANY(%(listener_ids)s::bigint[]);
+
+-- Deliveries: inspection and redelivery --------------------------------------
+
+-- name: list_deliveries
+SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
+       d.last_status, d.last_error, d.created_at, d.finished_at, d.next_attempt_at
+FROM cdc_hooks.deliveries d
+JOIN cdc_hooks.events ev ON ev.id = d.event_id
+WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
+  AND (%(listener_id)s::bigint IS NULL OR d.listener_id = %(listener_id)s)
+  AND (%(since)s::timestamptz IS NULL OR d.created_at >= %(since)s)
+ORDER BY d.id DESC
+LIMIT %(limit)s;
+
+-- name: delivery_attempts
+SELECT attempted_at, status_code, duration_ms, error, response
+FROM cdc_hooks.attempts WHERE delivery_id = %(id)s ORDER BY attempted_at;
+
+-- name: redeliver
+-- Back to pending, due now, with a fresh attempt budget; keeps its webhook-id.
+UPDATE cdc_hooks.deliveries
+SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL
+WHERE status <> 'pending'
+  AND (%(id)s::bigint IS NULL OR id = %(id)s)
+  AND (%(listener_id)s::bigint IS NULL OR listener_id = %(listener_id)s)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+  AND (%(only_dead)s = false OR status = 'dead')
+RETURNING id;
+
+-- name: status
+SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS outbox_chunks,
+       (SELECT count(*) FROM cdc_hooks.deliveries WHERE status = 'pending') AS pending,
+       (SELECT extract(epoch FROM now() - min(occurred_at)) FROM cdc_hooks.outbox) AS oldest_outbox_age,
+       (SELECT extract(epoch FROM now() - min(created_at))
+          FROM cdc_hooks.deliveries WHERE status = 'pending') AS oldest_pending_age,
+       (SELECT count(*) FROM cdc_hooks.deliveries
+          WHERE status = 'delivered' AND finished_at > now() - make_interval(mins => %(minutes)s)) AS delivered,
+       (SELECT count(*) FROM cdc_hooks.attempts
+          WHERE (status_code IS NULL OR status_code >= 300)
+            AND attempted_at > now() - make_interval(mins => %(minutes)s)) AS failed_attempts,
+       (SELECT count(*) FROM cdc_hooks.deliveries WHERE status = 'dead') AS dead;
+
+-- name: failing_listeners
+SELECT l.id, l.hook, l.url, l.state, l.disabled_reason,
+       count(*) FILTER (WHERE d.status = 'dead') AS dead,
+       count(*) FILTER (WHERE d.status = 'pending' AND d.attempts > 0) AS retrying
+FROM cdc_hooks.listeners l
+JOIN cdc_hooks.deliveries d ON d.listener_id = l.id
+WHERE d.status = 'dead' OR (d.status = 'pending' AND d.attempts > 0) OR l.state = 'disabled'
+GROUP BY l.id
+ORDER BY l.id;
