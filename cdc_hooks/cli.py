@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
 
+from . import hooks, jsoncodec
 from . import install as installer
+from . import listeners as core
 from .config import Config, load_config
-from .errors import CdcHooksError
+from .db import Database
+from .errors import CdcHooksError, ListenerError, NotFound
+from .match import match_options_to_json
+from .relay.relay import run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,3 +97,191 @@ def uninstall(ctx: Context, drop_schema: bool) -> None:
     """Remove the triggers of every installed hook."""
     for line in installer.uninstall(ctx.config(), drop_schema=drop_schema):
         click.echo(line)
+
+
+@main.command()
+@click.argument("hook")
+@click.argument("fields", nargs=-1, metavar="KEY=VALUE|KEY:=JSON...")
+@pass_context
+@friendly_errors
+def send(ctx: Context, hook: str, fields: tuple[str, ...]) -> None:
+    """Send a custom hook's event (durian's Hook.send): values are strings, KEY:=JSON for others."""
+    event_id = hooks.send(hook, parse_fields(fields), config=ctx.config())
+    click.echo(f"sent event evt_{event_id}")
+
+
+def parse_fields(fields: tuple[str, ...]) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    for field in fields:
+        if "=" not in field:
+            raise ListenerError(f"{field!r}: expected KEY=VALUE or KEY:=JSON")
+        key, _, value = field.partition("=")
+        if key.endswith(":"):
+            key, text = key[:-1], value
+            try:
+                value = jsoncodec.loads(text)
+            except ValueError:
+                raise ListenerError(f"{field!r}: {text!r} is not JSON") from None
+        if not key:
+            raise ListenerError(f"{field!r}: empty key")
+        payload[key] = value
+    return payload
+
+
+@main.group()
+def listeners() -> None:
+    """Manage listeners: who receives which hook's events."""
+
+
+@listeners.command("add")
+@click.argument("hook")
+@click.argument("url")
+@click.option("--match", "matches", multiple=True, metavar="FIELD=VALUE|FIELD=OP:VALUE|FIELD:=JSON",
+              help="Filter (repeatable). OP: any, is, startswith, endswith, contains, like.")
+@click.option("--secret", metavar="whsec_...", help="Signing secret (default: generated).")
+@pass_context
+@friendly_errors
+def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
+                  secret: str | None) -> None:
+    """Add a listener for HOOK that POSTs matching events to URL."""
+    config = ctx.config()
+    match = match_options_to_json(list(matches))
+    with Database.connect(config.dsn) as db:
+        created = core.add_listener(db, config, hook, url, match, secret)
+    click.echo(f"listener {created.id} added")
+    click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
+
+
+@listeners.command("list")
+@pass_context
+@friendly_errors
+def listeners_list(ctx: Context) -> None:
+    """List listeners (secrets are never shown)."""
+    with Database.connect(ctx.config().dsn) as db:
+        rows = db.list_listeners()
+    print_table(["ID", "HOOK", "URL", "MATCH", "STATE", "LAST DELIVERY"], [
+        [r.id, r.hook, r.url, r.match, r.state + (f" ({r.disabled_reason})" if r.disabled_reason else ""),
+         describe_outcome(r.last_status, r.last_code, r.last_error)]
+        for r in rows
+    ])
+
+
+def describe_outcome(status: str | None, code: int | None, error: str | None) -> str:
+    if status is None:
+        return "-"
+    if status == "delivered":
+        return f"delivered ({code})"
+    return f"{'retrying' if status == 'pending' else 'failed'}: {error or code}"
+
+
+def _state_command(name: str, state: str, help_text: str) -> None:
+    @listeners.command(name, help=help_text)
+    @click.argument("listener_id", type=int)
+    @pass_context
+    @friendly_errors
+    def command(ctx: Context, listener_id: int) -> None:
+        with Database.connect(ctx.config().dsn) as db:
+            core.set_state(db, listener_id, state)
+        click.echo(f"listener {listener_id} {state}")
+
+
+_state_command("pause", "paused", "Hold deliveries for a listener (sent on resume).")
+_state_command("resume", "active", "Resume (or re-enable) a listener; held deliveries go out.")
+
+
+@listeners.command("remove")
+@click.argument("listener_id", type=int)
+@pass_context
+@friendly_errors
+def listeners_remove(ctx: Context, listener_id: int) -> None:
+    """Remove a listener and its pending deliveries."""
+    with Database.connect(ctx.config().dsn) as db:
+        core.remove_listener(db, listener_id)
+    click.echo(f"listener {listener_id} removed")
+
+
+@main.command()
+@click.option("--failed", is_flag=True, help="Only dead letters (retries exhausted).")
+@click.option("--listener", "listener_id", type=int, help="Only this listener's deliveries.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@pass_context
+@friendly_errors
+def deliveries(ctx: Context, failed: bool, listener_id: int | None, limit: int) -> None:
+    """List recent deliveries, newest first."""
+    with Database.connect(ctx.config().dsn) as db:
+        rows = db.list_deliveries(status="dead" if failed else None, listener_id=listener_id,
+                                  limit=limit)
+    print_table(["ID", "EVENT", "LISTENER", "HOOK", "KIND", "STATUS", "ATTEMPTS", "LAST"], [
+        [r[0], f"evt_{r[1]}", r[2], r[3], r[4], r[5], r[6], r[8] or r[7] or "-"] for r in rows
+    ])
+
+
+@main.command()
+@click.argument("delivery_id", type=int, required=False)
+@click.option("--listener", "listener_id", type=int, help="Every dead letter of this listener.")
+@click.option("--since", type=click.DateTime(), help="Dead letters created since this time.")
+@pass_context
+@friendly_errors
+def redeliver(ctx: Context, delivery_id: int | None, listener_id: int | None,
+              since: datetime | None) -> None:
+    """Send a delivery again (same webhook-id), or dead letters in bulk."""
+    if delivery_id is None and listener_id is None and since is None:
+        raise ListenerError("give a DELIVERY_ID, --listener or --since")
+    with Database.connect(ctx.config().dsn) as db:
+        ids = db.redeliver(delivery_id=delivery_id, listener_id=listener_id, since=since,
+                           only_dead=delivery_id is None)
+    if delivery_id is not None and not ids:
+        raise NotFound(f"no finished delivery with id {delivery_id}")
+    click.echo(f"{len(ids)} deliver{'y' if len(ids) == 1 else 'ies'} queued again")
+
+
+@main.command()
+@click.option("--minutes", type=click.IntRange(1, 1440), default=5, show_default=True)
+@pass_context
+@friendly_errors
+def status(ctx: Context, minutes: int) -> None:
+    """Backlog, lag, recent deliveries and failures, failing listeners."""
+    with Database.connect(ctx.config().dsn) as db:
+        figures = db.status(minutes)
+        failing = db.failing_listeners()
+    print_table(["WHAT", "VALUE"], [
+        ["outbox chunks not yet dispatched", figures["outbox_chunks"]],
+        ["deliveries pending", figures["pending"]],
+        ["oldest undispatched change (s)", _seconds(figures["oldest_outbox_age"])],
+        ["oldest pending delivery (s)", _seconds(figures["oldest_pending_age"])],
+        [f"delivered, last {minutes} min", figures["delivered"]],
+        [f"failed attempts, last {minutes} min", figures["failed_attempts"]],
+        ["dead letters", figures["dead"]],
+    ])
+    if failing:
+        click.echo("\nfailing listeners:")
+        print_table(["ID", "HOOK", "URL", "STATE", "DEAD", "RETRYING"], [
+            [r[0], r[1], r[2], r[3] + (f" ({r[4]})" if r[4] else ""), r[5], r[6]] for r in failing
+        ])
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
+
+
+@main.command()
+@pass_context
+@friendly_errors
+def run(ctx: Context) -> None:
+    """Run the relay until SIGTERM/SIGINT."""
+    config = ctx.config()
+    configure_logging()
+    run_forever(config)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    for row in [headers, *cells]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        click.echo("(none)")

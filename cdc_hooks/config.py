@@ -143,6 +143,8 @@ def _parse_hook(raw: Any, index: int) -> HookConfig:
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     events = _names(raw.get("events", list(DEFAULT_EVENTS)), where, "events")
+    if not events:
+        raise ConfigError(f"{where}: events must name at least one of {', '.join(EVENT_KINDS)}")
     for event in events:
         if event not in EVENT_KINDS:
             raise ConfigError(
@@ -186,8 +188,11 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
     allow_private = raw.get("allow_private_networks", False)
     if not isinstance(allow_private, bool):
         raise ConfigError("[delivery] allow_private_networks must be true or false")
+    networks_raw = raw.get("allowed_networks", [])
+    if not isinstance(networks_raw, list):
+        raise ConfigError('[delivery] allowed_networks must be an array such as ["10.0.0.0/8"]')
     networks = []
-    for entry in raw.get("allowed_networks", []):
+    for entry in networks_raw:
         try:
             networks.append(ipaddress.ip_network(str(entry), strict=False))
         except ValueError:

@@ -66,7 +66,7 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{port}/{info.get('dbname') or info.get('user') or ''}"
 
 
-def connect(dsn: str | None, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     if not dsn:
         raise DatabaseUnavailable(
             "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN"
@@ -114,7 +114,8 @@ class ListenerRow:
 
 
 class Database:
-    """A synchronous session with the database (one connection)."""
+    """A synchronous session with the database: one autocommit connection;
+    ``transaction()`` groups statements that must land together."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
 import sqlalchemy
 from psycopg import sql
 
@@ -217,9 +218,7 @@ def dry_run(config: Config) -> tuple[Plan, str]:
     desired = resolve_hooks(config)
     with Database.connect(config.dsn) as db:
         plan = plan_install(db, desired)
-        script = _script(db, plan)
-        db.conn.rollback()
-        return plan, script
+        return plan, _script(db, plan)
 
 
 def _script(db: Database, plan: Plan) -> str:

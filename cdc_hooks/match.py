@@ -107,12 +107,26 @@ class Like(_StringMatcher):
     def __init__(self, pattern: str) -> None:
         super().__init__(pattern)
         try:
-            self._regex = re2.compile(pattern)
+            self._regex = re2.compile(pattern, options=_RE2_OPTIONS)
         except re2.error as exc:
-            raise MatchError(f"like pattern {pattern!r} does not compile: {exc}") from None
+            reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(
+                exc.args[0], bytes) else str(exc)
+            raise MatchError(f"like pattern {pattern!r} does not compile: {reason}") from None
+        except UnicodeEncodeError:  # RE2 takes UTF-8: a lone surrogate cannot be encoded
+            raise MatchError(f"like pattern {pattern!r} is not valid Unicode") from None
 
     def __call__(self, value: AnyValue) -> bool:
-        return isinstance(value, str) and self._regex.search(value) is not None
+        if not isinstance(value, str):
+            return False
+        try:
+            return self._regex.search(value) is not None
+        except UnicodeEncodeError:  # a lone surrogate: not text RE2 can read, so no match
+            return False
+
+
+# Subscribers' bad patterns are reported as MatchError; RE2 need not log them too.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
 
 
 # The seed's name for the matcher that matches anything.

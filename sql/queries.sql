@@ -124,6 +124,12 @@ SELECT * FROM unnest(%(ids)s::bigint[], %(hooks)s::text[], %(kinds)s::text[],
 INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key)
 SELECT * FROM unnest(%(event_ids)s::bigint[], %(listener_ids)s::bigint[], %(row_keys)s::text[]);
 
+-- name: listen_events
+LISTEN cdc_hooks;
+
+-- name: listen_listeners
+LISTEN cdc_hooks_listeners;
+
 -- name: outbox_nonempty
 SELECT EXISTS (SELECT 1 FROM cdc_hooks.outbox);
 

@@ -1,0 +1,103 @@
+"""Which network addresses webhooks may go to (SSRF defence).
+
+By default only global unicast addresses: loopback, private, link-local (cloud
+metadata), unspecified, shared, reserved and multicast ranges are refused, and
+IPv4-mapped IPv6 is judged by its IPv4 address. The check applies to the
+address actually connected to, after DNS resolution (see PolicyResolver), and
+again when a listener is created.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from .errors import ListenerError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AddressRefused(OSError):
+    """A destination address is outside the delivery policy."""
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    allow_private_networks: bool = False
+    allowed_networks: Sequence[Network] = ()
+
+    def allows(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in network for network in self.allowed_networks):
+            return True
+        if self.allow_private_networks:
+            return True
+        return ip.is_global and not ip.is_multicast
+
+    def check_address(self, host: str, address: str) -> None:
+        if not self.allows(address):
+            raise AddressRefused(
+                f"{host} resolves to {address}, a non-public address refused by the delivery "
+                "policy (set [delivery] allow_private_networks or allowed_networks to permit it)"
+            )
+
+
+def check_url(url: str, policy: NetworkPolicy) -> None:
+    """Validates a listener URL at creation: http(s), a host, allowed addresses."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ListenerError(f"URL {url!r} must be http:// or https://")
+    if not parts.hostname:
+        raise ListenerError(f"URL {url!r} has no host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ListenerError(f"URL {url!r} has an invalid port") from None
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ListenerError(f"URL {url!r}: cannot resolve {parts.hostname}: {exc}") from None
+    for info in infos:
+        try:
+            policy.check_address(parts.hostname, str(info[4][0]))
+        except AddressRefused as exc:
+            raise ListenerError(f"URL {url!r}: {exc}") from None
+
+
+class PolicyResolver(AbstractResolver):
+    """aiohttp resolver that drops addresses the policy refuses: the relay
+    connects only to what it checked, so DNS rebinding cannot slip past."""
+
+    def __init__(self, policy: NetworkPolicy) -> None:
+        self.policy = policy
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if self.policy.allows(r["host"])]
+        if not allowed:
+            self.policy.check_address(host, results[0]["host"] if results else "(nothing)")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def literal_address(host: str) -> str | None:
+    """The host if it is an IP literal (aiohttp connects to those without resolving)."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None

@@ -1,0 +1,351 @@
+"""The relay: outbox -> events -> matching listeners -> signed POSTs.
+
+Three loops share one process, each on its own connection:
+- dispatch: takes outbox rows (one dispatcher at a time across relays),
+  expands them into events, matches listeners and records deliveries, all in
+  one short transaction; when idle it registers as a waiter and sleeps on
+  LISTEN until a trigger notifies (or a fallback poll).
+- claim: leases due deliveries per listener within the concurrency limits and
+  starts an HTTP task for each; no transaction stays open across a request.
+- record: writes attempt results in batches (one statement per batch).
+
+A database outage ends the loops; the relay reconnects with backoff while
+requests in flight finish, and their results wait for the next connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .. import jsoncodec
+from ..config import Config
+from ..db import InstalledHook, RelayStore, describe_dsn
+from ..errors import CdcHooksError, DatabaseUnavailable
+from ..match import deepmatch, rules_from_json
+from ..netpolicy import NetworkPolicy
+from ..signing import secret_key
+from .events import expand
+from .http import Sender
+from .retry import classify
+
+log = logging.getLogger("cdc_hooks.relay")
+
+EVENTS_PER_DISPATCH = 5000  # bounds memory and transaction length
+IDLE_POLL = 1.0  # seconds: fallback when a wake-up is missed or a retry falls due
+RELOAD_EVERY = 1.0  # seconds: listener and hook changes reach the relay this fast
+RECORD_BATCH = 1000
+MAX_BACKOFF = 10.0
+
+
+@dataclass(frozen=True)
+class Listener:
+    id: int
+    hook: str
+    url: str
+    rules: dict[str, Any]
+    key: bytes
+    active: bool  # False: paused (deliveries are recorded and held)
+
+
+@dataclass(frozen=True)
+class Result:
+    delivery_id: int
+    attempt: int
+    listener_id: int
+    status: str
+    retry_in: float | None
+    code: int | None
+    error: str | None
+    duration_ms: float
+    response: str | None
+    gone: bool
+
+
+class Relay:
+    def __init__(self, config: Config) -> None:
+        if not config.dsn:
+            raise DatabaseUnavailable(
+                "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN")
+        self.config = config
+        self.dsn = config.dsn
+        self.delivery = config.delivery
+        self.lease = self.delivery.timeout * 2 + 30.0
+        self.hooks: dict[str, InstalledHook] = {}
+        self.listeners: dict[int, Listener] = {}
+        self._compiled: dict[tuple[int, str], dict[str, Any]] = {}
+        self._loaded_at = 0.0
+        self._in_flight: dict[int, int] = defaultdict(int)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._results: asyncio.Queue[Result] = asyncio.Queue()
+        self._unrecorded: list[Result] = []
+        self._work_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._outage_since: float | None = None
+        self.delivered = 0
+        self.sender: Sender | None = None
+
+    # Lifecycle -----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking work; in-flight requests finish within a bound."""
+        self._stopping.set()
+        self._work_ready.set()
+
+    async def run(self) -> None:
+        """Runs until stop(); survives database outages."""
+        self.sender = Sender(
+            NetworkPolicy(self.delivery.allow_private_networks, self.delivery.allowed_networks),
+            timeout=self.delivery.timeout, max_response_bytes=self.delivery.max_response_bytes,
+            connections=self.delivery.concurrency,
+        )
+        backoff = 0.5
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                    backoff = 0.5
+                except* (psycopg.OperationalError, psycopg.InterfaceError) as group:
+                    self._note_outage(group.exceptions[0])
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+        finally:
+            await self._finish_in_flight()
+            await self.sender.close()
+
+    async def _session(self) -> None:
+        stores = [await RelayStore.connect(self.dsn) for _ in range(4)]
+        listen, dispatch, claim, record = stores
+        try:
+            await listen.run("listen_events")
+            await listen.run("listen_listeners")
+            await dispatch.run("prune_waiters")
+            await self._reload(dispatch, force=True)
+            self._note_connected()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._dispatch_loop(listen, dispatch))
+                group.create_task(self._claim_loop(claim))
+                group.create_task(self._record_loop(record))
+                group.create_task(self._until_stopped())
+        except* _Stopped:
+            await self._finish_in_flight()
+            with contextlib.suppress(psycopg.Error):
+                await self._flush(record)
+                await listen.run("unregister_waiter")
+        finally:
+            for store in stores:
+                with contextlib.suppress(Exception):
+                    await store.close()
+
+    async def _until_stopped(self) -> None:
+        await self._stopping.wait()
+        raise _Stopped
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _note_outage(self, exc: BaseException) -> None:
+        if self._outage_since is None:  # log each outage once, not every retry
+            self._outage_since = time.monotonic()
+            log.warning("database at %s unavailable (%s); reconnecting with backoff",
+                        describe_dsn(self.dsn), str(exc).strip().splitlines()[-1:] or exc)
+
+    def _note_connected(self) -> None:
+        if self._outage_since is not None:
+            log.warning("database reachable again after %.1f s",
+                        time.monotonic() - self._outage_since)
+            self._outage_since = None
+        else:
+            log.info("relay connected to %s", describe_dsn(self.dsn))
+
+    # Hooks and listeners ---------------------------------------------------
+
+    async def _reload(self, store: RelayStore, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self._loaded_at < RELOAD_EVERY:
+            return
+        self._loaded_at = time.monotonic()
+        hooks = await store.run("installed_hooks")
+        self.hooks = {r[0]: InstalledHook(r[0], r[1], r[2], tuple(r[3]), tuple(r[4]),
+                                          tuple(r[5]), tuple(r[6])) for r in hooks}
+        listeners = {}
+        for listener_id, hook, url, match_text, secret, state in await store.active_listeners():
+            try:
+                rules = self._compiled.get((listener_id, match_text))
+                if rules is None:
+                    rules = rules_from_json(jsoncodec.loads(match_text))
+                    self._compiled[(listener_id, match_text)] = rules
+                listeners[listener_id] = Listener(listener_id, hook, url, rules,
+                                                  secret_key(secret), state == "active")
+            except (CdcHooksError, ValueError) as exc:
+                log.error("listener %s is unusable and skipped: %s", listener_id, exc)
+        if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
+            self._work_ready.set()
+        self.listeners = listeners
+
+    # Dispatch ----------------------------------------------------------------
+
+    async def _dispatch_loop(self, listen: RelayStore, store: RelayStore) -> None:
+        limit = 500
+        while True:
+            await self._reload(store)
+            moved = await self._dispatch_once(store, limit)
+            if moved is None:  # another relay is dispatching
+                await self._sleep(0.05)
+                continue
+            rows, events = moved
+            if rows:
+                limit = max(1, min(1000, EVENTS_PER_DISPATCH * rows // max(events, 1)))
+                self._work_ready.set()
+                continue
+            await self._wait_for_wakeup(listen, store)
+
+    async def _dispatch_once(self, store: RelayStore, limit: int) -> tuple[int, int] | None:
+        async with store.conn.transaction():
+            rows = await store.take_outbox(limit)
+            if rows is None:
+                return None
+            events = []
+            for outbox_id, hook, kind, payload, occurred_at in sorted(rows):
+                events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at))
+            if events:
+                await store.insert_events(
+                    [e.id for e in events], [e.hook for e in events], [e.kind for e in events],
+                    [e.row_key for e in events], [e.body for e in events],
+                    [e.occurred_at for e in events])
+                await self._insert_deliveries(store, events)
+        return len(rows), len(events)
+
+    async def _insert_deliveries(self, store: RelayStore, events: list[Any]) -> None:
+        by_hook: dict[str, list[Listener]] = defaultdict(list)
+        for listener in self.listeners.values():
+            by_hook[listener.hook].append(listener)
+        event_ids, listener_ids, row_keys = [], [], []
+        for event in events:
+            for listener in by_hook.get(event.hook, ()):
+                if deepmatch(listener.rules, event.data):
+                    event_ids.append(event.id)
+                    listener_ids.append(listener.id)
+                    row_keys.append(event.row_key)
+        if event_ids:
+            await store.insert_deliveries(event_ids, listener_ids, row_keys)
+
+    async def _wait_for_wakeup(self, listen: RelayStore, store: RelayStore) -> None:
+        """Sleep until a trigger notifies; triggers notify only while we are registered."""
+        await listen.run("register_waiter")
+        try:
+            if await store.outbox_nonempty():  # committed between our last take and now
+                return
+            async for notify in listen.conn.notifies(timeout=IDLE_POLL, stop_after=1):
+                if notify.channel == "cdc_hooks_listeners":
+                    await self._reload(store, force=True)
+        finally:
+            await listen.run("unregister_waiter")
+
+    # Delivery ----------------------------------------------------------------
+
+    async def _claim_loop(self, store: RelayStore) -> None:
+        while True:
+            self._work_ready.clear()
+            slots = self._free_slots()
+            claimed = await store.claim_deliveries(slots, self.lease) if slots else []
+            for row in claimed:
+                self._start(row)
+            if slots and len(claimed) == sum(slots.values()):
+                continue
+            due = await store.seconds_until_due([lid for lid, lsn in self.listeners.items() if lsn.active])
+            wait = IDLE_POLL if due is None or due <= 0 else min(due, IDLE_POLL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work_ready.wait(), wait)
+
+    def _free_slots(self) -> dict[int, int]:
+        free = self.delivery.concurrency - sum(self._in_flight.values())
+        slots = {}
+        for listener in self.listeners.values():
+            room = min(free, self.delivery.listener_concurrency - self._in_flight[listener.id])
+            if listener.active and room > 0:
+                slots[listener.id] = room
+        return slots
+
+    def _start(self, row: tuple[Any, ...]) -> None:
+        delivery_id, event_id, listener_id, attempt, body = row
+        listener = self.listeners.get(listener_id)
+        if listener is None:  # removed or disabled since: its lease lapses harmlessly
+            return
+        self._in_flight[listener_id] += 1
+        task = asyncio.create_task(self._deliver(listener, delivery_id, event_id, attempt, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, listener: Listener, delivery_id: int, event_id: int,
+                       attempt: int, body: str) -> None:
+        assert self.sender is not None
+        try:
+            response = await self.sender.post(listener.url, body.encode(), listener.key,
+                                              f"msg_{event_id}_{listener.id}")
+            outcome = classify(response.code, attempt, self.delivery.retry_schedule,
+                               retry_after=response.retry_after, retryable_error=response.retryable)
+            if outcome.status != "delivered":
+                log.warning("listener %s event %s attempt %s: %s -> %s", listener.id, event_id,
+                            attempt, response.error, outcome.status)
+            self._results.put_nowait(Result(
+                delivery_id, attempt, listener.id, outcome.status, outcome.retry_in,
+                response.code, response.error, response.duration_ms, response.body, outcome.gone))
+        finally:
+            self._in_flight[listener.id] -= 1
+            self._work_ready.set()
+
+    async def _record_loop(self, store: RelayStore) -> None:
+        while True:
+            if not self._unrecorded:
+                self._unrecorded.append(await self._results.get())
+            await self._flush(store)
+
+    async def _flush(self, store: RelayStore) -> None:
+        while not self._results.empty() and len(self._unrecorded) < RECORD_BATCH:
+            self._unrecorded.append(self._results.get_nowait())
+        if not self._unrecorded:
+            return
+        batch = self._unrecorded
+        await store.record_results(batch)
+        self._unrecorded = []
+        self.delivered += sum(1 for r in batch if r.status == "delivered")
+        for result in batch:
+            if result.gone:
+                log.warning("listener %s answered 410 Gone: disabled", result.listener_id)
+                await store.disable_listener(result.listener_id, "receiver answered 410 Gone")
+        self._work_ready.set()
+
+    async def _finish_in_flight(self) -> None:
+        """Gives requests in flight until their timeout to finish; the rest are cancelled
+        and their leases lapse, so another relay (or the next run) sends them again."""
+        if not self._tasks:
+            return
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=self.delivery.timeout + 1)
+        for task in pending:
+            task.cancel()
+
+
+class _Stopped(Exception):
+    """Ends a connected session when the relay is asked to stop."""
+
+
+def run_forever(config: Config) -> None:
+    """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop)."""
+    import signal
+
+    async def main() -> None:
+        relay = Relay(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, relay.stop)
+        await relay.run()
+
+    asyncio.run(main())
