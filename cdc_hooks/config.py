@@ -61,11 +61,18 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    token: str | None = None  # CDC_HOOKS_WEB_TOKEN overrides it (see cdc_hooks.web.serve)
+    bind: str = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
 class Config:
     dsn: str | None = None
     hooks: tuple[HookConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     path: Path | None = None
+    web: WebConfig = field(default_factory=WebConfig)
 
     def hook(self, name: str) -> HookConfig:
         for hook in self.hooks:
@@ -93,7 +100,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, required: bool = 
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
     config = parse_config(raw)
     dsn = os.environ.get("CDC_HOOKS_DSN") or config.dsn
-    return Config(dsn=dsn, hooks=config.hooks, delivery=config.delivery, path=file)
+    return Config(dsn=dsn, hooks=config.hooks, delivery=config.delivery, path=file, web=config.web)
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -114,7 +121,20 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
             raise ConfigError(f'hook "{hook.name}": duplicate hook name')
         seen.add(hook.name)
     delivery = _parse_delivery(_table(raw.get("delivery", {}), "[delivery]"))
-    return Config(dsn=dsn, hooks=hooks, delivery=delivery)
+    web = _parse_web(_table(raw.get("web", {}), "[web]"))
+    return Config(dsn=dsn, hooks=hooks, delivery=delivery, web=web)
+
+
+def _parse_web(raw: Mapping[str, Any]) -> WebConfig:
+    _check_keys(raw, {"token", "bind"}, "[web]")
+    token = raw.get("token")
+    # A short token could be guessed by trying: the web interface can change listeners.
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise ConfigError("[web] token must be a string of at least 16 characters")
+    bind = raw.get("bind", WebConfig.bind)
+    if not isinstance(bind, str) or ":" not in bind:
+        raise ConfigError('[web] bind must be "HOST:PORT" (for example "127.0.0.1:8080")')
+    return WebConfig(token, bind)
 
 
 def _parse_hook(raw: Any, index: int) -> HookConfig:

@@ -267,6 +267,36 @@ class Database:
     def failing_listeners(self) -> list[tuple[Any, ...]]:
         return self.run("failing_listeners")
 
+    # Web ----------------------------------------------------------------
+    # Read-only views of the web interface and REST API (cdc_hooks/web).
+
+    def web_hook_activity(self) -> list[tuple[Any, ...]]:
+        """(hook, listeners, delivered in the last hour) per installed hook."""
+        return self.run("web_hook_activity") if self.schema_exists() else []
+
+    def web_listener_stats(self, listener_id: int | None = None) -> list[tuple[Any, ...]]:
+        """(id, delivered, dead, retrying, queued) over each listener's last 1000 deliveries."""
+        return self.run("web_listener_stats", {"id": listener_id})
+
+    def web_deliveries(self, *, status: str | None = None, listener_id: int | None = None,
+                       hook: str | None = None, since: datetime | None = None,
+                       until: datetime | None = None, before: int | None = None,
+                       limit: int = 50) -> list[tuple[Any, ...]]:
+        return self.run("web_deliveries", {
+            "status": status, "listener_id": listener_id, "hook": hook, "since": since,
+            "until": until, "before": before, "limit": limit,
+        })
+
+    def web_delivery(self, delivery_id: int) -> tuple[Any, ...] | None:
+        return self.one("web_delivery", {"id": delivery_id})
+
+    def web_recent_events(self, hook: str, limit: int = 10) -> list[tuple[Any, ...]]:
+        return self.run("web_recent_events", {"hook": hook, "limit": limit})
+
+    def web_timeline(self, minutes: int = 60) -> list[tuple[Any, ...]]:
+        """(minute, delivered, failed attempts) for each of the last `minutes` minutes."""
+        return self.run("web_timeline", {"minutes": minutes})
+
 
 class RelayStore:
     """The relay's asynchronous access: dispatch, claims, results, waiting."""

@@ -255,3 +255,108 @@ JOIN cdc_hooks.deliveries d ON d.listener_id = l.id
 WHERE d.status = 'dead' OR (d.status = 'pending' AND d.attempts > 0) OR l.state = 'disabled'
 GROUP BY l.id
 ORDER BY l.id;
+
+-- Web ------------------------------------------------------------------------
+-- Queries of the web interface and REST API (cdc_hooks/web): read-only views
+-- for pages; every change goes through the queries above.
+
+-- name: web_hook_activity
+-- Per installed hook: its listeners and what they were delivered in the last hour.
+WITH recent AS (
+    SELECT l.hook, count(*) AS delivered
+    FROM cdc_hooks.deliveries d
+    JOIN cdc_hooks.listeners l ON l.id = d.listener_id
+    WHERE d.status = 'delivered' AND d.finished_at > now() - interval '1 hour'
+    GROUP BY l.hook
+)
+SELECT h.name, (SELECT count(*) FROM cdc_hooks.listeners l WHERE l.hook = h.name) AS listeners,
+       coalesce(r.delivered, 0) AS delivered_last_hour
+FROM cdc_hooks.hooks h
+LEFT JOIN recent r ON r.hook = h.name
+ORDER BY h.name;
+
+-- name: web_listener_stats
+-- Outcomes of each listener's last 1000 deliveries (bounded by the
+-- (listener_id, id) index, so a listener with millions costs the same).
+SELECT l.id,
+       count(r.status) FILTER (WHERE r.status = 'delivered') AS delivered,
+       count(r.status) FILTER (WHERE r.status = 'dead') AS dead,
+       count(r.status) FILTER (WHERE r.status = 'pending' AND r.attempts > 0) AS retrying,
+       count(r.status) FILTER (WHERE r.status = 'pending' AND r.attempts = 0) AS queued
+FROM cdc_hooks.listeners l
+LEFT JOIN LATERAL (
+    SELECT d.status, d.attempts FROM cdc_hooks.deliveries d
+    WHERE d.listener_id = l.id
+    ORDER BY d.id DESC LIMIT 1000
+) r ON true
+WHERE %(id)s::bigint IS NULL OR l.id = %(id)s
+GROUP BY l.id
+ORDER BY l.id;
+
+-- name: web_deliveries
+-- A page of deliveries, newest first; `before` (a delivery id) is the cursor.
+-- latency_ms: from the change's commit to the delivery's end.
+SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
+       d.last_status, d.last_error, d.created_at, d.finished_at, d.next_attempt_at,
+       a.duration_ms, extract(epoch FROM d.finished_at - ev.occurred_at) * 1000 AS latency_ms
+FROM cdc_hooks.deliveries d
+JOIN cdc_hooks.events ev ON ev.id = d.event_id
+LEFT JOIN LATERAL (
+    SELECT a.duration_ms FROM cdc_hooks.attempts a
+    WHERE a.delivery_id = d.id ORDER BY a.attempted_at DESC LIMIT 1
+) a ON true
+WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
+  AND (%(listener_id)s::bigint IS NULL OR d.listener_id = %(listener_id)s)
+  AND (%(hook)s::text IS NULL OR ev.hook = %(hook)s)
+  AND (%(since)s::timestamptz IS NULL OR d.created_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR d.created_at < %(until)s)
+  AND (%(before)s::bigint IS NULL OR d.id < %(before)s)
+ORDER BY d.id DESC
+LIMIT %(limit)s;
+
+-- name: web_delivery
+-- One delivery with what web_deliveries shows, plus its listener's URL and the body.
+SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
+       d.last_status, d.last_error, d.created_at, d.finished_at, d.next_attempt_at,
+       a.duration_ms, extract(epoch FROM d.finished_at - ev.occurred_at) * 1000 AS latency_ms,
+       l.url, ev.body::text
+FROM cdc_hooks.deliveries d
+JOIN cdc_hooks.events ev ON ev.id = d.event_id
+LEFT JOIN cdc_hooks.listeners l ON l.id = d.listener_id
+LEFT JOIN LATERAL (
+    SELECT a.duration_ms FROM cdc_hooks.attempts a
+    WHERE a.delivery_id = d.id ORDER BY a.attempted_at DESC LIMIT 1
+) a ON true
+WHERE d.id = %(id)s;
+
+-- name: web_recent_events
+-- A hook's last events, newest first: what a new listener's filter is previewed on.
+SELECT id, kind, body::text, occurred_at
+FROM cdc_hooks.events
+WHERE hook = %(hook)s
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: web_timeline
+-- Per minute of the last `minutes`: deliveries delivered and attempts that failed.
+WITH minutes AS (
+    SELECT generate_series(date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1),
+                           date_trunc('minute', now()), interval '1 minute') AS minute
+), ok AS (
+    SELECT date_trunc('minute', finished_at) AS minute, count(*) AS n
+    FROM cdc_hooks.deliveries
+    WHERE status = 'delivered'
+      AND finished_at >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1)
+    GROUP BY 1
+), failed AS (
+    SELECT date_trunc('minute', attempted_at) AS minute, count(*) AS n
+    FROM cdc_hooks.attempts
+    WHERE (status_code IS NULL OR status_code >= 300)
+      AND attempted_at >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1)
+    GROUP BY 1
+)
+SELECT m.minute, coalesce(ok.n, 0) AS delivered, coalesce(failed.n, 0) AS failed
+FROM minutes m
+LEFT JOIN ok ON ok.minute = m.minute
+LEFT JOIN failed ON failed.minute = m.minute
+ORDER BY m.minute;
