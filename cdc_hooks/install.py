@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import sqlalchemy
 from psycopg import sql
 
-from .config import Config, HookConfig
+from .config import Config, HookConfig, TableName
 from .db import Database, InstalledHook, connect, migrations, sql_text
 from .errors import ConfigError
 
@@ -75,6 +75,10 @@ def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> Installe
     table = hook.table
     if not inspector.has_table(table.name, schema=table.schema):
         raise ConfigError(f"{where}: table {table} does not exist")
+    kind = _not_a_table(inspector, hook.table)
+    if kind:
+        raise ConfigError(f"{where}: {table} is a {kind}, not a table: its triggers cannot "
+                          "see changed rows (hook the tables it reads)")
     columns = [c["name"] for c in inspector.get_columns(table.name, schema=table.schema)]
     key = hook.key or tuple(
         inspector.get_pk_constraint(table.name, schema=table.schema)["constrained_columns"]
@@ -93,6 +97,19 @@ def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> Installe
                 raise ConfigError(f'{where}: {kind} column "{column}" does not exist in {table}')
     return InstalledHook(hook.name, table.schema, table.name, hook.events, provides, key,
                          hook.when_changed or provides)
+
+
+def _not_a_table(inspector: sqlalchemy.Inspector, table: TableName) -> str | None:
+    """'view', 'materialized view' or 'foreign table' if the relation is one (has_table says yes)."""
+    kinds = (("view", inspector.get_view_names), ("materialized view",
+             inspector.get_materialized_view_names))
+    for kind, names in kinds:
+        if table.name in names(schema=table.schema):
+            return kind
+    foreign = getattr(inspector, "get_foreign_table_names", None)  # PostgreSQL's inspector
+    if foreign is not None and table.name in foreign(schema=table.schema):
+        return "foreign table"
+    return None
 
 
 def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
@@ -148,8 +165,10 @@ def _create_statements(hook: InstalledHook) -> list[sql.Composable]:
         sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
             function=function,
             columns=sql.SQL(", ").join(sql.Identifier(c) for c in captured),
+            # jsonb_agg, not to_jsonb(array_agg()): array_agg of an array column
+            # fails on NULL or ragged arrays, which would break the app's write.
             arrays=sql.SQL(", ").join(
-                sql.SQL("{}::text, to_jsonb(array_agg({}))").format(sql.Literal(c), sql.Identifier(c))
+                sql.SQL("{}::text, jsonb_agg({})").format(sql.Literal(c), sql.Identifier(c))
                 for c in captured
             ),
         )
