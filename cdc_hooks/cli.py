@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 
 import click
 
-from . import hooks, jsoncodec
 from . import install as installer
+from . import jsoncodec
 from . import listeners as core
 from .config import Config, load_config
 from .db import Database
 from .errors import CdcHooksError, ListenerError, NotFound
+from .hooks import send as send_event  # `from . import hooks` would be the registry
 from .match import match_options_to_json
 from .relay.relay import run_forever
 
@@ -106,7 +107,7 @@ def uninstall(ctx: Context, drop_schema: bool) -> None:
 @friendly_errors
 def send(ctx: Context, hook: str, fields: tuple[str, ...]) -> None:
     """Send a custom hook's event (durian's Hook.send): values are strings, KEY:=JSON for others."""
-    event_id = hooks.send(hook, parse_fields(fields), config=ctx.config())
+    event_id = send_event(hook, parse_fields(fields), config=ctx.config())
     click.echo(f"sent event evt_{event_id}")
 
 

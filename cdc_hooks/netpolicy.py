@@ -73,6 +73,11 @@ def check_url(url: str, policy: NetworkPolicy) -> None:
             policy.check_address(parts.hostname, str(info[4][0]))
         except AddressRefused as exc:
             raise ListenerError(f"URL {url!r}: {exc}") from None
+    if literal_address(parts.hostname) is None and _legacy_ipv4(parts.hostname):
+        # getaddrinfo reads 2130706433 or 127.1 as IPv4, aiohttp refuses to send to
+        # them: refuse now rather than fail every delivery.
+        raise ListenerError(f"URL {url!r}: write the IPv4 address {parts.hostname} in dotted "
+                            f"form ({infos[0][4][0]})")
 
 
 class PolicyResolver(AbstractResolver):
@@ -101,3 +106,12 @@ def literal_address(host: str) -> str | None:
         return str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
         return None
+
+
+def _legacy_ipv4(host: str) -> bool:
+    """A host the C library takes for an IPv4 address in a non-dotted-quad form."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True

@@ -73,6 +73,8 @@ class Sender:
             if refused is not None:
                 return Response(None, _ms(started), str(refused), retryable=False)
             return Response(None, _ms(started), f"connection failed: {_reason(exc)}")
+        except aiohttp.InvalidURL as exc:  # e.g. a non-canonical IPv4 host: retrying cannot help
+            return Response(None, _ms(started), f"invalid URL: {exc}", retryable=False)
         except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             return Response(None, _ms(started), f"{type(exc).__name__}: {_reason(exc)}")
         except ValueError as exc:  # e.g. an URL aiohttp cannot parse

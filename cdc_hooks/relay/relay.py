@@ -149,8 +149,7 @@ class Relay:
         raise _Stopped
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await _wait(self._stopping, seconds)
 
     def _note_outage(self, exc: BaseException) -> None:
         if self._outage_since is None:  # log each outage once, not every retry
@@ -212,6 +211,11 @@ class Relay:
             rows = await store.take_outbox(limit)
             if rows is None:
                 return None
+            if rows:
+                # Listeners as of now, after the take: a listener committed before
+                # these changes always gets them (with only the timed reload, events
+                # written just after a listener was added could miss it for good).
+                await self._reload(store, force=True)
             events = []
             for outbox_id, hook, kind, payload, occurred_at in sorted(rows):
                 events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at))
@@ -262,8 +266,7 @@ class Relay:
                 continue
             due = await store.seconds_until_due([lid for lid, lsn in self.listeners.items() if lsn.active])
             wait = IDLE_POLL if due is None or due <= 0 else min(due, IDLE_POLL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._work_ready.wait(), wait)
+            await _wait(self._work_ready, wait)
 
     def _free_slots(self) -> dict[int, int]:
         free = self.delivery.concurrency - sum(self._in_flight.values())
@@ -331,6 +334,16 @@ class Relay:
         _done, pending = await asyncio.wait(set(self._tasks), timeout=self.delivery.timeout + 1)
         for task in pending:
             task.cancel()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Waits for event, at most seconds. Not asyncio.wait_for: on Python 3.11 it
+    swallows a cancellation that arrives as the awaited event is set (gh-86296);
+    stop() sets both events the loops wait on, so the cancelled loops ran on and
+    the relay never stopped."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 class _Stopped(Exception):
