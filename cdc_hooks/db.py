@@ -364,6 +364,9 @@ class RelayStore:
             columns["responses"].append(r.response)
         await self.run("record_results", columns)
 
+    async def release_deliveries(self, ids: Sequence[int]) -> None:
+        await self.run("release_deliveries", {"ids": list(ids)})
+
     async def disable_listener(self, listener_id: int, reason: str) -> None:
         await self.run("disable_listener_gone", {"id": listener_id, "reason": reason})
 

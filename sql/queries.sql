@@ -158,10 +158,10 @@ WITH due AS (
         SELECT d.id
         FROM cdc_hooks.deliveries d
         WHERE d.listener_id = l.id AND d.status = 'pending' AND d.next_attempt_at <= now()
-          AND NOT EXISTS (
-              SELECT 1 FROM cdc_hooks.deliveries e
-              WHERE e.listener_id = d.listener_id AND e.row_key = d.row_key
-                AND e.status = 'pending' AND e.event_id < d.event_id)
+          AND (d.row_key IS NULL OR d.event_id = (
+              -- written as min() so the plan is an index probe whatever the statistics
+              SELECT min(e.event_id) FROM cdc_hooks.deliveries e
+              WHERE e.listener_id = l.id AND e.row_key = d.row_key AND e.status = 'pending'))
         ORDER BY d.next_attempt_at, d.event_id
         LIMIT l.slots
         FOR UPDATE SKIP LOCKED
@@ -193,6 +193,13 @@ WITH result AS (
 )
 INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, error, response)
 SELECT id, code, duration_ms, error, response FROM result;
+
+-- name: release_deliveries
+-- Claimed but never sent (relay stopping, listener paused): due again at once,
+-- without spending an attempt.
+UPDATE cdc_hooks.deliveries
+SET next_attempt_at = now(), attempts = attempts - 1
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
 
 -- name: disable_listener_gone
 UPDATE cdc_hooks.listeners
