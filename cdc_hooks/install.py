@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import psycopg
 import sqlalchemy
 from psycopg import sql
 
 from .config import Config, HookConfig, TableName
-from .db import Database, InstalledHook, connect, migrations, sql_text
+from .db import Database, InstalledHook, connect, migrations, queries, sql_text
 from .errors import ConfigError
 
 TRIGGER_EVENTS = {
@@ -241,14 +243,35 @@ def dry_run(config: Config) -> tuple[Plan, str]:
 
 
 def _script(db: Database, plan: Plan) -> str:
-    parts = []
+    """Everything install would run, bookkeeping included: applied by hand, it
+    leaves the database as install would (a later install finds it in line)."""
+    if not (plan.migrations or plan.statements or plan.hooks_to_save or plan.hooks_to_forget):
+        return ""
+    parts = ["BEGIN;", _rendered(db, "lock_install")]
     for version, text in migrations():
         if version in plan.migrations:
             if version == plan.migrations[0] and not db.schema_exists():
                 parts.append(sql_text("bootstrap.sql"))
             parts.append(text)
+            parts.append(_rendered(db, "record_schema_version", {"version": version}))
     parts += [s.as_string(db.conn).rstrip().rstrip(";") + ";" for s in plan.statements]
+    parts += [_rendered(db, "save_hook", _hook_params(h)) for h in plan.hooks_to_save]
+    parts += [_rendered(db, "forget_hook", {"name": n}) for n in plan.hooks_to_forget]
+    parts.append("COMMIT;")
     return "\n".join(parts)
+
+
+def _rendered(db: Database, name: str, params: dict[str, Any] | None = None) -> str:
+    """A named query with its parameters bound by psycopg, for a printed script."""
+    text = psycopg.ClientCursor(db.conn).mogrify(queries()[name], params)
+    return text.rstrip().rstrip(";") + ";"
+
+
+def _hook_params(hook: InstalledHook) -> dict[str, Any]:
+    """The save_hook parameters (as Database.save_hook binds them)."""
+    return {"name": hook.name, "table_schema": hook.table_schema, "table_name": hook.table_name,
+            "events": list(hook.events), "provides": list(hook.provides),
+            "key_columns": list(hook.key_columns), "when_changed": list(hook.when_changed)}
 
 
 def check(config: Config) -> list[str]:

@@ -268,6 +268,25 @@ def test_dry_run_prints_sql_and_changes_nothing(conn: Conn, make_config: MakeCon
         "name", "address"]
 
 
+def test_dry_run_sql_applied_by_hand_equals_install(conn: Conn, make_config: MakeConfig,
+                                                  cli: Cli) -> None:
+    create_person(conn)
+    config = make_config(PERSON + CUSTOM)
+    script = cli(config, "install", "--dry-run").stdout
+    conn.execute(script)  # as a DBA would run it with psql
+    assert cli(config, "check").exit_code == 0
+    assert cli(config, "install").stdout.startswith("no changes")
+    conn.execute("INSERT INTO person (name) VALUES ('Joe')")
+    assert events(conn)[0][2] == [{"id": 1, "name": "Joe", "address": None}]
+
+    # A change that only touches bookkeeping (a new custom hook) is printed too.
+    config = make_config(PERSON + CUSTOM + '[[hooks]]\nname = "other"\nprovides = ["x"]\n')
+    script = cli(config, "install", "--dry-run").stdout
+    assert "INSERT INTO cdc_hooks.hooks" in script
+    conn.execute(script)
+    assert cli(config, "check").exit_code == 0
+
+
 def test_dry_run_reports_a_bad_hook(conn: Conn, make_config: MakeConfig, cli: Cli) -> None:
     result = cli(make_config('[[hooks]]\nname = "bad"\ntable = "nope"\n'), "install", "--dry-run")
     assert result.exit_code == 2
