@@ -15,6 +15,7 @@ from psycopg import sql
 
 from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
+from cdc_hooks.hooks import send
 
 Conn = psycopg.Connection[Any]
 MakeConfig = Callable[..., Config]
@@ -793,3 +794,40 @@ def test_send_with_sql_null_is_refused(person: Conn) -> None:
         person.execute("SELECT cdc_hooks.send('myhook', NULL)")
     with pytest.raises(psycopg.errors.UndefinedObject):
         person.execute("SELECT cdc_hooks.send(NULL, '{}')")
+
+
+# Custom hooks from the CLI and from Python ----------------------------------------------
+
+def test_send_from_the_cli(person: Conn, make_config: MakeConfig, cli: Cli) -> None:
+    config = make_config(PERSON + CUSTOM)
+    result = cli(config, "send", "myhook", "name=George Costanza", "address:=null")
+    assert result.exit_code == 0, result.output
+    (outbox_id,) = person.execute("SELECT max(id) FROM cdc_hooks.outbox").fetchone()
+    assert result.stdout.strip() == f"sent event evt_{outbox_id * 1000}"
+    assert outbox(person) == [("myhook", "myhook", {"data": {"name": "George Costanza",
+                                                             "address": None}})]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["myhook", "ssn=1"], 'hook "myhook" does not provide ssn'),
+    (["nope", "name=x"], 'unknown hook "nope"'),
+    (["person", "name=x"], 'hook "person" is bound to table public.person'),
+])
+def test_send_from_the_cli_refuses(person: Conn, make_config: MakeConfig, cli: Cli,
+                                   args: list[str], message: str) -> None:
+    result = cli(make_config(PERSON + CUSTOM), "send", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert outbox(person) == []
+
+
+def test_send_from_python_joins_the_callers_transaction(person: Conn,
+                                                       make_config: MakeConfig) -> None:
+    with person.transaction(force_rollback=True):
+        send("myhook", {"name": "Rolled back"}, connection=person)
+    assert outbox(person) == []
+    with person.transaction():
+        event_id = send("myhook", {"name": "George"}, connection=person)
+    assert event_id % 1000 == 0
+    send("myhook", {"name": "Own connection"}, config=make_config(PERSON + CUSTOM))
+    assert [p["data"]["name"] for _, _, p in outbox(person)] == ["George", "Own connection"]
