@@ -442,6 +442,32 @@ def test_upsert_and_merge_record_what_happened(person: Conn) -> None:
                      ("insert", ["Jane"], [])]
 
 
+def test_copy_is_captured(person: Conn) -> None:
+    with person.cursor().copy("COPY person (name, address) FROM STDIN") as copy:
+        copy.write_row(("Joe", "NYC"))
+        copy.write_row(("Jane", None))
+    assert events(person)[0][1:3] == ("insert", [{"id": 1, "name": "Joe", "address": "NYC"},
+                                                 {"id": 2, "name": "Jane", "address": None}])
+
+
+def test_two_hooks_on_one_table_each_record_their_own_columns(
+        conn: Conn, make_config: MakeConfig, cli: Cli) -> None:
+    create_person(conn)
+    both = ('[[hooks]]\nname = "names"\ntable = "person"\nprovides = ["name"]\n'
+            '[[hooks]]\nname = "places"\ntable = "person"\nprovides = ["address"]\n'
+            'events = ["insert"]\n')
+    installed(make_config, cli, both)
+    conn.execute("INSERT INTO person (name, address) VALUES ('Joe', 'NYC')")
+    conn.execute("UPDATE person SET name = 'Joseph'")
+    assert sorted((hook, kind, new) for hook, kind, new, _ in events(conn)) == [
+        ("names", "insert", [{"id": 1, "name": "Joe"}]),
+        ("names", "update", [{"id": 1, "name": "Joseph"}]),
+        ("places", "insert", [{"id": 1, "address": "NYC"}]),
+    ]
+    installed(make_config, cli, both.split("[[hooks]]\nname = \"places\"")[0])
+    assert triggers(conn, "person") == ["cdc_hooks_names_insert", "cdc_hooks_names_update"]
+
+
 def test_a_statement_changing_no_rows_records_nothing(person: Conn) -> None:
     person.execute("UPDATE person SET name = 'x' WHERE false")
     person.execute("DELETE FROM person")
