@@ -266,13 +266,32 @@ def _seconds(value: Any) -> str:
 
 
 @main.command()
+@click.option("--web", "web_bind", metavar="HOST:PORT",
+              help="Also serve the web interface and REST API from this process.")
 @pass_context
 @friendly_errors
-def run(ctx: Context) -> None:
+def run(ctx: Context, web_bind: str | None) -> None:
     """Run the relay until SIGTERM/SIGINT."""
     config = ctx.config()
     configure_logging()
-    run_forever(config)
+    run_forever(config, web=web_bind)
+
+
+@main.command()
+@click.option("--bind", metavar="HOST:PORT",
+              help="Address to serve on (default: [web] bind, else 127.0.0.1:8080).")
+@pass_context
+@friendly_errors
+def web(ctx: Context, bind: str | None) -> None:
+    """Serve the web interface and REST API until SIGTERM/SIGINT.
+
+    Auth: [web] token in the config or CDC_HOOKS_WEB_TOKEN; refuses a non-loopback
+    address without one."""
+    from .web.serve import serve_forever  # the web stack loads only for this command
+
+    config = ctx.config()
+    configure_logging()
+    serve_forever(config, bind)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -350,15 +350,31 @@ class _Stopped(Exception):
     """Ends a connected session when the relay is asked to stop."""
 
 
-def run_forever(config: Config) -> None:
-    """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop)."""
+def run_forever(config: Config, web: str | None = None) -> None:
+    """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop); with
+    web=HOST:PORT it also serves the web interface in the same event loop."""
     import signal
+
+    server = None
+    if web is not None:  # imported here: the relay alone does not load the web stack
+        from ..web.serve import WebServer
+
+        server = WebServer(config, web)  # binds now: a bad address fails before the relay starts
 
     async def main() -> None:
         relay = Relay(config)
+
+        def stop() -> None:
+            relay.stop()
+            if server is not None:
+                server.stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, relay.stop)
-        await relay.run()
+            loop.add_signal_handler(sig, stop)
+        if server is None:
+            await relay.run()
+        else:
+            await asyncio.gather(relay.run(), server.serve())
 
     asyncio.run(main())

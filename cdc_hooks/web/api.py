@@ -1,0 +1,166 @@
+"""The REST API: JSON over the same core as the CLI (listeners.py, hooks.send, db.py).
+
+Endpoints are synchronous (the Database is): FastAPI runs them in its thread
+pool, so they never block the event loop a relay may share (`run --web`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+
+from .. import listeners as core
+from ..db import Database
+from ..hooks import send as send_custom_event
+from . import views
+from .auth import require_token
+from .models import (
+    DeliveryDetail,
+    DeliveryPage,
+    DeliveryStatus,
+    HookOut,
+    IsoTime,
+    JsonObject,
+    ListenerChanged,
+    ListenerCreated,
+    ListenerIn,
+    ListenerOut,
+    ListenerPatch,
+    Problem,
+    Redelivered,
+    SendResult,
+    StatusOut,
+    Text,
+)
+
+BIGINT = 2**63 - 1
+
+
+def database(request: Request) -> Iterator[Database]:
+    """A connection per request: the Database is synchronous and cheap to open on a LAN."""
+    with Database.connect(request.app.state.web.config.dsn) as db:
+        yield db
+
+
+def single_query_values(request: Request) -> None:
+    """A repeated query parameter is refused, not silently reduced to its last value."""
+    keys = [key for key, _ in request.query_params.multi_items()]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise RequestValidationError([{"loc": ("query", key), "msg": "given more than once",
+                                       "type": "value_error"} for key in repeated])
+
+
+Db = Annotated[Database, Depends(database)]
+ListenerId = Annotated[int, Path(ge=1, le=BIGINT, description="A listener's id")]
+DeliveryId = Annotated[int, Path(ge=1, le=BIGINT, description="A delivery's id")]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "A body that cannot be read (not UTF-8 JSON)"},
+    401: {"model": Problem, "description": "No valid Bearer token"},
+    422: {"model": Problem, "description": "A bad request: the message names the field"},
+    503: {"model": Problem, "description": "The database is unreachable"},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such thing"}}
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_token), Depends(single_query_values)],
+                   responses=_ERRORS)
+
+
+@router.get("/hooks", tags=["hooks"], summary="Installed hooks")
+def list_hooks(db: Db) -> list[HookOut]:
+    return views.hooks(db)
+
+
+@router.post("/hooks/{name}/send", tags=["hooks"], status_code=201, responses=_NOT_FOUND,
+             summary="Send a custom hook's event (durian's send view)")
+def send_event(db: Db, name: Annotated[Text, Path(description="A custom hook's name")],
+               payload: Annotated[JsonObject, Body(description="The event's data: provided fields only")]
+               ) -> SendResult:
+    views.hook(db, name)  # 404 for an unknown hook, before the database refuses it
+    event_id = send_custom_event(name, payload, connection=db.conn)
+    return SendResult(id=f"evt_{event_id}", event_id=event_id)
+
+
+@router.get("/listeners", tags=["listeners"], summary="Listeners (secrets are never shown)")
+def list_listeners(db: Db, hook: Annotated[Text | None, Query(description="Only this hook's")] = None
+                   ) -> list[ListenerOut]:
+    return views.listeners(db, hook=hook)
+
+
+@router.post("/listeners", tags=["listeners"], status_code=201,
+             summary="Add a listener; the answer carries its secret, shown this once")
+def create_listener(db: Db, request: Request, body: ListenerIn, response: Response) -> ListenerCreated:
+    created = core.add_listener(db, request.app.state.web.config, body.hook, body.url,
+                                body.match, body.secret)
+    response.headers["Cache-Control"] = "no-store"
+    return ListenerCreated(**views.listener(db, created.id).model_dump(), secret=created.secret)
+
+
+@router.get("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND)
+def get_listener(db: Db, listener_id: ListenerId) -> ListenerOut:
+    return views.listener(db, listener_id)
+
+
+@router.patch("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND,
+              summary="Pause/resume, change URL or match, rotate the secret")
+def change_listener(db: Db, request: Request, listener_id: ListenerId, body: ListenerPatch,
+                    response: Response) -> ListenerChanged:
+    secret = None
+    if body.url is not None or body.match is not None or body.rotate_secret:
+        secret = core.update_listener(db, request.app.state.web.config, listener_id, url=body.url,
+                                      match=body.match, rotate_secret=body.rotate_secret)
+    if body.state is not None:
+        core.set_state(db, listener_id, body.state)
+    response.headers["Cache-Control"] = "no-store"
+    return ListenerChanged(**views.listener(db, listener_id).model_dump(), secret=secret)
+
+
+@router.delete("/listeners/{listener_id}", tags=["listeners"], status_code=204, responses=_NOT_FOUND,
+               summary="Remove a listener and its deliveries")
+def delete_listener(db: Db, listener_id: ListenerId) -> Response:
+    core.remove_listener(db, listener_id)
+    return Response(status_code=204)
+
+
+@router.post("/listeners/{listener_id}/redeliver", tags=["listeners"], responses=_NOT_FOUND,
+             summary="Queue every dead letter of a listener again")
+def redeliver_failed(db: Db, listener_id: ListenerId) -> Redelivered:
+    return Redelivered(queued=views.redeliver_failed(db, listener_id))
+
+
+@router.get("/deliveries", tags=["deliveries"], summary="Deliveries, newest first, a page at a time")
+def list_deliveries(
+    db: Db,
+    listener: Annotated[int | None, Query(ge=1, le=BIGINT, description="Only this listener's")] = None,
+    status: Annotated[DeliveryStatus | None, Query()] = None,
+    hook: Annotated[Text | None, Query(description="Only this hook's")] = None,
+    since: Annotated[IsoTime | None, Query(description="Created at or after (ISO 8601)")] = None,
+    until: Annotated[IsoTime | None, Query(description="Created before (ISO 8601)")] = None,
+    before: Annotated[int | None, Query(ge=1, le=BIGINT, description="Cursor: next_before")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> DeliveryPage:
+    items, next_before = views.deliveries(db, limit=limit, status=status, listener_id=listener,
+                                          hook=hook, since=since, until=until, before=before)
+    return DeliveryPage(items=items, next_before=next_before)
+
+
+@router.get("/deliveries/{delivery_id}", tags=["deliveries"], responses=_NOT_FOUND,
+            summary="A delivery with its attempts and their responses")
+def get_delivery(db: Db, delivery_id: DeliveryId) -> DeliveryDetail:
+    return views.delivery(db, delivery_id)
+
+
+@router.post("/deliveries/{delivery_id}/redeliver", tags=["deliveries"],
+             responses={**_NOT_FOUND, 409: {"model": Problem, "description": "Already queued"}},
+             summary="Send a finished delivery again (same webhook-id)")
+def redeliver(db: Db, delivery_id: DeliveryId) -> Redelivered:
+    return Redelivered(queued=views.redeliver(db, delivery_id))
+
+
+@router.get("/status", tags=["status"], summary="Backlog, lag, rates, failing listeners")
+def get_status(db: Db, minutes: Annotated[int, Query(ge=1, le=1440)] = 5) -> StatusOut:
+    return views.status(db, minutes)

@@ -1,0 +1,214 @@
+"""What the REST API takes and returns (pydantic: the OpenAPI spec comes from these).
+
+Request bodies are strict (no "1" for 1, no unknown keys) and refuse text that
+PostgreSQL cannot store (NUL, lone surrogates), so a bad body is a 422 naming
+the field instead of a database error.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+DeliveryStatus = Literal["pending", "delivered", "dead"]
+ListenerState = Literal["active", "paused", "disabled"]
+
+
+def storable_text(value: str) -> str:
+    """Text PostgreSQL can store: valid UTF-8 without NUL."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+def storable_json(value: Any) -> Any:
+    """A JSON value whose keys and strings are storable_text, at any depth."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            storable_text(key)
+            storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            storable_json(item)
+    return value
+
+
+def iso_time(value: Any) -> Any:
+    """ISO 8601 only: pydantic would also read a bare number as a Unix time."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO 8601 time such as 2024-05-01T12:00:00Z") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(storable_text)]
+IsoTime = Annotated[datetime, BeforeValidator(iso_time)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Where: body.url, query.limit, path.listener_id, ...")
+    message: str
+
+
+class Problem(BaseModel):
+    """Every error answer: `detail` says what is wrong and names the field."""
+
+    detail: str
+    errors: list[FieldProblem] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    problems: list[str] = Field(description="Why not ready (empty when ready)")
+
+
+class HookOut(BaseModel):
+    name: str
+    table: str | None = Field(description="SCHEMA.TABLE; null for a custom hook (sent explicitly)")
+    events: list[str]
+    provides: list[str]
+    key: list[str]
+    custom: bool
+    listeners: int
+    delivered_last_hour: int
+
+
+class LastDelivery(BaseModel):
+    status: DeliveryStatus
+    code: int | None = Field(description="HTTP status of the last attempt, if any answer")
+    error: str | None
+    finished_at: datetime | None
+
+
+class ListenerStats(BaseModel):
+    """Over the listener's last 1000 deliveries."""
+
+    delivered: int
+    dead: int
+    retrying: int
+    queued: int
+    success_rate: float | None = Field(description="delivered / (delivered + dead + retrying)")
+
+
+class ListenerOut(BaseModel):
+    id: int
+    hook: str
+    url: str
+    match: dict[str, Any] = Field(
+        description='The filter in $-operator JSON form, e.g. {"name": {"$startswith": "J"}}')
+    state: ListenerState
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_delivery: LastDelivery | None
+    stats: ListenerStats
+
+
+class ListenerCreated(ListenerOut):
+    secret: str = Field(description="The signing secret: shown this once, never again")
+
+
+class ListenerChanged(ListenerOut):
+    secret: str | None = Field(description="The new signing secret if rotated (shown once), else null")
+
+
+class ListenerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    hook: Text = Field(description="An installed hook's name")
+    url: Text = Field(description="http(s) URL the events are POSTed to")
+    match: JsonObject = Field(default_factory=dict, description="Filter in $-operator JSON form")
+    secret: Text | None = Field(default=None, description="whsec_... (default: generated)")
+
+
+class ListenerPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    state: Literal["active", "paused"] | None = Field(default=None, description="Pause or resume")
+    url: Text | None = None
+    match: JsonObject | None = None
+    rotate_secret: bool = Field(default=False, description="Replace the signing secret")
+
+
+class SendResult(BaseModel):
+    id: str = Field(description="evt_<event_id>")
+    event_id: int
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    event_id: int
+    listener_id: int
+    hook: str
+    kind: str = Field(description="insert, update, delete or the custom hook's name")
+    status: DeliveryStatus
+    attempts: int
+    last_code: int | None
+    last_error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    next_attempt_at: datetime
+    duration_ms: float | None = Field(description="Duration of the last attempt")
+    latency_ms: float | None = Field(description="From the change's commit to the delivery's end")
+
+
+class DeliveryPage(BaseModel):
+    items: list[DeliveryOut]
+    next_before: int | None = Field(description="Pass as `before` for the next (older) page")
+
+
+class AttemptOut(BaseModel):
+    attempted_at: datetime
+    status_code: int | None
+    duration_ms: float
+    error: str | None
+    response: str | None = Field(description="Start of the response body (capped by the relay)")
+
+
+class DeliveryDetail(DeliveryOut):
+    url: str | None
+    webhook_id: str
+    body: dict[str, Any] = Field(description="The JSON POSTed")
+    attempt_log: list[AttemptOut]
+
+
+class Redelivered(BaseModel):
+    queued: list[int] = Field(description="Ids of the deliveries queued again")
+
+
+class FailingListener(BaseModel):
+    id: int
+    hook: str
+    url: str
+    state: ListenerState
+    disabled_reason: str | None
+    dead: int
+    retrying: int
+
+
+class StatusOut(BaseModel):
+    minutes: int
+    outbox_chunks: int = Field(description="Captured statements not yet dispatched")
+    pending: int = Field(description="Deliveries waiting or retrying")
+    oldest_outbox_age: float | None = Field(description="Seconds since the oldest undispatched change")
+    oldest_pending_age: float | None = Field(description="Seconds since the oldest pending delivery")
+    delivered: int
+    deliveries_per_second: float
+    failed_attempts: int
+    dead: int
+    failing_listeners: list[FailingListener]

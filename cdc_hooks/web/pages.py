@@ -1,0 +1,330 @@
+"""The server-rendered pages: durian's "select an event, then create a listener",
+listeners, the delivery log, an overview. htmx refreshes the live parts.
+
+Every change is a POST of a form carrying the session's CSRF token, handled by
+the same core as the CLI and the API; the answer is a redirect with a flash
+message, except where a secret is shown (once, never stored in the session).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.templating import Jinja2Templates
+
+from .. import jsoncodec
+from .. import listeners as core
+from ..errors import CdcHooksError
+from . import chart, views
+from .api import BIGINT, Db
+from .auth import checked_form, csrf_token, log_in, logged_in, require_session, same, token_of
+from .forms import CONDITIONS, FilterRow, match_from_form, rows_from_form, rows_from_match
+
+PREVIEW_EVENTS = 10
+PAGE_SIZE = 50
+
+router = APIRouter(include_in_schema=False)
+Form = Annotated[dict[str, Any], Depends(checked_form)]
+Id = Annotated[int, Path(ge=1, le=BIGINT)]
+_session = [Depends(require_session)]
+
+
+@functools.cache
+def templates() -> Jinja2Templates:
+    return Jinja2Templates(env=_environment())
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cdc_hooks.web", "templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(clock=_clock, ms=_ms, ago=_ago, pct=_pct, pretty=_pretty, seconds=_seconds,
+                       compact=jsoncodec.dumps)
+    env.globals.update(conditions=CONDITIONS)
+    return env
+
+
+def render(request: Request, name: str, http_status: int = 200, **context: Any) -> Response:
+    context.update(csrf=csrf_token(request), flash=request.session.pop("flash", None),
+                   logged_in=logged_in(request), path=request.url.path)
+    return templates().TemplateResponse(request, name, context, status_code=http_status)
+
+
+def redirect(url: str, flash: str | None = None, request: Request | None = None) -> Response:
+    if flash and request is not None:
+        request.session["flash"] = flash
+    return RedirectResponse(url, status_code=303)
+
+
+def error_page(request: Request, status: int, detail: str) -> Response:
+    return render(request, "error.html", http_status=status, status_code=status, detail=detail)
+
+
+def to_login(request: Request) -> Response:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method != "GET" or request.url.path.startswith("/fragments/"):
+        target = "/"
+    url = "/login?" + urlencode({"next": target})
+    if request.headers.get("hx-request"):  # htmx would swap the login page into a fragment
+        return Response(status_code=204, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path of this site: never //host or an absolute URL (open redirect)."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return "/"
+    return target
+
+
+# Login -------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> Response:
+    if logged_in(request):
+        return redirect(_safe_next(next))
+    return render(request, "login.html", next=_safe_next(next))
+
+
+@router.post("/login")
+def login(request: Request, form: Form) -> Response:
+    if not same(form.get("token", ""), token_of(request)):
+        return render(request, "login.html", http_status=401, next=_safe_next(form.get("next")),
+                      error="That is not the token: see [web] token in the config.")
+    log_in(request)
+    return redirect(_safe_next(form.get("next")))
+
+
+@router.post("/logout")
+def logout(request: Request, form: Form) -> Response:
+    request.session.clear()
+    return redirect("/login")
+
+
+# Overview ----------------------------------------------------------------------
+
+
+@router.get("/", dependencies=_session)
+def overview(request: Request, db: Db) -> Response:
+    return render(request, "overview.html", **_overview(db))
+
+
+@router.get("/fragments/overview", dependencies=_session)
+def overview_fragment(request: Request, db: Db) -> Response:
+    return render(request, "_overview.html", **_overview(db))
+
+
+def _overview(db: Any) -> dict[str, Any]:
+    if not db.schema_exists():
+        return {"installed": False}
+    minutes = views.timeline(db, 60)
+    return {"installed": True, "status": views.status(db, 5), "chart": chart.svg(minutes),
+            "last_hour": sum(m.delivered for m in minutes),
+            "failed_last_hour": sum(m.failed for m in minutes)}
+
+
+# Hooks and new listeners -------------------------------------------------------
+
+
+@router.get("/hooks", dependencies=_session)
+def hooks(request: Request, db: Db) -> Response:
+    return render(request, "hooks.html", hooks=views.hooks(db))
+
+
+@router.get("/hooks/{name}/listen", dependencies=_session)
+def listen_form(request: Request, db: Db, name: str) -> Response:
+    hook = views.hook(db, name)
+    return _listen_page(request, db, hook, [FilterRow(c) for c in hook.provides])
+
+
+@router.get("/hooks/{name}/preview", dependencies=_session)
+def preview_fragment(request: Request, db: Db, name: str) -> Response:
+    hook = views.hook(db, name)
+    return render(request, "_preview.html", **_preview(db, hook.name, hook.provides,
+                                                        dict(request.query_params)))
+
+
+@router.post("/hooks/{name}/listen", dependencies=_session)
+def create_listener(request: Request, db: Db, name: str, form: Form) -> Response:
+    hook = views.hook(db, name)
+    rows = rows_from_form(hook.provides, form)
+    url = form.get("url", "").strip()
+    try:
+        match = match_from_form(hook.provides, form)
+        created = core.add_listener(db, request.app.state.web.config, hook.name, url, match,
+                                    form.get("secret", "").strip() or None)
+    except CdcHooksError as exc:
+        return _listen_page(request, db, hook, rows, url=url, error=str(exc), status=422)
+    return render(request, "secret.html", listener=views.listener(db, created.id),
+                  secret=created.secret, created=True)
+
+
+def _listen_page(request: Request, db: Any, hook: Any, rows: list[FilterRow], *, url: str = "",
+                 error: str | None = None, status: int = 200) -> Response:
+    form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
+    return render(request, "listen.html", http_status=status, hook=hook, rows=rows, url=url, error=error,
+                  **_preview(db, hook.name, hook.provides, form))
+
+
+def _preview(db: Any, hook: str, provides: list[str], form: dict[str, str]) -> dict[str, Any]:
+    try:
+        match = match_from_form(provides, form)
+        return {"events": views.preview(db, hook, match, PREVIEW_EVENTS), "match": match,
+                "preview_error": None}
+    except CdcHooksError as exc:
+        return {"events": [], "match": None, "preview_error": str(exc)}
+
+
+# Listeners ---------------------------------------------------------------------
+
+
+@router.get("/listeners", dependencies=_session)
+def listeners(request: Request, db: Db, hook: str | None = None) -> Response:
+    return render(request, "listeners.html", listeners=views.listeners(db, hook=hook or None),
+                  hook=hook)
+
+
+@router.post("/listeners/{listener_id}/pause", dependencies=_session)
+def pause(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
+    core.set_state(db, listener_id, "paused")
+    return redirect("/listeners", f"Listener {listener_id} paused: deliveries wait for resume.", request)
+
+
+@router.post("/listeners/{listener_id}/resume", dependencies=_session)
+def resume(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
+    core.set_state(db, listener_id, "active")
+    return redirect("/listeners", f"Listener {listener_id} resumed.", request)
+
+
+@router.get("/listeners/{listener_id}/{action}", dependencies=_session)
+def confirm(request: Request, db: Db, listener_id: Id, action: str) -> Response:
+    if action == "edit":
+        return _edit_page(request, db, views.listener(db, listener_id))
+    if action not in ("delete", "rotate"):
+        return error_page(request, 404, "no such page")
+    return render(request, "confirm.html", listener=views.listener(db, listener_id), action=action)
+
+
+@router.post("/listeners/{listener_id}/delete", dependencies=_session)
+def delete(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
+    core.remove_listener(db, listener_id)
+    return redirect("/listeners", f"Listener {listener_id} deleted.", request)
+
+
+@router.post("/listeners/{listener_id}/rotate", dependencies=_session)
+def rotate(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
+    secret = core.update_listener(db, request.app.state.web.config, listener_id, rotate_secret=True)
+    return render(request, "secret.html", listener=views.listener(db, listener_id), secret=secret,
+                  created=False)
+
+
+@router.post("/listeners/{listener_id}/redeliver", dependencies=_session)
+def redeliver_failed(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
+    queued = views.redeliver_failed(db, listener_id)
+    return redirect(f"/deliveries?listener={listener_id}",
+                    f"{len(queued)} failed deliveries of listener {listener_id} queued again.", request)
+
+
+@router.post("/listeners/{listener_id}/edit", dependencies=_session)
+def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
+    current = views.listener(db, listener_id)
+    provides = views.hook(db, current.hook).provides
+    url = form.get("url", "").strip()
+    try:
+        match = match_from_form(provides, form)
+        core.update_listener(db, request.app.state.web.config, listener_id, url=url, match=match)
+    except CdcHooksError as exc:
+        return _edit_page(request, db, current, rows_from_form(provides, form), url, str(exc), 422)
+    return redirect("/listeners", f"Listener {listener_id} saved.", request)
+
+
+def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | None = None,
+               url: str | None = None, error: str | None = None, status: int = 200) -> Response:
+    hook = views.hook(db, current.hook)
+    rows = rows or rows_from_match(hook.provides, current.match)
+    form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
+    form |= {f"keep:{r.column}": r.keep for r in rows if r.keep}
+    return render(request, "listen.html", http_status=status, hook=hook, rows=rows, listener=current,
+                  url=current.url if url is None else url, error=error,
+                  **_preview(db, hook.name, hook.provides, form))
+
+
+# Deliveries --------------------------------------------------------------------
+
+
+@router.get("/deliveries", dependencies=_session)
+def deliveries(request: Request, db: Db) -> Response:
+    return render(request, "deliveries.html", **_deliveries(request, db))
+
+
+@router.get("/fragments/deliveries", dependencies=_session)
+def delivery_rows(request: Request, db: Db) -> Response:
+    return render(request, "_delivery_rows.html", **_deliveries(request, db))
+
+
+def _deliveries(request: Request, db: Any) -> dict[str, Any]:
+    query = request.query_params
+    filters = {"listener_id": _id(query.get("listener")), "before": _id(query.get("before")),
+               "status": query.get("status") if query.get("status") in ("pending", "delivered", "dead")
+               else None}
+    items, next_before = views.deliveries(db, limit=PAGE_SIZE, **filters)
+    keep = {k: v for k, v in (("listener", filters["listener_id"]), ("status", filters["status"])) if v}
+    return {"items": items, "filters": filters, "live": filters["before"] is None,
+            "query": urlencode(keep),
+            "older": f"/deliveries?{urlencode(keep | {'before': next_before})}" if next_before else None,
+            "listeners": views.listeners(db)}
+
+
+@router.get("/deliveries/{delivery_id}", dependencies=_session)
+def delivery(request: Request, db: Db, delivery_id: Id) -> Response:
+    return render(request, "delivery.html", d=views.delivery(db, delivery_id))
+
+
+@router.post("/deliveries/{delivery_id}/redeliver", dependencies=_session)
+def redeliver(request: Request, db: Db, delivery_id: Id, form: Form) -> Response:
+    views.redeliver(db, delivery_id)
+    return redirect(f"/deliveries/{delivery_id}", f"Delivery {delivery_id} queued again.", request)
+
+
+# Formatting --------------------------------------------------------------------
+
+
+def _id(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() and 0 < int(text) <= BIGINT else None
+
+
+def _clock(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    seconds = max(0.0, (datetime.now(UTC) - value).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f} s"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)

@@ -1,0 +1,201 @@
+"""durian's flow in a real headless Chromium (issue 6, "Done when"): log in,
+select the person hook, fill the generated filter (name starts with "J"),
+create the listener, see it listed, write matching and non-matching rows, watch
+the matching deliveries appear in the live log, redeliver one.
+
+Everything is real: `cdc-hooks run --web` as a process (relay and web in one
+event loop), PostgreSQL, an aiohttp receiver on loopback, Debian's chromium
+driven by Playwright (never `playwright install`: it downloads a browser).
+Screenshots of each page go to docs/screenshots/ for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from receivers import Receiver, free_port, wait_until
+
+from cdc_hooks import install as installer
+from cdc_hooks.config import Config
+
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+CHROMIUM = os.environ.get("CDC_HOOKS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed: apt-get install -y chromium", allow_module_level=True)
+
+expect = playwright.expect
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+TOKEN = "browser-token-0123456789abcdef"
+
+CONFIG = f"""
+[[hooks]]
+name = "person"
+table = "person"
+provides = ["name", "address"]
+
+[[hooks]]
+name = "myhook"
+provides = ["message"]
+
+[delivery]
+allow_private_networks = true
+
+[web]
+token = "{TOKEN}"
+"""
+
+
+class WebProcess:
+    """`cdc-hooks run --web 127.0.0.1:PORT`: the relay and the web interface in one process."""
+
+    def __init__(self, config: Config, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cdc_hooks", "--config", str(config.path), "run",
+                 "--web", f"127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wait_until(lambda: ("relay connected" in self.log() and "web interface" in self.log())
+                   or self.proc.poll() is not None, message="relay and web up")
+        assert self.proc.poll() is None, self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
+    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text, address text, secret text)")
+    config = make_config(CONFIG)
+    installer.install(config)
+    return config
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def web(config: Config, tmp_path: Path) -> Iterator[WebProcess]:
+    process = WebProcess(config, tmp_path / "run-web.log")
+    yield process
+    process.cleanup()
+
+
+@pytest.fixture
+def page(web: WebProcess) -> Iterator[Any]:
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1100, "height": 720})
+        finally:
+            browser.close()
+
+
+def shot(page: Any, name: str, full_page: bool = False) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
+
+
+def test_durians_flow_in_chromium(page, web, conn, receiver):
+    # Some history, so the filter's preview has events to judge.
+    conn.execute("INSERT INTO person (name, address) VALUES ('Joe', 'NYC'), ('Ann', 'LA'), "
+                 "('Jane', 'SF')")
+    wait_until(lambda: conn.execute("SELECT count(*) FROM cdc_hooks.events").fetchone()[0] == 3,
+               message="events dispatched")
+
+    # Log in once: every page asks for it.
+    page.goto(web.url + "/hooks")
+    expect(page).to_have_url(web.url + "/login?next=%2Fhooks")
+    shot(page, "login")
+    page.get_by_label("Token").fill(TOKEN)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Select an event")).to_be_visible()
+    shot(page, "hooks")
+
+    # Select the person event, fill the generated filter: name starts with "J".
+    page.locator("tr", has_text="public.person").get_by_role("link", name="Create listener").click()
+    expect(page.get_by_role("heading", name="Create a listener for person")).to_be_visible()
+    assert page.locator("select[name^='cond:']").count() == 2  # one row per provided column
+    page.get_by_label("URL").fill(receiver.url("/joe"))
+    page.locator("select[name='cond:name']").select_option(label="starts with")
+    page.get_by_label("value for name").fill("J")
+    expect(page.locator("#preview")).to_contain_text("2 of the last 3 events match")
+    expect(page.locator("#preview tr.nomatch")).to_contain_text("Ann")
+    shot(page, "create-listener", full_page=True)
+    page.get_by_role("button", name="Create listener").click()
+
+    # The secret, shown once.
+    expect(page.get_by_role("heading", name="Listener 1 created")).to_be_visible()
+    secret = page.locator("#secret").inner_text()
+    assert secret.startswith("whsec_")
+    shot(page, "listener-created")
+
+    # Listed, without its secret.
+    page.get_by_role("link", name="Listeners").first.click()
+    row = page.locator("#listener-1")
+    expect(row).to_contain_text(receiver.url("/joe"))
+    expect(row).to_contain_text('{"name":{"$startswith":"J"}}')
+    expect(row).to_contain_text("active")
+    assert secret not in page.content()
+
+    # Matching and non-matching rows; the live log shows the matching ones arrive.
+    page.get_by_role("link", name="Deliveries").first.click()
+    expect(page.locator(".live")).to_be_visible()
+    conn.execute("INSERT INTO person (name, address) VALUES ('Jim', 'Oslo'), ('Bob', 'Rome'), "
+                 "('Jill', 'Lima')")
+    conn.execute("UPDATE person SET address = 'Paris' WHERE name = 'Ann'")
+    expect(page.locator("tr.delivery.delivered")).to_have_count(2, timeout=30_000)  # no reload
+    received = receiver.wait_for(2, "/joe")
+    assert sorted(r.json["data"]["name"] for r in received) == ["Jill", "Jim"]
+    shot(page, "deliveries")
+
+    # A delivery's attempts and response, then redeliver it: same webhook-id again.
+    page.locator("tr.delivery").first.get_by_role("link").first.click()
+    expect(page.get_by_role("heading", name="Attempts")).to_be_visible()
+    expect(page.locator("table.attempts")).to_contain_text("200")
+    webhook_id = page.locator("dd code").first.inner_text()
+    page.get_by_role("button", name="Redeliver").click()
+    expect(page.locator(".flash")).to_contain_text("queued again")
+    again = receiver.wait_for(3, "/joe")
+    assert [r.webhook_id for r in again].count(webhook_id) == 2
+    page.reload()
+    expect(page.locator("table.attempts tbody tr")).to_have_count(2)
+    shot(page, "delivery", full_page=True)
+
+    # Listeners show the outcome; the overview its figures and chart.
+    page.get_by_role("link", name="Listeners").first.click()
+    expect(page.locator("#listener-1")).to_contain_text("100%")
+    shot(page, "listeners")
+    page.get_by_role("link", name="Overview").click()
+    expect(page.locator("svg.chart rect.ok").first).to_be_visible()
+    shot(page, "overview")
+
+    assert web.terminate() == 0, web.log()
+    assert "Traceback" not in web.log(), web.log()
