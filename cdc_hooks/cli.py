@@ -305,3 +305,28 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     if not rows:
         click.echo("(none)")
+
+
+@main.command("debug-receiver")
+@click.option("--port", type=click.IntRange(0, 65535), required=True, help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--secret", "secrets", multiple=True, metavar="whsec_...",
+              help="Listener secret to verify signatures with (repeatable).")
+@friendly_errors
+def debug_receiver(port: int, host: str, secrets: tuple[str, ...]) -> None:
+    """Print each webhook received and whether its signature verifies (answers 200)."""
+    from .receiver import serve
+
+    serve(host, port, secrets)
+
+
+@main.command()
+@click.option("--dsn", help="Run on this PostgreSQL (default: the configured one, else embedded).")
+@click.option("--keep-running", is_flag=True, help="Keep relay and receiver running until Ctrl-C.")
+@pass_context
+@friendly_errors
+def demo(ctx: Context, dsn: str | None, keep_running: bool) -> None:
+    """See it work: durian's Person example on an embedded PostgreSQL, in ~5 seconds."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(dsn or ctx.config(required=False).dsn, keep_running=keep_running))
