@@ -232,10 +232,10 @@ class RelayProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and the exit code (fails if it does not exit within timeout)."""
+    def terminate(self, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (or sig) and the exit code (fails if it does not exit within timeout)."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
     def log(self) -> str:

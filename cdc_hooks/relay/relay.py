@@ -155,7 +155,7 @@ class Relay:
         if self._outage_since is None:  # log each outage once, not every retry
             self._outage_since = time.monotonic()
             log.warning("database at %s unavailable (%s); reconnecting with backoff",
-                        describe_dsn(self.dsn), str(exc).strip().splitlines()[-1:] or exc)
+                        describe_dsn(self.dsn), _first_line(exc))
 
     def _note_connected(self) -> None:
         if self._outage_since is not None:
@@ -334,6 +334,13 @@ class Relay:
         _done, pending = await asyncio.wait(set(self._tasks), timeout=self.delivery.timeout + 1)
         for task in pending:
             task.cancel()
+
+
+def _first_line(exc: BaseException) -> str:
+    """psycopg's first line says what happened ("server closed the connection
+    unexpectedly"); the lines after it are hints."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
