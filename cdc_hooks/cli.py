@@ -326,7 +326,7 @@ def debug_receiver(port: int, host: str, secrets: tuple[str, ...]) -> None:
 @pass_context
 @friendly_errors
 def demo(ctx: Context, dsn: str | None, keep_running: bool) -> None:
-    """See it work: durian's Person example on an embedded PostgreSQL, in ~5 seconds."""
+    """See it work: durian's Person example on an embedded PostgreSQL, in seconds."""
     from .demo import run_demo
 
     sys.exit(run_demo(dsn or ctx.config(required=False).dsn, keep_running=keep_running))

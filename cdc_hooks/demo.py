@@ -33,7 +33,7 @@ from psycopg import sql
 from . import install as installer
 from . import jsoncodec
 from .config import Config, DeliveryConfig, HookConfig, TableName
-from .db import Database, describe_dsn, query, sql_text
+from .db import Database, InstalledHook, describe_dsn, query, sql_text
 from .errors import CdcHooksError
 from .listeners import add_listener, remove_listener
 from .receiver import Delivery, Receiver
@@ -115,9 +115,9 @@ def _run_demo(dsn: str | None, *, keep_running: bool) -> int:
             "and removes what it adds)")
         ok = _run_in(dsn, embedded=False, keep_running=keep_running)
     else:
+        say("[1/6] PostgreSQL: none configured, so the demo starts an embedded one (pgserver)")
         with embedded_server() as (server_dsn, folder):
-            say(f"[1/6] PostgreSQL: no database configured, so an embedded one (pgserver) "
-                f"in {folder}, removed at the end")
+            say(f"        in {folder} (removed at the end)")
             ok = _run_in(server_dsn, embedded=True, keep_running=keep_running)
     say(f"\n{'Done' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s.")
     if ok and not keep_running:
@@ -177,7 +177,7 @@ def _run_in(dsn: str, *, embedded: bool, keep_running: bool) -> bool:
 def _check_database(config: Config) -> bool:
     """Refuses a database with hooks of its own; returns whether cdc_hooks existed before."""
     with Database.connect(config.dsn) as db:
-        version = db.conn.execute("SHOW server_version").fetchone()
+        version = db.conn.execute(demo_queries()["server_version"]).fetchone()
         say(f"        PostgreSQL {version[0] if version else '?'}")
         had_schema = db.schema_exists()
         foreign = [h.name for h in db.installed_hooks() if not _is_demo_hook(h)]
@@ -201,7 +201,7 @@ def _prepare(config: Config) -> None:
         say(f"        {line}")
 
 
-def _is_demo_hook(hook: Any) -> bool:
+def _is_demo_hook(hook: InstalledHook) -> bool:
     if hook.name == PERSON.name:
         return (hook.table_schema, hook.table_name) == (SCHEMA, "person")
     return hook.name == MYHOOK.name and hook.table_name is None
@@ -243,12 +243,13 @@ class Run:
 
 async def _live(config: Config, *, keep_running: bool) -> bool:
     arrivals: asyncio.Queue[Delivery] = asyncio.Queue()
-    paths = {listener.path: generate_secret() for listener in LISTENERS}
-    receiver = Receiver(list(paths.values()), arrivals.put_nowait)
+    secret_of = {listener.path: generate_secret() for listener in LISTENERS}
+    receiver = Receiver(list(secret_of.values()), arrivals.put_nowait)
     url = await receiver.start("127.0.0.1", 0)
     try:
         hidden = {who: f"{who}-secret-{secrets.token_hex(4)}" for who in ("joe", "jane", "bob", "jane2")}
-        run = Run(url, paths, hidden, await asyncio.to_thread(_add_listeners, config, url, paths))
+        ids = await asyncio.to_thread(_add_listeners, config, url, secret_of)
+        run = Run(url, secret_of, hidden, ids)
         relay = Relay(config)
         relay_task = asyncio.create_task(relay.run())
         try:
@@ -267,12 +268,12 @@ async def _live(config: Config, *, keep_running: bool) -> bool:
         await receiver.stop()
 
 
-def _add_listeners(config: Config, url: str, paths: dict[str, str]) -> dict[str, int]:
+def _add_listeners(config: Config, url: str, secret_of: dict[str, str]) -> dict[str, int]:
     ids = {}
     with Database.connect(config.dsn) as db:
         for listener in LISTENERS:
             ids[listener.path] = add_listener(db, config, listener.hook, url + listener.path,
-                                              listener.match, paths[listener.path]).id
+                                              listener.match, secret_of[listener.path]).id
     say(f"[4/6] Debug receiver on {url}; durian's listeners added, each with its own secret:")
     for listener in LISTENERS:
         say(f"        #{ids[listener.path]} {listener.hook:<7} {listener.label:<23} -> {listener.path}")

@@ -1,6 +1,9 @@
 -- The SQL of `cdc-hooks demo`, loaded by cdc_hooks.demo: each starts with "-- name: NAME".
 -- The demo works in a schema of its own, so it never touches an application's tables.
 
+-- name: server_version
+SHOW server_version;
+
 -- name: create_schema
 DROP SCHEMA IF EXISTS cdc_hooks_demo CASCADE;
 CREATE SCHEMA cdc_hooks_demo;

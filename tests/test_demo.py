@@ -58,8 +58,8 @@ def test_demo_refuses_a_database_with_hooks_of_its_own(make_config, cli, conn, t
 def test_demo_with_embedded_postgresql_by_default(tmp_path):
     result = run_demo(cwd=tmp_path)
     assert_succeeded(result)
-    assert "an embedded one (pgserver)" in result.stdout
-    folder = re.search(r"\(pgserver\) in (\S+),", result.stdout)
+    assert "starts an embedded one (pgserver)" in result.stdout
+    folder = re.search(r"^ +in (\S+) \(removed at the end\)$", result.stdout, re.MULTILINE)
     assert folder and not Path(folder.group(1)).exists(), "the temporary server is removed"
 
 
