@@ -590,6 +590,13 @@ def test_sigterm_or_sigint_on_an_idle_relay_exits_0(config, relays, sig):
     assert "Traceback" not in relay.log()
 
 
+def test_run_on_a_database_without_cdc_hooks_says_so(make_config, relays):
+    relay = relays(make_config(DELIVERY), wait_connected=False)
+    assert relay.proc is not None and relay.proc.wait(30) == 1
+    assert "error: cdc_hooks is not installed" in relay.log()
+    assert "Traceback" not in relay.log()
+
+
 def test_in_process_stop_returns(config):
     relay = InProcessRelay(config).start()
     wait_until(lambda: relay.relay._loaded_at > 0, message="relay connected")

@@ -126,6 +126,9 @@ class Relay:
         try:
             await listen.run("listen_events")
             await listen.run("listen_listeners")
+            if not (await dispatch.run("schema_exists"))[0][0]:
+                raise CdcHooksError(f"cdc_hooks is not installed in {describe_dsn(self.dsn)}: "
+                                    "run cdc-hooks install")
             await dispatch.run("prune_waiters")
             await self._reload(dispatch, force=True)
             self._note_connected()
