@@ -150,7 +150,8 @@ def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
     with Database.connect(config.dsn) as db:
         created = core.add_listener(db, config, hook, url, match, secret)
     click.echo(f"listener {created.id} added")
-    click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
+    if secret is None:  # a secret the user chose is not echoed into terminals and logs
+        click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
 
 
 @listeners.command("list")
