@@ -295,7 +295,7 @@ class OwnPostgres:
     Run as the postgres system user when the tests run as root (initdb refuses root)."""
 
     def __init__(self) -> None:
-        self.bin = PG_BIN if (PG_BIN / "pg_ctl").exists() else _bin_on_path()
+        self.bin = _bin_dir()
         self.dir = Path(tempfile.mkdtemp(prefix="cdc-hooks-own-pg-"))
         self.data = self.dir / "data"
         self.port = free_port()
@@ -324,8 +324,13 @@ class OwnPostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _bin_on_path() -> Path:
+def _bin_dir() -> Path:
+    """This machine's PostgreSQL 15, else pg_ctl on PATH, else pgserver's own build."""
+    if (PG_BIN / "pg_ctl").exists():
+        return PG_BIN
     found = shutil.which("pg_ctl")
-    if found is None:
-        raise RuntimeError("no PostgreSQL binaries (pg_ctl) to run a server of the test's own")
-    return Path(found).parent
+    if found is not None:
+        return Path(found).parent
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
