@@ -198,6 +198,9 @@ class Database:
     def table_triggers(self, schema: str, table: str) -> list[str]:
         return [r[0] for r in self.run("table_triggers", {"schema": schema, "table": table})]
 
+    def table_partitions(self, schema: str, table: str) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self.run("table_partitions", {"schema": schema, "table": table})]
+
     def table_columns(self, schema: str, table: str) -> list[str] | None:
         row = self.one("table_columns", {"schema": schema, "table": table})
         return list(row[0]) if row and row[0] is not None else None

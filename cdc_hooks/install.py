@@ -129,7 +129,7 @@ def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
             continue
         if before is not None and before.table_name and before != hook:
             plan.statements.extend(_drop_statements(db, before))
-        plan.statements.extend(_create_statements(hook))
+        plan.statements.extend(_create_statements(db, hook))
         plan.hooks_to_save.append(hook)
         plan.changes.append(("~ " if before else "+ ") + describe_hook(hook))
     for name, before in installed.items():
@@ -150,19 +150,37 @@ def describe_hook(hook: InstalledHook) -> str:
 
 def _in_place(db: Database, hook: InstalledHook) -> bool:
     """True if the hook's function and triggers all exist."""
+    return not _missing_triggers(db, hook) and (
+        hook.table_name is None or db.function_exists(function_name(hook.name)))
+
+
+def _tables(db: Database, hook: InstalledHook) -> list[tuple[str, str]]:
+    """The hook's table and, if it is partitioned, every partition below it:
+    a statement-level trigger fires only for the table a statement names, and
+    applications may write to a partition directly."""
     if hook.table_name is None:
-        return True
-    present = set(db.table_triggers(hook.table_schema or "public", hook.table_name))
-    expected = {trigger_name(hook.name, e) for e in hook.events}
-    return expected <= present and db.function_exists(function_name(hook.name))
+        return []
+    schema = hook.table_schema or "public"
+    if db.table_columns(schema, hook.table_name) is None:
+        return []
+    return [(schema, hook.table_name), *db.table_partitions(schema, hook.table_name)]
 
 
-def _create_statements(hook: InstalledHook) -> list[sql.Composable]:
+def _missing_triggers(db: Database, hook: InstalledHook) -> list[str]:
+    """'trigger X on TABLE' for each expected trigger that does not exist."""
+    missing = []
+    for schema, table in _tables(db, hook):
+        present = set(db.table_triggers(schema, table))
+        missing += [f"trigger {trigger_name(hook.name, e)} on {schema}.{table}"
+                    for e in hook.events if trigger_name(hook.name, e) not in present]
+    return missing
+
+
+def _create_statements(db: Database, hook: InstalledHook) -> list[sql.Composable]:
     if hook.table_name is None:
         return []
     captured = list(dict.fromkeys([*hook.key_columns, *hook.provides]))
     function = sql.Identifier("cdc_hooks", function_name(hook.name))
-    table = sql.Identifier(hook.table_schema or "public", hook.table_name)
     statements: list[sql.Composable] = [
         sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
             function=function,
@@ -175,9 +193,21 @@ def _create_statements(hook: InstalledHook) -> list[sql.Composable]:
             ),
         )
     ]
-    for event in TRIGGER_EVENTS:
-        statements.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-            sql.Identifier(trigger_name(hook.name, event)), table))
+    for schema, table_name in _tables(db, hook) or [(hook.table_schema or "public", hook.table_name)]:
+        table = sql.Identifier(schema, table_name)
+        statements += _drop_trigger_statements(hook, table)
+        statements += _create_trigger_statements(hook, table, function, captured)
+    return statements
+
+
+def _drop_trigger_statements(hook: InstalledHook, table: sql.Identifier) -> list[sql.Composable]:
+    return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+        sql.Identifier(trigger_name(hook.name, event)), table) for event in TRIGGER_EVENTS]
+
+
+def _create_trigger_statements(hook: InstalledHook, table: sql.Identifier, function: sql.Identifier,
+                               captured: list[str]) -> list[sql.Composable]:
+    statements: list[sql.Composable] = []
     for event in hook.events:
         operation, referencing = TRIGGER_EVENTS[event]
         statements.append(sql.SQL(
@@ -199,13 +229,8 @@ def _drop_statements(db: Database, hook: InstalledHook) -> list[sql.Composable]:
     if hook.table_name is None:
         return []
     statements: list[sql.Composable] = []
-    if db.table_columns(hook.table_schema or "public", hook.table_name) is not None:
-        table = sql.Identifier(hook.table_schema or "public", hook.table_name)
-        statements += [
-            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                sql.Identifier(trigger_name(hook.name, event)), table)
-            for event in TRIGGER_EVENTS
-        ]
+    for schema, table in _tables(db, hook):
+        statements += _drop_trigger_statements(hook, sql.Identifier(schema, table))
     statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
         sql.Identifier("cdc_hooks", function_name(hook.name))))
     return statements
@@ -317,9 +342,8 @@ def _live_drift(db: Database, hook: InstalledHook) -> list[str]:
         "its events lack it"
         for c in dict.fromkeys([*hook.key_columns, *hook.provides]) if c not in columns
     ]
-    present = set(db.table_triggers(hook.table_schema or "public", hook.table_name))
-    problems += [f"{where}: trigger {trigger_name(hook.name, e)} is missing on {table}"
-                 for e in hook.events if trigger_name(hook.name, e) not in present]
+    problems += [f"{where}: {missing} is missing (run cdc-hooks install)"
+                 for missing in _missing_triggers(db, hook)]
     if not db.function_exists(function_name(hook.name)):
         problems.append(f"{where}: function cdc_hooks.{function_name(hook.name)} is missing")
     return problems

@@ -39,6 +39,15 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND t.tgname LIKE 'cdc\_hooks\_%%'
 ORDER BY t.tgname;
 
+-- name: table_partitions
+-- Every partition below a partitioned table (none for a plain table).
+SELECT n.nspname::text, c.relname::text
+FROM pg_partition_tree(to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(%(table)s))) AS t
+JOIN pg_class c ON c.oid = t.relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.level > 0
+ORDER BY t.level, n.nspname, c.relname;
+
 -- name: table_columns
 -- Live columns of a table (NULL list if the table is gone).
 SELECT array_agg(a.attname::text ORDER BY a.attnum)
