@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import click
+import psycopg
 
 from . import install as installer
 from . import jsoncodec
@@ -35,6 +36,10 @@ def friendly_errors(func: F) -> F:
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
             sys.exit(exc.exit_code)
+        except psycopg.Error as exc:  # e.g. permission denied: PostgreSQL's own words
+            message = exc.diag.message_primary if exc.diag else None
+            click.echo(f"error: PostgreSQL: {message or str(exc).strip()}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable
 from decimal import Decimal
@@ -11,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import Result
-from psycopg import sql
+from psycopg import conninfo, sql
 
 from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
@@ -872,3 +873,20 @@ def test_send_from_python_joins_the_callers_transaction(person: Conn,
     assert event_id % 1000 == 0
     send("myhook", {"name": "Own connection"}, config=make_config(PERSON + CUSTOM))
     assert [p["data"]["name"] for _, _, p in outbox(person)] == ["George", "Own connection"]
+
+
+def test_a_database_error_is_one_line_not_a_traceback(conn: Conn, make_config: MakeConfig, cli: Cli,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    role = f"cdc_hooks_nopriv_{os.getpid()}"
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        conn.execute("CREATE TABLE person (id int PRIMARY KEY, name text)")
+        config = make_config('[[hooks]]\nname = "person"\ntable = "person"\n')
+        monkeypatch.setenv("CDC_HOOKS_DSN", conninfo.make_conninfo(config.dsn or "", user=role))
+        result = cli(config, "install")
+        assert result.exit_code == 1
+        assert result.stderr.startswith("error: PostgreSQL: permission denied")
+        assert "Traceback" not in result.output
+    finally:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
