@@ -151,6 +151,8 @@ def add_listener(cli: Cli, config: Config, hook: str, url: str, *options: str) -
     result = cli(config, "listeners", "add", hook, url, *options)
     assert result.exit_code == 0, result.output
     listener_id = int(re.search(r"listener (\d+) added", result.stdout).group(1))  # type: ignore[union-attr]
+    if "--secret" in options:  # a chosen secret is not echoed back
+        return listener_id, options[options.index("--secret") + 1]
     secret = re.search(r"secret: (whsec_\S+)", result.stdout).group(1)  # type: ignore[union-attr]
     return listener_id, secret
 
