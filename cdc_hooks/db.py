@@ -340,10 +340,14 @@ class RelayStore:
                                          "bodies": list(bodies), "times": list(times)})
 
     async def insert_deliveries(self, event_ids: Sequence[int], listener_ids: Sequence[int],
-                                row_keys: Sequence[str | None]) -> None:
-        await self.run("insert_deliveries", {"event_ids": list(event_ids),
-                                             "listener_ids": list(listener_ids),
-                                             "row_keys": list(row_keys)})
+                                row_keys: Sequence[str | None], direct: Sequence[bool],
+                                lease: float) -> list[tuple[Any, ...]]:
+        """Inserts deliveries; returns (id, event_id, listener_id, attempt) of those
+        leased to this relay."""
+        rows = await self.run("insert_deliveries", {
+            "event_ids": list(event_ids), "listener_ids": list(listener_ids),
+            "row_keys": list(row_keys), "direct": list(direct), "lease": lease})
+        return [r for r in rows if r[3] == 1]
 
     async def outbox_nonempty(self) -> bool:
         return bool((await self.run("outbox_nonempty"))[0][0])

@@ -122,16 +122,32 @@ SELECT pg_try_advisory_xact_lock(hashtext('cdc_hooks.dispatch'));
 -- name: take_outbox
 DELETE FROM cdc_hooks.outbox
 WHERE id IN (SELECT id FROM cdc_hooks.outbox ORDER BY id LIMIT %(limit)s)
-RETURNING id, hook, kind, payload::text, occurred_at;
+RETURNING id, hook, kind, payload::text, occurred_at,
+          (SELECT version FROM cdc_hooks.config_version);
 
 -- name: insert_events
 INSERT INTO cdc_hooks.events (id, hook, kind, row_key, body, occurred_at)
 SELECT * FROM unnest(%(ids)s::bigint[], %(hooks)s::text[], %(kinds)s::text[],
-                     %(row_keys)s::text[], %(bodies)s::jsonb[], %(times)s::timestamptz[]);
+                     %(row_keys)s::text[], %(bodies)s::json[], %(times)s::timestamptz[]);
 
 -- name: insert_deliveries
-INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key)
-SELECT * FROM unnest(%(event_ids)s::bigint[], %(listener_ids)s::bigint[], %(row_keys)s::text[]);
+-- New deliveries. Those marked direct are leased at once to the dispatching
+-- relay, which sends them without a claim round trip, unless an older delivery
+-- of their row is still pending for the listener (per-row order). Returns the
+-- leased ones.
+INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key, attempts, next_attempt_at)
+SELECT x.event_id, x.listener_id, x.row_key, x.leased::int,
+       CASE WHEN x.leased THEN now() + make_interval(secs => %(lease)s) ELSE now() END
+FROM (
+    SELECT u.event_id, u.listener_id, u.row_key,
+           u.direct AND (u.row_key IS NULL OR NOT EXISTS (
+               SELECT 1 FROM cdc_hooks.deliveries e
+               WHERE e.listener_id = u.listener_id AND e.row_key = u.row_key
+                 AND e.status = 'pending')) AS leased
+    FROM unnest(%(event_ids)s::bigint[], %(listener_ids)s::bigint[], %(row_keys)s::text[],
+                %(direct)s::bool[]) AS u (event_id, listener_id, row_key, direct)
+) x
+RETURNING id, event_id, listener_id, attempts;
 
 -- name: listen_events
 LISTEN cdc_hooks;

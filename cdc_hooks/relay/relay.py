@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ EVENTS_PER_DISPATCH = 5000  # bounds memory and transaction length
 IDLE_POLL = 1.0  # seconds: fallback when a wake-up is missed or a retry falls due
 RELOAD_EVERY = 1.0  # seconds: listener and hook changes reach the relay this fast
 RECORD_BATCH = 1000
+PREFETCH = 2  # deliveries claimed ahead, as a multiple of the concurrency
 MAX_BACKOFF = 10.0
 
 
@@ -77,12 +78,17 @@ class Relay:
         self.config = config
         self.dsn = config.dsn
         self.delivery = config.delivery
-        self.lease = self.delivery.timeout * 2 + 30.0
+        # Long enough for a delivery to wait its turn in the prefetch window, then be sent.
+        self.lease = self.delivery.timeout * (PREFETCH + 1) + 30.0
         self.hooks: dict[str, InstalledHook] = {}
         self.listeners: dict[int, Listener] = {}
         self._compiled: dict[tuple[int, str], dict[str, Any]] = {}
         self._loaded_at = 0.0
+        self._config_version: int | None = None
         self._in_flight: dict[int, int] = defaultdict(int)
+        self._queued: dict[int, deque[tuple[Any, ...]]] = defaultdict(deque)
+        self._released: list[int] = []  # claimed but not sent: due again at once
+        self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: asyncio.Queue[Result] = asyncio.Queue()
         self._unrecorded: list[Result] = []
@@ -210,39 +216,59 @@ class Relay:
             await self._wait_for_wakeup(listen, store)
 
     async def _dispatch_once(self, store: RelayStore, limit: int) -> tuple[int, int] | None:
+        leased: list[tuple[Any, ...]] = []
         async with store.conn.transaction():
             rows = await store.take_outbox(limit)
             if rows is None:
                 return None
-            if rows:
-                # Listeners as of now, after the take: a listener committed before
-                # these changes always gets them (with only the timed reload, events
-                # written just after a listener was added could miss it for good).
+            if rows and rows[0][5] != self._config_version:
+                # Listeners as of this transaction: one committed before these
+                # changes always gets them.
                 await self._reload(store, force=True)
+                self._config_version = rows[0][5]
             events = []
-            for outbox_id, hook, kind, payload, occurred_at in sorted(rows):
+            for outbox_id, hook, kind, payload, occurred_at, _ in sorted(rows):
                 events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at))
             if events:
                 await store.insert_events(
                     [e.id for e in events], [e.hook for e in events], [e.kind for e in events],
                     [e.row_key for e in events], [e.body for e in events],
                     [e.occurred_at for e in events])
-                await self._insert_deliveries(store, events)
+                leased = await self._insert_deliveries(store, events)
+        # Sent only once the deliveries are committed: a send is always on record.
+        for row in leased:
+            self._queued[row[2]].append(row)
+        self._pump()
         return len(rows), len(events)
 
-    async def _insert_deliveries(self, store: RelayStore, events: list[Any]) -> None:
+    async def _insert_deliveries(self, store: RelayStore, events: list[Any]) -> list[tuple[Any, ...]]:
+        """Records the matching deliveries; returns the rows leased to this relay to
+        send at once (as many as each listener's window has room for)."""
         by_hook: dict[str, list[Listener]] = defaultdict(list)
         for listener in self.listeners.values():
             by_hook[listener.hook].append(listener)
-        event_ids, listener_ids, row_keys = [], [], []
+        held = self._held
+        room = {lid: PREFETCH * self.delivery.listener_concurrency - held[lid] for lid in self.listeners}
+        seen_rows: set[tuple[int, str]] = set()
+        event_ids, listener_ids, row_keys, direct = [], [], [], []
         for event in events:
             for listener in by_hook.get(event.hook, ()):
-                if deepmatch(listener.rules, event.data):
-                    event_ids.append(event.id)
-                    listener_ids.append(listener.id)
-                    row_keys.append(event.row_key)
-        if event_ids:
-            await store.insert_deliveries(event_ids, listener_ids, row_keys)
+                if not deepmatch(listener.rules, event.data):
+                    continue
+                first_of_row = event.row_key is None or (listener.id, event.row_key) not in seen_rows
+                if event.row_key is not None:
+                    seen_rows.add((listener.id, event.row_key))
+                send_now = listener.active and first_of_row and room[listener.id] > 0
+                room[listener.id] -= send_now
+                event_ids.append(event.id)
+                listener_ids.append(listener.id)
+                row_keys.append(event.row_key)
+                direct.append(send_now)
+        if not event_ids:
+            return []
+        bodies = {event.id: event.body for event in events}
+        leased = await store.insert_deliveries(event_ids, listener_ids, row_keys, direct, self.lease)
+        return [(d_id, e_id, l_id, attempt, bodies[e_id]) for d_id, e_id, l_id, attempt in leased]
 
     async def _wait_for_wakeup(self, listen: RelayStore, store: RelayStore) -> None:
         """Sleep until a trigger notifies; triggers notify only while we are registered."""
@@ -260,35 +286,63 @@ class Relay:
 
     async def _claim_loop(self, store: RelayStore) -> None:
         while True:
-            self._work_ready.clear()
-            slots = self._free_slots()
-            claimed = await store.claim_deliveries(slots, self.lease) if slots else []
-            for row in claimed:
-                self._start(row)
-            if slots and len(claimed) == sum(slots.values()):
+            wants = self._wants()
+            if not wants:  # the window is full: wait for requests to finish
+                self._room.clear()
+                await _wait(self._room, IDLE_POLL)
                 continue
-            due = await store.seconds_until_due([lid for lid, lsn in self.listeners.items() if lsn.active])
+            self._work_ready.clear()
+            claimed = await store.claim_deliveries(wants, self.lease)
+            for row in claimed:
+                self._queued[row[2]].append(row)
+            self._pump()
+            if len(claimed) == sum(wants.values()):
+                continue  # there may be more due
+            due = await store.seconds_until_due([i for i, lsn in self.listeners.items() if lsn.active])
             wait = IDLE_POLL if due is None or due <= 0 else min(due, IDLE_POLL)
             await _wait(self._work_ready, wait)
 
-    def _free_slots(self) -> dict[int, int]:
-        free = self.delivery.concurrency - sum(self._in_flight.values())
-        slots = {}
+    def _wants(self) -> dict[int, int]:
+        """How many deliveries to claim per listener: claims keep up to PREFETCH times the
+        concurrency claimed, so requests never wait on a claim round trip, and run only
+        when half a window is free, so each claim is a batch."""
+        held = self._held
+        room = PREFETCH * self.delivery.concurrency - sum(held.values())
+        window = PREFETCH * self.delivery.listener_concurrency
+        wants = {}
         for listener in self.listeners.values():
-            room = min(free, self.delivery.listener_concurrency - self._in_flight[listener.id])
-            if listener.active and room > 0:
-                slots[listener.id] = room
-        return slots
+            want = min(room, window - held[listener.id])
+            if listener.active and want > 0 and (want * 2 >= window or held[listener.id] == 0):
+                wants[listener.id] = want
+        return wants
 
-    def _start(self, row: tuple[Any, ...]) -> None:
-        delivery_id, event_id, listener_id, attempt, body = row
-        listener = self.listeners.get(listener_id)
-        if listener is None:  # removed or disabled since: its lease lapses harmlessly
-            return
-        self._in_flight[listener_id] += 1
-        task = asyncio.create_task(self._deliver(listener, delivery_id, event_id, attempt, body))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _pump(self) -> None:
+        """Starts queued deliveries within the global and per-listener limits."""
+        free = self.delivery.concurrency - sum(self._in_flight.values())
+        for listener_id, queue in self._queued.items():
+            listener = self.listeners.get(listener_id)
+            while queue and free > 0 and (
+                    self._in_flight[listener_id] < self.delivery.listener_concurrency):
+                delivery_id, event_id, _, attempt, body = queue.popleft()
+                if listener is None or not listener.active:
+                    self._released.append(delivery_id)  # removed or paused since the claim
+                    continue
+                self._in_flight[listener_id] += 1
+                free -= 1
+                task = asyncio.create_task(
+                    self._deliver(listener, delivery_id, event_id, attempt, body))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    @property
+    def _held(self) -> dict[int, int]:
+        """Claimed deliveries per listener, queued or in flight."""
+        held: dict[int, int] = defaultdict(int)
+        for listener_id, count in self._in_flight.items():
+            held[listener_id] += count
+        for listener_id, queue in self._queued.items():
+            held[listener_id] += len(queue)
+        return held
 
     async def _deliver(self, listener: Listener, delivery_id: int, event_id: int,
                        attempt: int, body: str) -> None:
@@ -306,7 +360,8 @@ class Relay:
                 response.code, response.error, response.duration_ms, response.body, outcome.gone))
         finally:
             self._in_flight[listener.id] -= 1
-            self._work_ready.set()
+            self._pump()
+            self._room.set()
 
     async def _record_loop(self, store: RelayStore) -> None:
         while True:
@@ -317,6 +372,9 @@ class Relay:
     async def _flush(self, store: RelayStore) -> None:
         while not self._results.empty() and len(self._unrecorded) < RECORD_BATCH:
             self._unrecorded.append(self._results.get_nowait())
+        if self._released:
+            await store.release_deliveries(self._released)
+            self._released = []
         if not self._unrecorded:
             return
         batch = self._unrecorded
@@ -331,7 +389,11 @@ class Relay:
 
     async def _finish_in_flight(self) -> None:
         """Gives requests in flight until their timeout to finish; the rest are cancelled
-        and their leases lapse, so another relay (or the next run) sends them again."""
+        and their leases lapse, so another relay (or the next run) sends them again.
+        Claimed deliveries not yet started are released to be due at once."""
+        for queue in self._queued.values():
+            self._released.extend(row[0] for row in queue)
+            queue.clear()
         if not self._tasks:
             return
         _done, pending = await asyncio.wait(set(self._tasks), timeout=self.delivery.timeout + 1)

@@ -30,7 +30,8 @@ CREATE TABLE cdc_hooks.events (
     hook         text NOT NULL,
     kind         text NOT NULL,
     row_key      text,             -- identifies the row, for per-row order
-    body         jsonb NOT NULL,   -- the JSON POSTed to listeners
+    body         json NOT NULL,    -- the JSON POSTed, byte for byte: json, not jsonb,
+                                   -- so every attempt sends (and signs) the same text
     occurred_at  timestamptz NOT NULL
 );
 CREATE INDEX events_hook_recent ON cdc_hooks.events (hook, id DESC);
@@ -148,13 +149,24 @@ BEGIN
 END
 $$;
 
--- Wakes relays when listeners change, so they reload them at once.
+-- Bumped with every change of listeners or hooks, in the same transaction: the
+-- relay reads it with each batch it dispatches and reloads when it moved, so
+-- an event committed after a listener was added always reaches it.
+CREATE TABLE cdc_hooks.config_version (
+    version  bigint NOT NULL
+);
+INSERT INTO cdc_hooks.config_version VALUES (0);
+
+-- Also wakes idle relays, so a resumed listener's held deliveries go out at once.
 CREATE FUNCTION cdc_hooks.listeners_changed() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    UPDATE cdc_hooks.config_version SET version = version + 1;
     PERFORM pg_notify('cdc_hooks_listeners', '');
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER listeners_changed AFTER INSERT OR UPDATE OR DELETE ON cdc_hooks.listeners
+    FOR EACH STATEMENT EXECUTE FUNCTION cdc_hooks.listeners_changed();
+CREATE TRIGGER hooks_changed AFTER INSERT OR UPDATE OR DELETE ON cdc_hooks.hooks
     FOR EACH STATEMENT EXECUTE FUNCTION cdc_hooks.listeners_changed();
