@@ -9,21 +9,28 @@ walk-through is tests/test_web_browser.py.
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from receivers import InProcessRelay, Receiver, Reply, wait_until
+from receivers import InProcessRelay, Receiver, Reply, free_port, wait_until
 
 from cdc_hooks import install as installer
+from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
-from cdc_hooks.errors import ConfigError
+from cdc_hooks.errors import ConfigError, MatchError
 from cdc_hooks.web import create_app
+from cdc_hooks.web.forms import CONDITIONS, exact_value, match_from_form, rows_from_match
 from cdc_hooks.web.serve import WebServer, parse_bind
 
 TOKEN = "test-token-0123456789abcdef"
@@ -139,7 +146,7 @@ def test_readyz_is_503_when_not_installed_or_unreachable(conn, make_config):
     assert response.status_code == 503
     assert "cdc-hooks install" in response.json()["problems"][0]
     gone = Config(dsn="host=127.0.0.1 port=1 user=postgres connect_timeout=2")
-    with TestClient(create_app(gone, token=TOKEN)) as client:
+    with TestClient(create_app(gone, token=TOKEN, db_wait=1)) as client:
         response = client.get("/readyz")
         assert response.status_code == 503
         assert "cannot connect" in response.json()["problems"][0]
@@ -528,3 +535,64 @@ def _checks(operation: Any, generation: Any) -> None:
         case.call_and_validate(excluded_checks=[positive_data_acceptance])
 
     run()
+
+
+# The web command ------------------------------------------------------------
+
+
+def test_cli_web_refuses_public_binds_without_a_token_and_bad_addresses(conn, make_config, cli,
+                                                                         monkeypatch):
+    monkeypatch.delenv("CDC_HOOKS_WEB_TOKEN", raising=False)
+    config = make_config("")
+    for args in (("web", "--bind", "0.0.0.0:0"), ("run", "--web", "0.0.0.0:0")):
+        result = cli(config, *args)
+        assert result.exit_code == 2 and "refusing to serve" in result.stderr, result.output
+    result = cli(config, "web", "--bind", "localhost")
+    assert result.exit_code == 2 and "HOST:PORT" in result.stderr
+
+
+def test_cli_web_serves_until_sigterm(config, tmp_path):
+    port = free_port()
+    log = tmp_path / "web.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cdc_hooks", "--config", str(config.path), "web",
+                                 "--bind", f"127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "web interface" in log.read_text() or proc.poll() is not None)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            assert http.get("/healthz").json() == {"status": "ok"}
+            assert http.get("/api/hooks").status_code == 401
+            assert len(http.get("/api/hooks", headers=AUTH).json()) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+# The filter form (pure logic) ------------------------------------------------
+
+
+def test_the_filter_form_builds_the_json_match():
+    form = {"cond:name": "startswith", "value:name": "J", "cond:age": "is", "value:age": "42",
+            "cond:code": "is", "value:code": '"42"', "cond:city": "is", "value:city": "New York",
+            "cond:note": "any", "value:note": "ignored", "cond:tags": "is", "value:tags": '["a"]',
+            "keep:profile": '{"city": {"$is": "NYC"}}'}
+    match = match_from_form(["name", "age", "code", "city", "note", "tags", "profile", "x"], form)
+    assert match == {"name": {"$startswith": "J"}, "age": 42, "code": "42", "city": "New York",
+                     "tags": {"$is": ["a"]}, "profile": {"city": {"$is": "NYC"}}}
+    assert exact_value("NaN") == "NaN" and exact_value("null") is None
+    with pytest.raises(MatchError, match='match field "name": unknown condition "near"'):
+        match_from_form(["name"], {"cond:name": "near"})
+
+
+@given(st.sampled_from([op for op, _ in CONDITIONS]), st.text())
+def test_a_stored_match_shows_in_the_form_as_it_was_entered(condition, value):
+    form = {"cond:c": condition, "value:c": value}
+    match = match_from_form(["c"], form)
+    (row,) = rows_from_match(["c"], match)
+    again = match_from_form(["c"], {"cond:c": row.condition, "value:c": row.value,
+                                    "keep:c": row.keep or ""})
+    assert jsoncodec.dumps(again) == jsoncodec.dumps(match)

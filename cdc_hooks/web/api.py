@@ -40,8 +40,8 @@ BIGINT = 2**63 - 1
 
 
 def database(request: Request) -> Iterator[Database]:
-    """A connection per request: the Database is synchronous and cheap to open on a LAN."""
-    with Database.connect(request.app.state.web.config.dsn) as db:
+    """A pooled connection for the request (see dbpool)."""
+    with request.app.state.web.connections.database() as db:
         yield db
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -21,8 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config import Config
 from ..db import Database
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
-from . import api, pages, views
+from . import api, metrics, pages, views
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, LoginRequired, require_token, session_key
+from .dbpool import Connections
 from .models import FieldProblem, Health, Problem, Readiness
 
 log = logging.getLogger("cdc_hooks.web")
@@ -42,6 +45,7 @@ any other object matches inside a json column.
 class WebState:
     config: Config
     token: str
+    connections: Connections
 
 
 def resolve_token(config: Config) -> str | None:
@@ -49,14 +53,23 @@ def resolve_token(config: Config) -> str | None:
     return os.environ.get(TOKEN_ENV) or config.web.token
 
 
-def create_app(config: Config, *, token: str | None = None, secure_cookies: bool = True) -> FastAPI:
-    """The application; `token` defaults to resolve_token(config) and one is required."""
+def create_app(config: Config, *, token: str | None = None, secure_cookies: bool = True,
+               db_wait: float = 5.0) -> FastAPI:
+    """The application; `token` defaults to resolve_token(config) and one is required.
+    `db_wait`: seconds a request waits for a database connection before answering 503."""
     token = token or resolve_token(config)
     if not token:
         raise ConfigError(f"the web interface needs a token: set [web] token or {TOKEN_ENV}")
+    connections = Connections(config.dsn, wait=db_wait)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        connections.close()
+
     app = FastAPI(title="cdc-hooks", version=_version(), description=DESCRIPTION,
-                  docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.web = WebState(config, token)
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.web = WebState(config, token, connections)
     app.add_middleware(SessionMiddleware, secret_key=session_key(token), session_cookie=SESSION_COOKIE,
                        max_age=SESSION_MAX_AGE, same_site="strict", https_only=secure_cookies)
     app.add_middleware(SecurityHeaders)
@@ -64,6 +77,7 @@ def create_app(config: Config, *, token: str | None = None, secure_cookies: bool
     _add_error_handlers(app)
     _add_health(app)
     app.include_router(api.router)
+    app.include_router(metrics.router)
     app.include_router(pages.router)
     return app
 
@@ -88,7 +102,7 @@ def _add_health(app: FastAPI) -> None:
             with Database.connect(request.app.state.web.config.dsn) as db:
                 problems = views.readiness(db)
         except (DatabaseUnavailable, psycopg.Error) as exc:
-            problems = [str(exc).strip().splitlines()[-1]]
+            problems = [_first_line(exc)]
         if problems:
             return JSONResponse(Readiness(ready=False, problems=problems).model_dump(),  # type: ignore[return-value]
                                 status_code=503)
@@ -104,7 +118,7 @@ def _add_health(app: FastAPI) -> None:
 
 def _wants_json(request: Request) -> bool:
     path = request.url.path
-    return path.startswith("/api/") or path in ("/api", "/openapi.json", "/healthz", "/readyz")
+    return path.startswith("/api/") or path in ("/api", "/openapi.json", "/healthz", "/readyz", "/metrics")
 
 
 def _problem(status: int, detail: str, errors: list[FieldProblem] | None = None,
@@ -140,11 +154,20 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def login_required(request: Request, exc: LoginRequired) -> Response:
         return pages.to_login(request)
 
+    @app.exception_handler(psycopg.OperationalError)
+    async def connection_lost(request: Request, exc: psycopg.OperationalError) -> Response:
+        return _answer(request, 503, f"the database connection failed: {_first_line(exc)}")
+
     @app.exception_handler(psycopg.DataError)
     async def unstorable(request: Request, exc: psycopg.DataError) -> Response:
         # A value the checks above let through but PostgreSQL refuses: still the caller's.
         message = exc.diag.message_primary or str(exc)
         return _answer(request, 422, f"a value cannot be stored: {message}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 # Headers ---------------------------------------------------------------------

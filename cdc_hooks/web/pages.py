@@ -261,7 +261,7 @@ def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | 
 
 @router.get("/deliveries", dependencies=_session)
 def deliveries(request: Request, db: Db) -> Response:
-    return render(request, "deliveries.html", **_deliveries(request, db))
+    return render(request, "deliveries.html", listeners=views.listeners(db), **_deliveries(request, db))
 
 
 @router.get("/fragments/deliveries", dependencies=_session)
@@ -278,8 +278,7 @@ def _deliveries(request: Request, db: Any) -> dict[str, Any]:
     keep = {k: v for k, v in (("listener", filters["listener_id"]), ("status", filters["status"])) if v}
     return {"items": items, "filters": filters, "live": filters["before"] is None,
             "query": urlencode(keep),
-            "older": f"/deliveries?{urlencode(keep | {'before': next_before})}" if next_before else None,
-            "listeners": views.listeners(db)}
+            "older": f"/deliveries?{urlencode(keep | {'before': next_before})}" if next_before else None}
 
 
 @router.get("/deliveries/{delivery_id}", dependencies=_session)

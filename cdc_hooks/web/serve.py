@@ -72,7 +72,7 @@ class WebServer:
         app = create_app(config, token=web_token(config, host))
         self.socket = _listen(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
-        self.server = _Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
+        self.server = _Server(uvicorn.Config(app, lifespan="on", log_config=None, access_log=False,
                                              proxy_headers=False, server_header=False))
 
     @property
@@ -89,11 +89,19 @@ class WebServer:
 
 
 def _listen(host: str, port: int) -> socket.socket:
+    # proto=IPPROTO_TCP, not socket.create_server's 0: asyncio sets TCP_NODELAY only on
+    # connections whose proto says TCP, and without it every keep-alive request
+    # waited ~40 ms for a delayed ACK (measured: 22 requests/s instead of hundreds).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family, reuse_port=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
     except OSError as exc:
+        sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def serve_forever(config: Config, bind: str | None = None) -> None:

@@ -33,13 +33,16 @@ class AlreadyQueued(ListenerError):
     """Redelivery of a delivery that is still pending (an HTTP 409)."""
 
 
-def hooks(db: Database) -> list[HookOut]:
-    activity = {r[0]: (int(r[1]), int(r[2])) for r in db.web_hook_activity()}
-    return [_hook_out(h, *activity.get(h.name, (0, 0))) for h in db.installed_hooks()]
+def hooks(db: Database, *, activity: bool = True) -> list[HookOut]:
+    """Installed hooks; without `activity`, listener and delivery counts are left at 0
+    (they cost a scan of the last hour's deliveries)."""
+    counts = {r[0]: (int(r[1]), int(r[2])) for r in db.web_hook_activity()} if activity else {}
+    return [_hook_out(h, *counts.get(h.name, (0, 0))) for h in db.installed_hooks()]
 
 
 def hook(db: Database, name: str) -> HookOut:
-    for found in hooks(db):
+    """One installed hook (its activity not counted), else NotFound."""
+    for found in hooks(db, activity=False):
         if found.name == name:
             return found
     raise NotFound(f'no installed hook named "{name}"')

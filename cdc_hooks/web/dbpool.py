@@ -1,0 +1,62 @@
+"""Database sessions for requests, from a small pool.
+
+Measured on loopback: opening a connection took ~10 ms of an API request
+whose queries take 1-2 ms; with the pool, GET /api/listeners went from ~50 to
+~250 requests/s for one client (94 -> 536/s for eight). Connections are checked
+before use, so a database restart costs a reconnect, not an error.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..db import Database, connect, describe_dsn
+from ..errors import DatabaseUnavailable
+
+POOL_SIZE = 8  # FastAPI's thread pool runs 40 sync endpoints at most; 8 keep up with a UI
+
+
+class Connections:
+    def __init__(self, dsn: str | None, *, wait: float = 5.0) -> None:
+        self.dsn = dsn
+        self.wait = wait  # seconds a request waits for a connection before a 503
+        self._pool: ConnectionPool | None = None
+        self._lock = threading.Lock()
+
+    def _opened(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None:
+                if not self.dsn:
+                    connect(self.dsn)  # raises the CLI's "no database configured"
+                self._pool = ConnectionPool(
+                    self.dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
+                    check=ConnectionPool.check_connection, name="cdc-hooks-web",
+                    kwargs={"autocommit": True, "connect_timeout": 10})
+                self._pool.open(wait=False)
+            return self._pool
+
+    @contextmanager
+    def database(self) -> Iterator[Database]:
+        try:
+            with self._opened().connection() as conn:
+                yield Database(conn)
+        except PoolTimeout:
+            raise self._unavailable() from None
+
+    def _unavailable(self) -> DatabaseUnavailable:
+        try:  # a direct attempt says why (refused, unknown host, bad password)
+            connect(self.dsn).close()
+        except DatabaseUnavailable as exc:
+            return exc
+        return DatabaseUnavailable(f"no database connection to {describe_dsn(self.dsn or '')} "
+                                   f"free within {self.wait:g} s")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
