@@ -13,7 +13,7 @@ import click
 import psycopg
 
 from . import install as installer
-from . import jsoncodec
+from . import jsoncodec, logs
 from . import listeners as core
 from .config import Config, load_config
 from .db import Database
@@ -45,8 +45,9 @@ def friendly_errors(func: F) -> F:
 
 
 class Context:
-    def __init__(self, config_file: str | None) -> None:
+    def __init__(self, config_file: str | None, log_format: str = "text") -> None:
         self.config_file = config_file
+        self.log_format = log_format
 
     def config(self, *, required: bool = True) -> Config:
         return load_config(self.config_file, required=required)
@@ -58,11 +59,14 @@ pass_context = click.make_pass_decorator(Context)
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", metavar="FILE", envvar="CDC_HOOKS_CONFIG",
               help="Config file (default: ./cdc_hooks.toml; env CDC_HOOKS_CONFIG).")
+@click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+              envvar="CDC_HOOKS_LOG_FORMAT",
+              help="Logs of run and web: text, or one JSON object per line (env CDC_HOOKS_LOG_FORMAT).")
 @click.version_option(package_name="cdc-hooks")
 @click.pass_context
-def main(ctx: click.Context, config_file: str | None) -> None:
+def main(ctx: click.Context, config_file: str | None, log_format: str) -> None:
     """Change-data-capture from PostgreSQL to webhooks."""
-    ctx.obj = Context(config_file)
+    ctx.obj = Context(config_file, log_format)
 
 
 @main.command()
@@ -274,13 +278,15 @@ def _seconds(value: Any) -> str:
 @main.command()
 @click.option("--web", "web_bind", metavar="HOST:PORT",
               help="Also serve the web interface and REST API from this process.")
+@click.option("--metrics", "metrics_bind", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464).")
 @pass_context
 @friendly_errors
-def run(ctx: Context, web_bind: str | None) -> None:
+def run(ctx: Context, web_bind: str | None, metrics_bind: str | None) -> None:
     """Run the relay until SIGTERM/SIGINT."""
     config = ctx.config()
     configure_logging()
-    run_forever(config, web=web_bind)
+    run_forever(config, web=web_bind, metrics_bind=metrics_bind)
 
 
 @main.command()
@@ -301,7 +307,10 @@ def web(ctx: Context, bind: str | None) -> None:
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Logs to stderr in the --log-format of the command line being run."""
+    click_context = click.get_current_context(silent=True)
+    context = click_context.find_object(Context) if click_context else None
+    logs.configure(context.log_format if context else "text", level)
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

@@ -64,6 +64,7 @@ class DeliveryConfig:
 class WebConfig:
     token: str | None = None  # CDC_HOOKS_WEB_TOKEN overrides it (see cdc_hooks.web.serve)
     bind: str = "127.0.0.1:8080"
+    metrics_public: bool = False  # True: /metrics answers without the token
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
 
 
 def _parse_web(raw: Mapping[str, Any]) -> WebConfig:
-    _check_keys(raw, {"token", "bind"}, "[web]")
+    _check_keys(raw, {"token", "bind", "metrics_public"}, "[web]")
     token = raw.get("token")
     # A short token could be guessed by trying: the web interface can change listeners.
     if token is not None and (not isinstance(token, str) or len(token) < 16):
@@ -134,7 +135,10 @@ def _parse_web(raw: Mapping[str, Any]) -> WebConfig:
     bind = raw.get("bind", WebConfig.bind)
     if not isinstance(bind, str) or ":" not in bind:
         raise ConfigError('[web] bind must be "HOST:PORT" (for example "127.0.0.1:8080")')
-    return WebConfig(token, bind)
+    metrics_public = raw.get("metrics_public", False)
+    if not isinstance(metrics_public, bool):
+        raise ConfigError("[web] metrics_public must be true or false")
+    return WebConfig(token, bind, metrics_public)
 
 
 def _parse_hook(raw: Any, index: int) -> HookConfig:

@@ -300,6 +300,13 @@ class Database:
         """(minute, delivered, failed attempts) for each of the last `minutes` minutes."""
         return self.run("web_timeline", {"minutes": minutes})
 
+    # Metrics ------------------------------------------------------------
+
+    def metrics_backlog(self) -> list[tuple[Any, ...]]:
+        """Per listener (id, hook, state, pending, outbox rows, oldest outbox age s,
+        oldest pending age s); one row of NULL listener columns if there are none."""
+        return self.run("metrics_backlog")
+
 
 class RelayStore:
     """The relay's asynchronous access: dispatch, claims, results, waiting."""

@@ -392,3 +392,30 @@ FROM minutes m
 LEFT JOIN ok ON ok.minute = m.minute
 LEFT JOIN failed ON failed.minute = m.minute
 ORDER BY m.minute;
+
+-- Metrics ----------------------------------------------------------------------
+-- Read at each /metrics scrape (cdc_hooks/metrics.py), so it must stay cheap.
+
+-- name: metrics_backlog
+-- One row per listener (one row of NULLs if there are none), each carrying the
+-- outbox figures too. Pending counts and the oldest pending event come from
+-- the pending-only index deliveries_due (an index-only scan of the backlog,
+-- not of the delivered history); the outbox's oldest row is a primary key probe.
+WITH pending AS (
+    SELECT listener_id, count(*) AS pending, min(event_id) AS oldest_event
+    FROM cdc_hooks.deliveries
+    WHERE status = 'pending'
+    GROUP BY listener_id
+), outbox AS (
+    SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS rows,
+           extract(epoch FROM now() - (SELECT occurred_at FROM cdc_hooks.outbox ORDER BY id LIMIT 1))
+               AS oldest_age
+)
+SELECT l.id, l.hook, l.state, coalesce(p.pending, 0) AS pending,
+       o.rows AS outbox_rows, o.oldest_age AS outbox_oldest_age,
+       extract(epoch FROM now() - ev.occurred_at) AS oldest_pending_age
+FROM outbox o
+LEFT JOIN cdc_hooks.listeners l ON true
+LEFT JOIN pending p ON p.listener_id = l.id
+LEFT JOIN cdc_hooks.events ev ON ev.id = p.oldest_event
+ORDER BY l.id;

@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from .. import jsoncodec
+from .. import jsoncodec, metrics
 from ..config import Config
 from ..db import InstalledHook, RelayStore, describe_dsn
 from ..errors import CdcHooksError, DatabaseUnavailable
@@ -113,6 +113,7 @@ class Relay:
             connections=self.delivery.concurrency,
         )
         backoff = 0.5
+        lag = metrics.watch_loop_lag()
         try:
             while not self._stopping.is_set():
                 try:
@@ -123,6 +124,7 @@ class Relay:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
+            lag.stop()
             await self._finish_in_flight()
             await self.sender.close()
 
@@ -161,12 +163,14 @@ class Relay:
         await _wait(self._stopping, seconds)
 
     def _note_outage(self, exc: BaseException) -> None:
+        metrics.connection_lost()
         if self._outage_since is None:  # log each outage once, not every retry
             self._outage_since = time.monotonic()
             log.warning("database at %s unavailable (%s); reconnecting with backoff",
                         describe_dsn(self.dsn), _first_line(exc))
 
     def _note_connected(self) -> None:
+        metrics.connected()
         if self._outage_since is not None:
             log.warning("database reachable again after %.1f s",
                         time.monotonic() - self._outage_since)
@@ -193,7 +197,8 @@ class Relay:
                 listeners[listener_id] = Listener(listener_id, hook, url, rules,
                                                   secret_key(secret), state == "active")
             except (CdcHooksError, ValueError) as exc:
-                log.error("listener %s is unusable and skipped: %s", listener_id, exc)
+                log.error("listener %s is unusable and skipped: %s", listener_id, exc,
+                          extra={"listener_id": listener_id})
         if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
             self._work_ready.set()
         self.listeners = listeners
@@ -235,6 +240,7 @@ class Relay:
                     [e.row_key for e in events], [e.body for e in events],
                     [e.occurred_at for e in events])
                 leased = await self._insert_deliveries(store, events)
+        metrics.dispatched(e.hook for e in events)
         # Sent only once the deliveries are committed: a send is always on record.
         for row in leased:
             self._queued[row[2]].append(row)
@@ -352,9 +358,12 @@ class Relay:
                                               f"msg_{event_id}_{listener.id}")
             outcome = classify(response.code, attempt, self.delivery.retry_schedule,
                                retry_after=response.retry_after, retryable_error=response.retryable)
+            metrics.attempt(listener.hook, listener.id, attempt, outcome.status, response.duration_ms)
             if outcome.status != "delivered":
                 log.warning("listener %s event %s attempt %s: %s -> %s", listener.id, event_id,
-                            attempt, response.error, outcome.status)
+                            attempt, response.error, outcome.status,
+                            extra={"listener_id": listener.id, "event_id": event_id, "attempt": attempt,
+                                   "status": outcome.status, "code": response.code})
             self._results.put_nowait(Result(
                 delivery_id, attempt, listener.id, outcome.status, outcome.retry_in,
                 response.code, response.error, response.duration_ms, response.body, outcome.gone))
@@ -383,7 +392,8 @@ class Relay:
         self.delivered += sum(1 for r in batch if r.status == "delivered")
         for result in batch:
             if result.gone:
-                log.warning("listener %s answered 410 Gone: disabled", result.listener_id)
+                log.warning("listener %s answered 410 Gone: disabled", result.listener_id,
+                            extra={"listener_id": result.listener_id, "status": "disabled"})
                 await store.disable_listener(result.listener_id, "receiver answered 410 Gone")
         self._work_ready.set()
 
@@ -422,31 +432,31 @@ class _Stopped(Exception):
     """Ends a connected session when the relay is asked to stop."""
 
 
-def run_forever(config: Config, web: str | None = None) -> None:
+def run_forever(config: Config, web: str | None = None, metrics_bind: str | None = None) -> None:
     """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop); with
-    web=HOST:PORT it also serves the web interface in the same event loop."""
+    web=HOST:PORT it also serves the web interface in the same event loop, with
+    metrics_bind=HOST:PORT Prometheus metrics (both also serve /metrics)."""
     import signal
 
-    server = None
+    servers: list[Any] = []  # each binds now: a bad address fails before the relay starts
     if web is not None:  # imported here: the relay alone does not load the web stack
         from ..web.serve import WebServer
 
-        server = WebServer(config, web)  # binds now: a bad address fails before the relay starts
+        servers.append(WebServer(config, web))
+    if metrics_bind is not None:
+        servers.append(metrics.MetricsServer(config, metrics_bind))
 
     async def main() -> None:
         relay = Relay(config)
 
         def stop() -> None:
             relay.stop()
-            if server is not None:
+            for server in servers:
                 server.stop()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        if server is None:
-            await relay.run()
-        else:
-            await asyncio.gather(relay.run(), server.serve())
+        await asyncio.gather(relay.run(), *(server.serve() for server in servers))
 
     asyncio.run(main())

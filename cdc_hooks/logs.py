@@ -1,0 +1,53 @@
+"""Log output of long-running commands (run, web): text for people, or one JSON
+object per line (``--log-format json``) for log collectors.
+
+A JSON line has time (UTC, ISO 8601), level, logger and message, plus the
+fields a call passed with ``extra=`` (listener_id, event_id, attempt,
+status, ...) and the traceback as ``exception``. Messages are the same as in
+text: nothing secret goes into a message or a field (listener secrets, DSN
+passwords and tokens are never passed to the logger).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Attributes every LogRecord has: anything else on a record came from extra=.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+                    .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            entry["stack"] = record.stack_info
+        # default=str: a field that is not JSON (a datetime, a Decimal) still makes one line.
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Routes every logger (ours, uvicorn's, aiohttp's) to stderr in the given format."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
