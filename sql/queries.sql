@@ -233,7 +233,9 @@ WHERE id = %(id)s AND state <> 'disabled';
 
 -- name: next_due
 -- When the earliest pending delivery of a non-disabled listener falls due.
-SELECT extract(epoch FROM min(d.next_attempt_at) - now())
+-- Only future times: a due delivery still waiting for an older one of its row is
+-- released by that one's result, which wakes the claim loop anyway.
+SELECT extract(epoch FROM min(d.next_attempt_at) FILTER (WHERE d.next_attempt_at > now()) - now())
 FROM cdc_hooks.deliveries d
 WHERE d.status = 'pending' AND d.listener_id = ANY(%(listener_ids)s::bigint[]);
 
