@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config import Config
 from ..db import Database
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
-from . import api, pages, views
+from . import api, metrics, pages, views
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, LoginRequired, require_token, session_key
 from .dbpool import Connections
 from .models import FieldProblem, Health, Problem, Readiness
@@ -77,6 +77,7 @@ def create_app(config: Config, *, token: str | None = None, secure_cookies: bool
     _add_error_handlers(app)
     _add_health(app)
     app.include_router(api.router)
+    app.include_router(metrics.router)
     app.include_router(pages.router)
     return app
 
@@ -117,7 +118,7 @@ def _add_health(app: FastAPI) -> None:
 
 def _wants_json(request: Request) -> bool:
     path = request.url.path
-    return path.startswith("/api/") or path in ("/api", "/openapi.json", "/healthz", "/readyz")
+    return path.startswith("/api/") or path in ("/api", "/openapi.json", "/healthz", "/readyz", "/metrics")
 
 
 def _problem(status: int, detail: str, errors: list[FieldProblem] | None = None,
