@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import io
 import json
 import os
 import platform
@@ -65,6 +66,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -83,6 +85,7 @@ from aiohttp import web
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+import cdc_hooks
 from cdc_hooks.config import Config, load_config, parse_config
 from cdc_hooks.db import Database, queries
 from cdc_hooks.install import install
@@ -99,6 +102,7 @@ FILL_CHUNK = 50_000  # rows per INSERT ... SELECT generate_series when queueing 
 NO_PROGRESS = 60.0  # seconds without a new receipt before a scenario is declared stuck
 SCENARIOS = ("throughput", "fanout", "slow", "latency", "backlog", "idle")
 REPO = Path(__file__).resolve().parent.parent
+CODE_ENV, CODE_DIR_ENV = "CDC_HOOKS_BENCH_CODE", "CDC_HOOKS_BENCH_CODE_DIR"  # set by --rev
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -272,7 +276,8 @@ class Process:
         with log.open("ab") as out:
             self.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                          preexec_fn=_die_with_parent, cwd=REPO)
+                                          preexec_fn=_die_with_parent,
+                                          cwd=os.environ.get(CODE_DIR_ENV) or REPO)
         self.pid = self.popen.pid
         self.stopped_in: float | None = 0.0  # seconds SIGTERM took; None: it had to be killed
 
@@ -451,8 +456,9 @@ class Bench:
 
     def wait_receipts(self, count: int, relay: Process, limit: float,
                       on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Polls the receiver until count requests arrived; fails if progress stops
-        or after limit seconds (TooSlow)."""
+        """Polls the receiver until count requests arrived; fails after limit seconds
+        (TooSlow), or if receipts stop for NO_PROGRESS seconds once they began (before
+        the first one, the relay may still be dispatching a large backlog)."""
         seen, progress_at = -1, time.monotonic()
         deadline = progress_at + limit
         while True:
@@ -468,7 +474,7 @@ class Bench:
                               f"{limit:.0f} s", stats)
             if stats["count"] != seen:
                 seen, progress_at = stats["count"], now
-            elif now - progress_at > NO_PROGRESS:
+            elif seen > 0 and now - progress_at > NO_PROGRESS:
                 pending, delivered, dead, outbox = rows(self.conn, "delivery_counts")[0]
                 raise BenchError(
                     f"no delivery for {NO_PROGRESS:g} s: receiver got {seen:,} of {count:,}; "
@@ -775,19 +781,13 @@ def scenario_latency(bench: Bench) -> list[Row]:
     with bench.relay() as relay, psycopg.connect(bench.dsn, autocommit=True,
                                                  application_name=APP) as writer:
         time.sleep(1.0)
-        behind = 0.0
-        start = time.monotonic()
-        for i in range(total):
-            target = start + i / LATENCY_RATE
-            now = time.monotonic()
-            if target > now:
-                time.sleep(target - now)
-            else:
-                behind = max(behind, now - target)
-            row_id = rows(writer, "insert_one")[0][0]
-            commits[row_id] = time.monotonic()
-        achieved = total / (time.monotonic() - start)
-        bench.wait_receipts(total, relay, 60)
+        profiler = Profiler(bench, relay, "latency") if bench.args.profile else None
+        try:
+            achieved, behind = steady_writer(writer, total, commits)
+            bench.wait_receipts(total, relay, 60)
+        finally:
+            if profiler:
+                bench.profiles += profiler.finish()
         stamps = bench.receiver.stamps()
         bench.wait_recorded(total, relay)
     missing = set(commits) - set(stamps)
@@ -799,14 +799,49 @@ def scenario_latency(bench: Bench) -> list[Row]:
                 f"{bench.args.latency_seconds} s)", f"{p50:.1f} ms", bar="<= 10 ms", ok=p50 <= 10),
             Row("latency p99", f"{p99:.1f} ms", bar="<= 50 ms", ok=p99 <= 50),
             Row("  latency mean / max", f"{statistics.mean(ms):.1f} / {max(ms):.1f} ms"),
+            *latency_split(bench, commits, stamps),
             Row("  writer's achieved rate", f"{achieved:.0f} commits/s"
                 + (f" (lagged up to {1000 * behind:.0f} ms)" if behind > 0.05 else ""))]
+
+
+def steady_writer(writer: Any, total: int, commits: dict[int, float]) -> tuple[float, float]:
+    """Commits `total` single-row INSERTs at LATENCY_RATE, stamping each commit by row id.
+    Returns the achieved rate and how far behind schedule it fell at worst."""
+    behind = 0.0
+    start = time.monotonic()
+    for i in range(total):
+        target = start + i / LATENCY_RATE
+        now = time.monotonic()
+        if target > now:
+            time.sleep(target - now)
+        else:
+            behind = max(behind, now - target)
+        row_id = rows(writer, "insert_one")[0][0]
+        commits[row_id] = time.monotonic()
+    return total / (time.monotonic() - start), behind
+
+
+def latency_split(bench: Bench, commits: dict[int, float], stamps: dict[int, float]) -> list[Row]:
+    """Commit -> the relay's dispatch transaction began (deliveries.created_at, a wall
+    clock time, moved to the monotonic clock) -> receipt: where the latency goes."""
+    offset = time.time() - time.monotonic()
+    dispatched = {k: t - offset for k, t in rows(bench.conn, "dispatch_times")}
+    keys = [k for k in commits if k in dispatched]
+    if not keys:
+        return []
+    wake = [1000 * (dispatched[k] - commits[k]) for k in keys]
+    send = [1000 * (stamps[k] - dispatched[k]) for k in keys]
+    return [Row("  split p50 / p99: commit -> dispatch began",
+                f"{percentile(wake, 50):.1f} / {percentile(wake, 99):.1f} ms"),
+            Row("  split p50 / p99: dispatch began -> receipt",
+                f"{percentile(send, 50):.1f} / {percentile(send, 99):.1f} ms")]
 
 
 @dataclass
 class Drain:
     events: int
     arrived: int  # < events: the drain hit its time limit
+    first_receipt: float  # seconds from the relay's start
     rate: float  # first to last receipt
     peak_rss_kb: int
     head_rate: float  # first 10% of the receipts
@@ -830,10 +865,10 @@ def drain(bench: Bench, events: int) -> Drain:
     fill(bench, events)
     rss = [0]
     complete = True
+    began = time.monotonic()
     with bench.relay(wait_ready=False) as relay:
         def sample() -> None:
             rss[0] = max(rss[0], memory_kb(relay.pid).get("VmRSS", 0))
-        began = time.monotonic()
         profiler = (Profiler(bench, relay, f"backlog-{events}")
                     if bench.args.profile and events != REFERENCE_BACKLOG else None)
         try:
@@ -858,7 +893,7 @@ def drain(bench: Bench, events: int) -> Drain:
     seconds = t[arrived] - t[1]
     log(f"    {arrived:,} of {events:,} drained in {time.monotonic() - began:.1f} s "
         "since the relay started")
-    return Drain(events, arrived, (arrived - 1) / seconds, peak,
+    return Drain(events, arrived, t[1] - began, (arrived - 1) / seconds, peak,
                  (tenth - 1) / (t[tenth] - t[1]), (tenth - 1) / (t[arrived] - t[arrived - tenth + 1]),
                  sizes, seconds)
 
@@ -891,7 +926,9 @@ def scenario_backlog(bench: Bench) -> list[Row]:
            Row(f"  drain of {n:,}: first 10% / last 10% of receipts",
                f"{big.head_rate:,.0f}/s / {big.tail_rate:,.0f}/s",
                ratio=f"{big.tail_rate / big.head_rate:.2f}"),
-           Row(f"  drained {big.arrived:,} in", f"{big.seconds:.1f} s (first to last receipt)")]
+           Row(f"  drained {big.arrived:,} in", f"{big.seconds:.1f} s (first to last receipt); "
+               f"first receipt {big.first_receipt:.1f} s after the relay started "
+               f"({ref.first_receipt:.1f} s for {REFERENCE_BACKLOG:,})")]
     names = ("outbox", "events", "deliveries", "attempts")
     when = "draining" if big.arrived == big.events else "the partial drain"
     out.append(Row(f"  sizes after {when} (MB)", ", ".join(
@@ -957,6 +994,50 @@ def table(results: list[Row]) -> list[str]:
     return out
 
 
+def git(*args: str) -> str:
+    out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+    return out.stdout.rstrip()
+
+
+def code_version() -> str:
+    """The code the relay ran: a --rev snapshot, or the work tree's commit and
+    whether cdc_hooks/ or sql/ had uncommitted changes."""
+    where = f" (cdc_hooks imported from {Path(cdc_hooks.__file__).parent})"
+    if os.environ.get(CODE_ENV):
+        return os.environ[CODE_ENV] + where
+    dirty = git("status", "--porcelain", "--", "cdc_hooks", "sql").splitlines()
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (
+        f" + uncommitted changes in {', '.join(line[3:] for line in dirty)}" if dirty else "") + where
+
+
+def run_at_revision(rev: str, argv: list[str]) -> int:
+    """Runs the benchmark (this file) against cdc_hooks and sql/ as committed at rev,
+    exported to a temporary directory first on PYTHONPATH, so edits in the work tree
+    during a long run cannot change the relay under test."""
+    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    if not sha:
+        log(f"error: {rev!r} is not a commit of {REPO}")
+        return 2
+    code_dir = Path(tempfile.mkdtemp(prefix=f"cdc_hooks_relay_bench_code_{sha[:10]}_"))
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", sha,
+                                  "cdc_hooks", "sql"], capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(code_dir, filter="data")
+        (code_dir / "sql").rename(code_dir / "cdc_hooks" / "sql")  # the package cdc_hooks.sql
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(code_dir), os.environ.get("PYTHONPATH")) if p),
+            **{CODE_ENV: f"{rev} = {sha[:10]}", CODE_DIR_ENV: str(code_dir)})
+        child = subprocess.Popen([sys.executable, __file__, *argv], env=env)
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGTERM)
+            return child.wait()
+    finally:
+        shutil.rmtree(code_dir, ignore_errors=True)
+
+
 def load_average() -> str:
     try:
         return Path("/proc/loadavg").read_text().split()[0]
@@ -984,6 +1065,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated scenarios of: {', '.join(SCENARIOS)}")
     parser.add_argument("--backlog", type=int, help="events queued in the backlog scenario")
     parser.add_argument("--profile", metavar="DIR", help="profile the relay during the bursts")
+    parser.add_argument("--rev", help="benchmark cdc_hooks as committed at REV (e.g. HEAD), "
+                        "not the work tree")
     args = parser.parse_args(argv)
     args.dsn = args.dsn or os.environ.get("CDC_HOOKS_DSN") or DEFAULT_DSN
     args.only = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
@@ -1058,11 +1141,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # cleanup and the partial table on SIGTERM too
-    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    began, load_before = time.monotonic(), load_average()
+    given = list(argv if argv is not None else sys.argv[1:])
+    if args.rev and not os.environ.get(CODE_DIR_ENV):  # not yet in the snapshot's process
+        return run_at_revision(args.rev, given)
+    command = "python " + shlex.join([sys.argv[0], *given])
+    began, load_before, code = time.monotonic(), load_average(), code_version()
     results, profiles, version, failed = run(args)
     print(f"command: {command}")
     print(f"machine: {machine(version)}")
+    print(f"code: {code}")
     print(f"relay: [delivery] concurrency = listener_concurrency = {CONCURRENCY}; "
           f"baseline: bare aiohttp client at {CONCURRENCY} in flight, "
           f"median of {args.repeats} run(s); total {time.monotonic() - began:.0f} s")

@@ -59,6 +59,13 @@ SELECT count(*) FILTER (WHERE status = 'pending'),
        (SELECT count(*) FROM cdc_hooks.outbox)
 FROM cdc_hooks.deliveries;
 
+-- name: dispatch_times
+-- When the dispatch transaction that created each row's delivery began
+-- (deliveries.created_at is its now()), by the row's key, in epoch seconds.
+SELECT (ev.body -> 'key' ->> 'id')::bigint, extract(epoch FROM d.created_at)::float8
+FROM cdc_hooks.deliveries d
+JOIN cdc_hooks.events ev ON ev.id = d.event_id;
+
 -- name: sample_bodies
 -- What the relay POSTed (it sends body::text too), for the bare client.
 SELECT body::text FROM cdc_hooks.events ORDER BY id LIMIT %(limit)s;
