@@ -149,15 +149,18 @@ def listeners() -> None:
 @click.option("--match", "matches", multiple=True, metavar="FIELD=VALUE|FIELD=OP:VALUE|FIELD:=JSON",
               help="Filter (repeatable). OP: any, is, startswith, endswith, contains, like.")
 @click.option("--secret", metavar="whsec_...", help="Signing secret (default: generated).")
+@click.option("--backfill/--no-backfill", default=None,
+              help="Take backfill ('read') events of cdc-hooks backfill (default: yes).")
 @pass_context
 @friendly_errors
 def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
-                  secret: str | None) -> None:
+                  secret: str | None, backfill: bool | None) -> None:
     """Add a listener for HOOK that POSTs matching events to URL."""
     config = ctx.config()
     match = match_options_to_json(list(matches))
+    listener_config = {} if backfill is None else {"backfill": backfill}
     with Database.connect(config.dsn) as db:
-        created = core.add_listener(db, config, hook, url, match, secret)
+        created = core.add_listener(db, config, hook, url, match, secret, listener_config)
     click.echo(f"listener {created.id} added")
     if secret is None:  # a secret the user chose is not echoed into terminals and logs
         click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
@@ -345,3 +348,55 @@ def demo(ctx: Context, dsn: str | None, keep_running: bool) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(dsn or ctx.config(required=False).dsn, keep_running=keep_running))
+
+
+# Operations: retention and backfill (cdc_hooks/retention.py, backfill.py) --------
+
+
+@main.command()
+@pass_context
+@friendly_errors
+def prune(ctx: Context) -> None:
+    """Delete what is past its [retention] now (relays also do it on a schedule)."""
+    from . import retention
+
+    config = ctx.config()
+    with Database.connect(config.dsn) as db:
+        pruned = retention.prune(db, config.retention)
+    if pruned is None:
+        raise CdcHooksError("another prune is running (a relay's); try again later")
+    click.echo(f"pruned {pruned}")
+
+
+@main.command()
+@click.argument("hook")
+@click.option("--where", "condition", metavar="SQL-CONDITION",
+              help="Only rows matching this SQL condition (trusted: pasted into the query).")
+@click.option("--listener", "listener_id", type=int,
+              help="Deliver to this listener only (even if it opted out of backfills).")
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Rows per batch, each queued in its own short transaction.")
+@click.option("--restart", is_flag=True, help="Start over instead of resuming an interrupted run.")
+@pass_context
+@friendly_errors
+def backfill(ctx: Context, hook: str, condition: str | None, listener_id: int | None,
+             batch: int, restart: bool) -> None:
+    """Send 'read' events for HOOK's existing rows; run again to resume."""
+    from . import backfill as backfills
+
+    with Database.connect(ctx.config().dsn) as db:
+        job = backfills.start(db, hook, condition, listener_id, restart=restart)
+        if job.resumed:
+            click.echo(f"resuming backfill {job.id} after {job.rows_done} rows", err=True)
+        total = max(backfills.estimate(db, job), job.rows_done)
+        try:
+            with click.progressbar(length=total, label=f"backfill {hook}", file=sys.stderr,
+                                   show_pos=True) as bar:
+                bar.update(job.rows_done)
+                for rows in backfills.batches(db, job, batch):
+                    bar.update(rows)
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted after {job.rows_done} rows: run the same command "
+                       "again to resume", err=True)
+            sys.exit(130)
+    click.echo(f"backfill {job.id}: {job.rows_done} rows of {hook} queued as read events")

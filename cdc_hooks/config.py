@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ DEFAULT_EVENTS = ("insert", "update")  # durian's post_save
 # About a day in all: quick retries for blips, then hourly for outages.
 DEFAULT_RETRY_SCHEDULE = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)
 HOOK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,39}$")
+BUILTIN_PREFIX = "cdc_hooks."  # built-in hooks, such as cdc_hooks.listener_disabled
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,21 @@ class DeliveryConfig:
     max_response_bytes: int = 4096  # response body kept in the attempt log
     allow_private_networks: bool = False
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # A listener failing every attempt this long is disabled (cdc_hooks/health.py); 0: never.
+    disable_after_days: float = 5.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished work is kept (cdc_hooks/retention.py). Pending
+    deliveries, and the events they need, are never pruned."""
+
+    delivered_days: float = 7.0  # delivered deliveries, after they finished
+    failed_days: float = 30.0  # dead letters, unless redelivered first
+    attempts_days: float = 7.0  # the attempt log
+    events_days: float = 7.0  # events no delivery refers to any more
+    interval: float = 600.0  # seconds between a relay's prune runs; 0: never (cron prune)
+    batch: int = 5000  # rows deleted per statement, each its own transaction
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     path: Path | None = None
     web: WebConfig = field(default_factory=WebConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def hook(self, name: str) -> HookConfig:
         for hook in self.hooks:
@@ -101,12 +118,12 @@ def load_config(path: str | os.PathLike[str] | None = None, *, required: bool = 
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
     config = parse_config(raw)
     dsn = os.environ.get("CDC_HOOKS_DSN") or config.dsn
-    return Config(dsn=dsn, hooks=config.hooks, delivery=config.delivery, path=file, web=config.web)
+    return replace(config, dsn=dsn, path=file)
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validates the parsed TOML document."""
-    _check_keys(raw, {"database", "hooks", "delivery", "web"}, "config")
+    _check_keys(raw, {"database", "hooks", "delivery", "web", "retention"}, "config")
     database = _table(raw.get("database", {}), "[database]")
     _check_keys(database, {"dsn"}, "[database]")
     dsn = database.get("dsn")
@@ -123,7 +140,21 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         seen.add(hook.name)
     delivery = _parse_delivery(_table(raw.get("delivery", {}), "[delivery]"))
     web = _parse_web(_table(raw.get("web", {}), "[web]"))
-    return Config(dsn=dsn, hooks=hooks, delivery=delivery, web=web)
+    retention = _parse_retention(_table(raw.get("retention", {}), "[retention]"))
+    return Config(dsn=dsn, hooks=hooks, delivery=delivery, web=web, retention=retention)
+
+
+def _parse_retention(raw: Mapping[str, Any]) -> RetentionConfig:
+    defaults = RetentionConfig()
+    days = ("delivered_days", "failed_days", "attempts_days", "events_days")
+    _check_keys(raw, {*days, "interval", "batch"}, "[retention]")
+    # Fractions of a day are allowed (0.5 = 12 hours); at least about a minute.
+    kept = {k: _number(raw.get(k, getattr(defaults, k)), f"[retention] {k}", 0.001, 36500)
+            for k in days}
+    interval = _number(raw.get("interval", defaults.interval), "[retention] interval", 0, 86400)
+    batch = int(_number(raw.get("batch", defaults.batch), "[retention] batch", 1, 1_000_000,
+                        integer=True))
+    return RetentionConfig(**kept, interval=interval, batch=batch)
 
 
 def _parse_web(raw: Mapping[str, Any]) -> WebConfig:
@@ -151,6 +182,9 @@ def _parse_hook(raw: Any, index: int) -> HookConfig:
             f"starting with a letter or _, at most 40 characters (got {name!r})"
         )
     where = f'hook "{name}"'
+    if name.startswith(BUILTIN_PREFIX):
+        raise ConfigError(f"{where}: names starting with {BUILTIN_PREFIX} are reserved for "
+                          "cdc-hooks' own hooks (installed by cdc-hooks install)")
     _check_keys(raw, {"name", "table", "events", "provides", "key", "when_changed"}, where)
     table = raw.get("table")
     if table is None:
@@ -192,7 +226,8 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
     _check_keys(
         raw,
         {"timeout", "retry_schedule", "concurrency", "listener_concurrency",
-         "max_response_bytes", "allow_private_networks", "allowed_networks"},
+         "max_response_bytes", "allow_private_networks", "allowed_networks",
+         "disable_after_days"},
         "[delivery]",
     )
     defaults = DeliveryConfig()
@@ -221,8 +256,10 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             networks.append(ipaddress.ip_network(str(entry), strict=False))
         except ValueError:
             raise ConfigError(f"[delivery] allowed_networks: {entry!r} is not a network") from None
+    disable_after = _number(raw.get("disable_after_days", defaults.disable_after_days),
+                            "[delivery] disable_after_days", 0, 3650)
     return DeliveryConfig(timeout, schedule, concurrency, per_listener, max_bytes,
-                          allow_private, tuple(networks))
+                          allow_private, tuple(networks), disable_after)
 
 
 def parse_table_name(text: str) -> TableName:

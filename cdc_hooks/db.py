@@ -307,6 +307,76 @@ class Database:
         oldest pending age s); one row of NULL listener columns if there are none."""
         return self.run("metrics_backlog")
 
+    # Operations: retention, listener health, backfill --------------------
+    # (cdc_hooks/retention.py, health.py, backfill.py; schema version 2)
+
+    def fetch(self, statement: sql.Composable,
+              params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Rows of a statement composed from a template of sql/ (backfill.sql)."""
+        with self.conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def try_lock_maintenance(self) -> bool:
+        return bool(self.one("try_lock_maintenance")[0])  # type: ignore[index]
+
+    def unlock_maintenance(self) -> None:
+        self.run("unlock_maintenance")
+
+    def listener_ids(self) -> list[int]:
+        return [r[0] for r in self.run("listener_ids")]
+
+    def prune_deliveries(self, listener_id: int, status: str, seconds: float, batch: int) -> int:
+        row = self.one("prune_deliveries", {"listener_id": listener_id, "status": status,
+                                            "seconds": seconds, "batch": batch})
+        return int(row[0])  # type: ignore[index]
+
+    def prune_attempts(self, seconds: float, batch: int) -> int:
+        return int(self.one("prune_attempts", {"seconds": seconds, "batch": batch})[0])  # type: ignore[index]
+
+    def prune_events(self, after: int, seconds: float, batch: int) -> tuple[int | None, int, int]:
+        """(last id scanned, events deleted, old events scanned) of one window."""
+        row = self.one("prune_events", {"after": after, "seconds": seconds, "batch": batch})
+        return row[0], int(row[1]), int(row[2])  # type: ignore[index]
+
+    def check_listener_health(self) -> None:
+        with self.transaction():
+            self.run("forget_listener_health")
+            self.run("check_listener_health")
+
+    def disable_failing_listeners(self, seconds: float, reason: str) -> list[tuple[Any, ...]]:
+        """(id, hook, url, reason, event id or None) of each listener disabled."""
+        return self.run("disable_failing_listeners", {"seconds": seconds, "reason": reason})
+
+    def resume_listener_deliveries(self, listener_id: int) -> None:
+        self.run("resume_listener_deliveries", {"id": listener_id})
+
+    def wake_relay(self) -> None:
+        self.run("wake_relay")
+
+    def backfill_find(self, hook: str, condition: str | None,
+                      listener_id: int | None) -> tuple[Any, ...] | None:
+        """(id, key_columns, last_key, rows_done) of the unfinished backfill, if any."""
+        return self.one("backfill_find", {"hook": hook, "condition": condition,
+                                          "listener_id": listener_id})
+
+    def backfill_start(self, hook: str, condition: str | None, listener_id: int | None,
+                       key_columns: Sequence[str]) -> int:
+        row = self.one("backfill_start", {"hook": hook, "condition": condition,
+                                          "listener_id": listener_id,
+                                          "key_columns": list(key_columns)})
+        return int(row[0])  # type: ignore[index]
+
+    def backfill_progress(self, backfill_id: int, last_key: Sequence[str], rows: int) -> None:
+        self.run("backfill_progress", {"id": backfill_id, "last_key": list(last_key),
+                                       "rows": rows})
+
+    def backfill_finish(self, backfill_id: int) -> None:
+        self.run("backfill_finish", {"id": backfill_id})
+
+    def backfill_forget(self, backfill_id: int) -> None:
+        self.run("backfill_forget", {"id": backfill_id})
+
 
 class RelayStore:
     """The relay's asynchronous access: dispatch, claims, results, waiting."""

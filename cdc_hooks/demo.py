@@ -32,7 +32,7 @@ from psycopg import sql
 
 from . import install as installer
 from . import jsoncodec
-from .config import Config, DeliveryConfig, HookConfig, TableName
+from .config import BUILTIN_PREFIX, Config, DeliveryConfig, HookConfig, TableName
 from .db import Database, InstalledHook, describe_dsn, query, sql_text
 from .errors import CdcHooksError
 from .listeners import add_listener, remove_listener
@@ -202,6 +202,8 @@ def _prepare(config: Config) -> None:
 
 
 def _is_demo_hook(hook: InstalledHook) -> bool:
+    if hook.name.startswith(BUILTIN_PREFIX):  # installed with every config
+        return True
     if hook.name == PERSON.name:
         return (hook.table_schema, hook.table_name) == (SCHEMA, "person")
     return hook.name == MYHOOK.name and hook.table_name is None

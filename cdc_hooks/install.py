@@ -26,6 +26,15 @@ TRIGGER_EVENTS = {
 }
 
 
+# cdc-hooks' own custom hooks, installed with every config (names are
+# reserved: config.BUILTIN_PREFIX). Listeners subscribe to them like any hook.
+BUILTIN_HOOKS = (
+    # Sent when a listener is disabled (410 Gone, or failing too long: health.py).
+    InstalledHook("cdc_hooks.listener_disabled", None, None, (),
+                  ("listener_id", "hook", "url", "reason"), (), ()),
+)
+
+
 def function_name(hook: str) -> str:
     return f"capture_{hook}"
 
@@ -67,7 +76,7 @@ def resolve_hooks(config: Config) -> list[InstalledHook]:
         engine.dispose()
     if problems:
         raise ConfigError("\n".join(problems))
-    return resolved
+    return [*resolved, *BUILTIN_HOOKS]
 
 
 def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> InstalledHook:
@@ -131,7 +140,8 @@ def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
             plan.statements.extend(_drop_statements(db, before))
         plan.statements.extend(_create_statements(db, hook))
         plan.hooks_to_save.append(hook)
-        plan.changes.append(("~ " if before else "+ ") + describe_hook(hook))
+        if hook not in BUILTIN_HOOKS:  # bookkeeping the user did not ask for
+            plan.changes.append(("~ " if before else "+ ") + describe_hook(hook))
     for name, before in installed.items():
         if name not in wanted:
             plan.statements.extend(_drop_statements(db, before))
@@ -315,13 +325,13 @@ def check(config: Config) -> list[str]:
         except ConfigError as exc:
             problems.extend(str(exc).splitlines())
             desired = {}
-        for hook in config.hooks:
+        for hook in [*config.hooks, *BUILTIN_HOOKS]:
             if hook.name not in installed:
                 problems.append(f'hook "{hook.name}": not installed (run cdc-hooks install)')
             elif hook.name in desired and desired[hook.name] != installed[hook.name]:
                 problems.append(f'hook "{hook.name}": config changed since install '
                                 "(run cdc-hooks install)")
-        configured = {h.name for h in config.hooks}
+        configured = {h.name for h in [*config.hooks, *BUILTIN_HOOKS]}
         for hook in installed.values():
             if hook.name not in configured:
                 problems.append(f'hook "{hook.name}": installed but not in the config')
@@ -360,7 +370,8 @@ def uninstall(config: Config, *, drop_schema: bool = False) -> list[str]:
             for statement in _drop_statements(db, hook):
                 db.execute(statement)
             db.forget_hook(hook.name)
-            done.append(f"- {hook.name}: removed")
+            if hook not in BUILTIN_HOOKS:
+                done.append(f"- {hook.name}: removed")
         if drop_schema:
             outbox, pending = db.pending_counts()
             db.execute(sql.SQL("DROP SCHEMA cdc_hooks CASCADE"))

@@ -88,10 +88,18 @@ def remove_listener(db: Database, listener_id: int) -> None:
 
 
 def set_state(db: Database, listener_id: int, state: str) -> None:
-    """Pause holds deliveries (they go out on resume); resume also re-enables."""
+    """Pause holds deliveries (they go out on resume); resume also re-enables.
+
+    Resuming makes pending deliveries that wait for a distant retry due now,
+    with a fresh attempt budget: a listener disabled after days of failures
+    gets what it missed at once. Dead letters stay dead: redeliver them with
+    ``cdc-hooks redeliver --listener ID`` if they are wanted.
+    """
     with db.transaction():
         if not db.set_listener_state(listener_id, state):
             raise NotFound(f"no listener with id {listener_id}")
+        if state == "active":
+            db.resume_listener_deliveries(listener_id)
 
 
 def update_listener(db: Database, config: Config, listener_id: int, *, url: str | None = None,

@@ -109,8 +109,9 @@ WHERE id = %(id)s
 RETURNING id;
 
 -- name: active_listeners
--- What the relay matches events against and signs with.
-SELECT id, hook, url, match::text, secret, state
+-- What the relay matches events against and signs with; backfill: whether it
+-- takes backfill ('read') events (config {"backfill": false} opts out).
+SELECT id, hook, url, match::text, secret, state, config -> 'backfill' IS DISTINCT FROM 'false'
 FROM cdc_hooks.listeners WHERE state <> 'disabled';
 
 -- Relay: dispatch ------------------------------------------------------------
@@ -227,9 +228,18 @@ SET next_attempt_at = now(), attempts = attempts - 1
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
 
 -- name: disable_listener_gone
-UPDATE cdc_hooks.listeners
-SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
-WHERE id = %(id)s AND state <> 'disabled';
+-- With an event on the built-in hook cdc_hooks.listener_disabled, as when
+-- disabled for failing too long (disable_failing_listeners).
+WITH disabled AS (
+    UPDATE cdc_hooks.listeners
+    SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
+    WHERE id = %(id)s AND state <> 'disabled'
+    RETURNING id, hook, url, disabled_reason
+)
+SELECT cdc_hooks.send('cdc_hooks.listener_disabled', jsonb_build_object(
+           'listener_id', d.id, 'hook', d.hook, 'url', d.url, 'reason', d.disabled_reason))
+FROM disabled d
+WHERE EXISTS (SELECT FROM cdc_hooks.hooks WHERE name = 'cdc_hooks.listener_disabled');
 
 -- name: next_due
 -- When the earliest pending delivery of a non-disabled listener falls due.
@@ -421,3 +431,173 @@ LEFT JOIN cdc_hooks.listeners l ON true
 LEFT JOIN pending p ON p.listener_id = l.id
 LEFT JOIN cdc_hooks.events ev ON ev.id = p.oldest_event
 ORDER BY l.id;
+
+-- ============================================================================
+-- Operations (issue 7): retention, listener health, backfill. Schema version 2
+-- (sql/migrations/0002_operations.sql). cdc_hooks/retention.py, health.py and
+-- backfill.py run these; docs/operations.md says what they do.
+-- ============================================================================
+
+-- name: try_lock_maintenance
+-- One pruner at a time (relays and `cdc-hooks prune`). A session lock: every
+-- prune batch commits on its own. Released by unlock_maintenance, or when the
+-- session ends.
+SELECT pg_try_advisory_lock(hashtext('cdc_hooks.maintenance'));
+
+-- name: unlock_maintenance
+SELECT pg_advisory_unlock(hashtext('cdc_hooks.maintenance'));
+
+-- name: listener_ids
+SELECT id FROM cdc_hooks.listeners ORDER BY id;
+
+-- name: prune_deliveries
+-- Up to `batch` of one listener's deliveries with `status` (delivered or dead)
+-- that finished more than `seconds` ago (index deliveries_finished). The outer
+-- conditions repeat the inner ones: a dead letter redelivered meanwhile is
+-- pending again, and the recheck on the row's new version spares it.
+WITH gone AS (
+    DELETE FROM cdc_hooks.deliveries
+    WHERE id IN (SELECT id FROM cdc_hooks.deliveries
+                 WHERE listener_id = %(listener_id)s AND status = %(status)s
+                   AND finished_at < now() - make_interval(secs => %(seconds)s)
+                 LIMIT %(batch)s)
+      AND status = %(status)s AND finished_at < now() - make_interval(secs => %(seconds)s)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: prune_attempts
+-- Up to `batch` attempt log rows older than `seconds` (index attempts_by_time).
+-- By ctid: the attempt log has no key, and its rows are never updated.
+WITH gone AS (
+    DELETE FROM cdc_hooks.attempts
+    WHERE ctid = ANY(ARRAY(SELECT ctid FROM cdc_hooks.attempts
+                           WHERE attempted_at < now() - make_interval(secs => %(seconds)s)
+                           LIMIT %(batch)s))
+      AND attempted_at < now() - make_interval(secs => %(seconds)s)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: prune_events
+-- The next `batch` events by id after `after`: those older than `seconds` that
+-- no delivery refers to are deleted. Returns the last id scanned, how many were
+-- deleted, and how many were old (none: the scan has reached recent events, as
+-- ids grow with time). A window by id rather than a search for deletable
+-- events, so events kept by dead letters are scanned once per prune, not once
+-- per batch.
+WITH scanned AS (
+    SELECT id, occurred_at < now() - make_interval(secs => %(seconds)s) AS old
+    FROM cdc_hooks.events
+    WHERE id > %(after)s
+    ORDER BY id
+    LIMIT %(batch)s
+), gone AS (
+    DELETE FROM cdc_hooks.events e
+    USING scanned s
+    WHERE e.id = s.id AND s.old
+      AND NOT EXISTS (SELECT FROM cdc_hooks.deliveries d WHERE d.event_id = e.id)
+    RETURNING 1
+)
+SELECT (SELECT max(id) FROM scanned), (SELECT count(*) FROM gone),
+       (SELECT count(*) FROM scanned WHERE old);
+
+-- name: check_listener_health
+-- Each active listener's health since the previous check: a delivery succeeded
+-- (ends a failure streak), or deliveries are failing (one waits for a retry, or
+-- one was given up). failing_since: when a check first saw it failing with no
+-- success since; failing: whether the latest check did.
+WITH seen AS (
+    SELECT l.id, h.failing_since,
+           EXISTS (SELECT FROM cdc_hooks.deliveries d
+                   WHERE d.listener_id = l.id AND d.status = 'delivered'
+                     AND d.finished_at > coalesce(h.checked_at, '-infinity')) AS succeeded,
+           EXISTS (SELECT FROM cdc_hooks.deliveries d
+                   WHERE d.listener_id = l.id AND d.status = 'pending' AND d.attempts > 0
+                     AND d.next_attempt_at > now())
+           OR EXISTS (SELECT FROM cdc_hooks.deliveries d
+                      WHERE d.listener_id = l.id AND d.status = 'dead'
+                        AND d.finished_at > coalesce(h.checked_at, '-infinity')) AS failing
+    FROM cdc_hooks.listeners l
+    LEFT JOIN cdc_hooks.listener_health h ON h.listener_id = l.id
+    WHERE l.state = 'active'
+)
+INSERT INTO cdc_hooks.listener_health AS h (listener_id, failing_since, failing, checked_at)
+SELECT id,
+       CASE WHEN succeeded THEN NULL
+            WHEN failing THEN coalesce(failing_since, now())
+            ELSE failing_since END,
+       failing AND NOT succeeded, now()
+FROM seen
+ON CONFLICT (listener_id) DO UPDATE
+SET failing_since = excluded.failing_since, failing = excluded.failing,
+    checked_at = excluded.checked_at;
+
+-- name: forget_listener_health
+-- Rows of listeners removed since.
+DELETE FROM cdc_hooks.listener_health h
+WHERE NOT EXISTS (SELECT FROM cdc_hooks.listeners l WHERE l.id = h.listener_id);
+
+-- name: disable_failing_listeners
+-- Active listeners failing still, with no success for `seconds` and unchanged
+-- (created, resumed, edited) for as long, are disabled, each with an event on
+-- the built-in hook cdc_hooks.listener_disabled when it is installed.
+WITH disabled AS (
+    UPDATE cdc_hooks.listeners l
+    SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
+    FROM cdc_hooks.listener_health h
+    WHERE h.listener_id = l.id AND l.state = 'active' AND h.failing
+      AND h.failing_since < now() - make_interval(secs => %(seconds)s)
+      AND l.updated_at < now() - make_interval(secs => %(seconds)s)
+    RETURNING l.id, l.hook, l.url, l.disabled_reason
+)
+SELECT d.id, d.hook, d.url, d.disabled_reason,
+       CASE WHEN EXISTS (SELECT FROM cdc_hooks.hooks WHERE name = 'cdc_hooks.listener_disabled')
+            THEN cdc_hooks.send('cdc_hooks.listener_disabled', jsonb_build_object(
+                'listener_id', d.id, 'hook', d.hook, 'url', d.url, 'reason', d.disabled_reason))
+       END
+FROM disabled d
+ORDER BY d.id;
+
+-- name: resume_listener_deliveries
+-- On resume: pending deliveries waiting for a retry more than 15 minutes out
+-- are due now, with a fresh attempt budget. Sooner ones may be leases of
+-- requests in flight (at most 2 x 300 s + 30 s): those are left alone.
+UPDATE cdc_hooks.deliveries
+SET next_attempt_at = now(), attempts = 0
+WHERE listener_id = %(id)s AND status = 'pending'
+  AND next_attempt_at > now() + interval '15 minutes';
+
+-- name: wake_relay
+SELECT cdc_hooks.wake_relay();
+
+-- name: backfill_find
+-- The unfinished backfill of this hook, condition and listener, if any.
+SELECT id, key_columns, last_key, rows_done
+FROM cdc_hooks.backfills
+WHERE hook = %(hook)s AND coalesce(condition, '') = coalesce(%(condition)s, '')
+  AND coalesce(listener_id, 0) = coalesce(%(listener_id)s::bigint, 0)
+  AND finished_at IS NULL;
+
+-- name: backfill_start
+INSERT INTO cdc_hooks.backfills (hook, condition, listener_id, key_columns)
+VALUES (%(hook)s, %(condition)s, %(listener_id)s, %(key_columns)s)
+RETURNING id;
+
+-- name: backfill_progress
+UPDATE cdc_hooks.backfills
+SET last_key = %(last_key)s, rows_done = rows_done + %(rows)s, updated_at = now()
+WHERE id = %(id)s;
+
+-- name: backfill_finish
+UPDATE cdc_hooks.backfills SET finished_at = now(), updated_at = now() WHERE id = %(id)s;
+
+-- name: backfill_forget
+DELETE FROM cdc_hooks.backfills WHERE id = %(id)s;
+
+-- name: read_only_transaction
+-- The --where probes of a backfill run in a read-only transaction, rolled back.
+SET TRANSACTION READ ONLY;
+
+-- name: probe_timeout
+SET LOCAL statement_timeout = '10s';

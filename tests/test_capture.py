@@ -16,6 +16,7 @@ from psycopg import conninfo, sql
 
 from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
+from cdc_hooks.db import migrations
 from cdc_hooks.hooks import send
 
 Conn = psycopg.Connection[Any]
@@ -86,7 +87,7 @@ def test_install_creates_schema_and_triggers(conn: Conn, make_config: MakeConfig
     config = make_config(PERSON + CUSTOM)
     result = cli(config, "install")
     assert result.exit_code == 0, result.output
-    assert "schema cdc_hooks: create to version 1" in result.stdout
+    assert f"schema cdc_hooks: create to version {migrations()[-1][0]}" in result.stdout
     assert "+ person: insert, update, delete on public.person providing name, address" \
         in result.stdout
     assert "+ myhook: custom hook providing name, address" in result.stdout
@@ -95,6 +96,9 @@ def test_install_creates_schema_and_triggers(conn: Conn, make_config: MakeConfig
     hooks = conn.execute("SELECT name, table_schema, table_name, events, provides, key_columns, "
                          "when_changed FROM cdc_hooks.hooks ORDER BY name").fetchall()
     assert hooks == [
+        # Built in: cdc-hooks' own operational events (issue 7).
+        ("cdc_hooks.listener_disabled", None, None, [], ["listener_id", "hook", "url", "reason"],
+         [], []),
         ("myhook", None, None, [], ["name", "address"], [], []),
         ("person", "public", "person", ["insert", "update", "delete"], ["name", "address"],
          ["id"], ["name", "address"]),
@@ -217,7 +221,8 @@ def test_install_is_idempotent_and_follows_the_config(conn: Conn, make_config: M
     assert result.stdout.splitlines() == ["- person: removed"]
     assert triggers(conn, "person") == []
     assert conn.execute("SELECT to_regproc('cdc_hooks.capture_person')").fetchone()[0] is None
-    assert conn.execute("SELECT array_agg(name) FROM cdc_hooks.hooks").fetchone()[0] == ["pet"]
+    assert conn.execute("SELECT array_agg(name) FROM cdc_hooks.hooks"
+                        " WHERE name NOT LIKE 'cdc\\_hooks.%'").fetchone()[0] == ["pet"]
     assert cli(make_config('[[hooks]]\nname = "pet"\ntable = "pet"\n'), "install").stdout \
         .startswith("no changes")
 

@@ -563,7 +563,8 @@ def test_cli_web_serves_until_sigterm(config, tmp_path):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
             assert http.get("/healthz").json() == {"status": "ok"}
             assert http.get("/api/hooks").status_code == 401
-            assert len(http.get("/api/hooks", headers=AUTH).json()) == 2
+            # person, myhook and the built-in cdc_hooks.listener_disabled
+            assert len(http.get("/api/hooks", headers=AUTH).json()) == 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:

@@ -8,7 +8,7 @@ event with its key, provided data and, for updates, the changed columns.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ class Event:
     data: dict[str, Any]
     body: str  # the JSON POSTed to listeners
     occurred_at: datetime
+    for_listener: int | None = None  # a backfill's --listener: deliveries for it only
 
 
 def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: str,
@@ -59,8 +60,11 @@ def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: 
                 old_key = previous_key
             elif not any(c in changes for c in hook.when_changed):
                 continue
-        yield _event(outbox_id * CHUNK + i, hook.name, kind, key, data, changes, old_key,
-                     occurred_at)
+        event = _event(outbox_id * CHUNK + i, hook.name, kind, key, data, changes, old_key,
+                       occurred_at)
+        # A backfill ('read', cdc_hooks/backfill.py) may be for one listener.
+        yield event if payload.get("listener") is None else replace(
+            event, for_listener=int(payload["listener"]))
 
 
 def _rows(columns: Mapping[str, list[Any]]) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from .. import jsoncodec, metrics
+from .. import jsoncodec, maintenance, metrics
 from ..config import Config
 from ..db import InstalledHook, RelayStore, describe_dsn
 from ..errors import CdcHooksError, DatabaseUnavailable
@@ -54,6 +54,7 @@ class Listener:
     rules: dict[str, Any]
     key: bytes
     active: bool  # False: paused (deliveries are recorded and held)
+    backfill: bool = True  # False: opted out of backfill ('read') events
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class Relay:
                 group.create_task(self._claim_loop(claim))
                 group.create_task(self._record_loop(record))
                 group.create_task(self._until_stopped())
+                group.create_task(self._maintenance_loop())
         except* _Stopped:
             await self._finish_in_flight()
             with contextlib.suppress(psycopg.Error):
@@ -154,6 +156,17 @@ class Relay:
             for store in stores:
                 with contextlib.suppress(Exception):
                     await store.close()
+
+    async def _maintenance_loop(self) -> None:
+        """Listener health and retention every [retention] interval (maintenance.py),
+        in a thread on its own connection; a failure waits for the next round."""
+        interval = self.config.retention.interval
+        while interval:
+            try:
+                await asyncio.to_thread(maintenance.run, self.config, self._stopping.is_set)
+            except (psycopg.Error, CdcHooksError) as exc:
+                log.warning("maintenance failed, next try in %g s: %s", interval, _first_line(exc))
+            await self._sleep(interval)
 
     async def _until_stopped(self) -> None:
         await self._stopping.wait()
@@ -188,14 +201,15 @@ class Relay:
         self.hooks = {r[0]: InstalledHook(r[0], r[1], r[2], tuple(r[3]), tuple(r[4]),
                                           tuple(r[5]), tuple(r[6])) for r in hooks}
         listeners = {}
-        for listener_id, hook, url, match_text, secret, state in await store.active_listeners():
+        for listener_id, hook, url, match_text, secret, state, backfill in \
+                await store.active_listeners():
             try:
                 rules = self._compiled.get((listener_id, match_text))
                 if rules is None:
                     rules = rules_from_json(jsoncodec.loads(match_text))
                     self._compiled[(listener_id, match_text)] = rules
                 listeners[listener_id] = Listener(listener_id, hook, url, rules,
-                                                  secret_key(secret), state == "active")
+                                                  secret_key(secret), state == "active", backfill)
             except (CdcHooksError, ValueError) as exc:
                 log.error("listener %s is unusable and skipped: %s", listener_id, exc,
                           extra={"listener_id": listener_id})
@@ -259,7 +273,8 @@ class Relay:
         event_ids, listener_ids, row_keys, direct = [], [], [], []
         for event in events:
             for listener in by_hook.get(event.hook, ()):
-                if not deepmatch(listener.rules, event.data):
+                if not deepmatch(listener.rules, event.data) or (
+                        event.kind == "read" and not _takes_backfill(listener, event)):
                     continue
                 first_of_row = event.row_key is None or (listener.id, event.row_key) not in seen_rows
                 if event.row_key is not None:
@@ -409,6 +424,13 @@ class Relay:
         _done, pending = await asyncio.wait(set(self._tasks), timeout=self.delivery.timeout + 1)
         for task in pending:
             task.cancel()
+
+
+def _takes_backfill(listener: Listener, event: Any) -> bool:
+    """Backfill events go to listeners that did not opt out, or to the one asked for."""
+    if event.for_listener is not None:
+        return event.for_listener == listener.id
+    return listener.backfill
 
 
 def _first_line(exc: BaseException) -> str:

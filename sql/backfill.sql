@@ -1,0 +1,51 @@
+-- Templates of `cdc-hooks backfill` (cdc_hooks/backfill.py), filled in with
+-- psycopg.sql (backfill.py lists the placeholders; none may appear in a
+-- comment below a name header: the operator's condition may hold a newline).
+-- The condition is trusted input, validated by the probes first, and is
+-- followed by a newline so that a trailing "--" comment in it cannot swallow
+-- the closing parenthesis.
+
+-- name: probe
+-- Two differently shaped statements around the condition: it must parse and be
+-- boolean in both, so it cannot close the parenthesis and append clauses of its
+-- own. Run in a read-only transaction that is rolled back; neither reads a row.
+SELECT count(*) FILTER (WHERE ({condition}
+)) FROM {table} WHERE false;
+
+-- name: probe_where
+SELECT 1 FROM {table} WHERE ({condition}
+) LIMIT 0;
+
+-- name: estimate
+-- The planner's estimate of the rows to read, for the progress bar.
+EXPLAIN (FORMAT JSON) SELECT 1 FROM {table} WHERE ({condition}
+);
+
+-- name: batch
+-- The next rows after the last key reached (the after placeholder: AND (key) >
+-- (the last key), empty at the start), queued as 'read' events in the outbox
+-- in chunks of up to 1000 rows, in the shape the triggers write (column arrays
+-- under "new") plus the listener the backfill is for (NULL: all). FOR SHARE:
+-- an update of a row waits until this batch commits, so its event comes after
+-- the row's read event and a listener never ends with stale data. Returns the
+-- rows read and the text form of the last row's key.
+WITH batch AS (
+    SELECT {captured}
+    FROM {table}
+    WHERE ({condition}
+    ) AND {key_not_null} {after}
+    ORDER BY {key}
+    LIMIT %(batch)s
+    FOR SHARE
+), numbered AS (
+    SELECT *, row_number() OVER (ORDER BY {key}) - 1 AS cdc_hooks_n FROM batch
+), queued AS (
+    INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+    SELECT %(hook)s, 'read',
+           json_build_object('new', json_build_object({arrays}), 'listener', %(listener_id)s::bigint)
+    FROM numbered
+    GROUP BY cdc_hooks_n / 1000
+    ORDER BY cdc_hooks_n / 1000
+)
+SELECT (SELECT count(*) FROM numbered),
+       (SELECT ARRAY[{key_text}] FROM numbered ORDER BY cdc_hooks_n DESC LIMIT 1);

@@ -1,0 +1,187 @@
+"""Backfill (issue 7): 'read' events for existing rows, in batches by key,
+resumable, with listeners opting in or out; real PostgreSQL, a real relay and
+loopback receivers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import Result
+from receivers import InProcessRelay, Receiver, wait_until
+
+from cdc_hooks import backfill
+from cdc_hooks import install as installer
+from cdc_hooks.config import Config
+from cdc_hooks.db import Database
+
+Conn = psycopg.Connection[Any]
+Cli = Callable[..., Result]
+
+CONFIG = """
+[[hooks]]
+name = "person"
+table = "person"
+provides = ["name"]
+
+[[hooks]]
+name = "myhook"
+provides = ["message"]
+
+[delivery]
+allow_private_networks = true
+retry_schedule = [0.2]
+
+[retention]
+interval = 0
+"""
+
+ROWS = 250  # three batches of 100
+
+
+@pytest.fixture
+def config(conn: Conn, make_config: Callable[..., Config]) -> Config:
+    # A composite key, and a column the hook does not provide.
+    conn.execute("CREATE TABLE person (org int, id int, name text, secret text, "
+                 "PRIMARY KEY (org, id))")
+    conn.execute("INSERT INTO person SELECT i %% 3, i, 'P' || i, 'hidden' "
+                 "FROM generate_series(1, %s) AS i", (ROWS,))
+    config = make_config(CONFIG)
+    installer.install(config)
+    return config
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver().start()
+    yield server
+    server.close()
+
+
+def add(cli: Cli, config: Config, url: str, *options: str) -> int:
+    result = cli(config, "listeners", "add", "person", url, *options)
+    assert result.exit_code == 0, result.output
+    return int(re.search(r"listener (\d+) added", result.stdout).group(1))  # type: ignore[union-attr]
+
+
+def queued_keys(conn: Conn) -> list[tuple[int, int]]:
+    """(org, id) of every row queued as a read event, in outbox order."""
+    return [(r[0], r[1]) for r in conn.execute(
+        "SELECT (payload -> 'new' -> 'org' ->> i)::int, (payload -> 'new' -> 'id' ->> i)::int "
+        "FROM cdc_hooks.outbox, generate_series(0, json_array_length(payload -> 'new' -> 'id') - 1) i "
+        "WHERE kind = 'read' ORDER BY id, i")]
+
+
+def test_backfill_reaches_listeners_that_want_it(conn, config, cli, receiver):
+    everyone = add(cli, config, receiver.url("/all"))
+    add(cli, config, receiver.url("/none"), "--no-backfill")
+    add(cli, config, receiver.url("/some"), "--match", "name=startswith:P1")
+    result = cli(config, "backfill", "person", "--batch", "100")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"backfill 1: {ROWS} rows of person queued as read events"
+    # Keyset order over the composite key, each row once.
+    all_keys = sorted((i % 3, i) for i in range(1, ROWS + 1))
+    assert queued_keys(conn) == all_keys
+
+    relay = InProcessRelay(config).start()
+    try:
+        received = receiver.wait_for(ROWS, "/all")
+        some = [f"P{i}" for i in range(1, ROWS + 1) if str(i).startswith("1")]
+        receiver.wait_for(len(some), "/some")
+    finally:
+        relay.stop()
+    body = received[0].json
+    assert body["event"] == "read" and body["created"] is False and body["hook"] == "person"
+    assert set(body) == {"id", "hook", "event", "created", "key", "data", "occurred_at"}
+    assert set(body["key"]) == {"org", "id"} and set(body["data"]) == {"name"}  # no secret
+    assert sorted((b["key"]["org"], b["key"]["id"]) for b in receiver.bodies("/all")) == all_keys
+    assert sorted(b["data"]["name"] for b in receiver.bodies("/some")) == sorted(some)
+    assert receiver.received("/none") == []
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.deliveries WHERE listener_id = %s",
+                        (everyone,)).fetchone() == (ROWS,)
+
+
+def test_where_and_listener_restrict_a_backfill(conn, config, cli, receiver):
+    target = add(cli, config, receiver.url("/target"), "--no-backfill")  # asked for by id
+    add(cli, config, receiver.url("/other"))
+    result = cli(config, "backfill", "person", "--where", "name LIKE 'P2%' AND id < 30 -- a comment",
+                 "--listener", str(target))
+    assert result.exit_code == 0, result.output
+    relay = InProcessRelay(config).start()
+    try:
+        receiver.wait_for(11, "/target")  # P2, P20..P29
+        wait_until(lambda: conn.execute(
+            "SELECT count(*) FROM cdc_hooks.outbox").fetchone() == (0,), message="dispatched")
+    finally:
+        relay.stop()
+    assert sorted(r.json["data"]["name"] for r in receiver.received("/target")) == \
+        sorted(["P2", *[f"P2{i}" for i in range(10)]])
+    assert receiver.received("/other") == []
+
+
+def test_an_interrupted_backfill_resumes_after_the_last_batch(conn, config, cli):
+    with Database.connect(config.dsn) as db:
+        job = backfill.start(db, "person")
+        batches = backfill.batches(db, job, 100)
+        assert next(batches) == 100
+        batches.close()  # interrupted after one batch
+    assert len(queued_keys(conn)) == 100
+    result = cli(config, "backfill", "person", "--batch", "100")
+    assert result.exit_code == 0, result.output
+    assert "resuming backfill 1 after 100 rows" in result.stderr
+    keys = queued_keys(conn)
+    assert keys == sorted(keys) and len(set(keys)) == ROWS  # nothing skipped, nothing twice
+    progress = conn.execute("SELECT rows_done, finished_at IS NOT NULL FROM cdc_hooks.backfills"
+                            ).fetchall()
+    assert progress == [(ROWS, True)]
+    # Finished: the same command starts a new backfill.
+    assert cli(config, "backfill", "person").stdout.startswith("backfill 2:")
+    assert len(queued_keys(conn)) == 2 * ROWS
+
+
+def test_restart_starts_over(conn, config, cli):
+    with Database.connect(config.dsn) as db:
+        job = backfill.start(db, "person")
+        next(backfill.batches(db, job, 100))
+    assert cli(config, "backfill", "person", "--restart").exit_code == 0
+    assert len(queued_keys(conn)) == 100 + ROWS
+
+
+def test_a_concurrent_update_waits_for_the_batch_that_read_the_row(conn, config, clean_db):
+    """FOR SHARE: the update's event is queued after the row's read event."""
+    with Database.connect(config.dsn) as db, db.transaction():
+        job = backfill.start(db, "person")
+        next(backfill.batches(db, job, ROWS))  # still inside our transaction: rows share-locked
+        with psycopg.connect(clean_db, autocommit=True) as other:
+            other.execute("SET lock_timeout = '200ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute("UPDATE person SET name = 'changed' WHERE id = 1")
+
+
+@pytest.mark.parametrize(("condition", "message"), [
+    ("nme = 'x'", 'column "nme" does not exist'),
+    ("id + 1", "argument of WHERE must be type boolean"),
+    ("true) UNION SELECT 1 FROM pg_class WHERE (true", "syntax error"),
+    ("true; DELETE FROM person", "syntax error"),
+    ("   ", "--where is empty"),
+])
+def test_a_where_condition_is_checked_before_it_runs(conn, config, cli, condition, message):
+    result = cli(config, "backfill", "person", "--where", condition)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert conn.execute("SELECT count(*) FROM person").fetchone() == (ROWS,)
+    assert queued_keys(conn) == []
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.backfills").fetchone() == (0,)
+
+
+def test_refusals(conn, config, cli, receiver):
+    assert "custom hook" in cli(config, "backfill", "myhook").stderr
+    assert 'unknown hook "nope"' in cli(config, "backfill", "nope").stderr
+    assert "no listener with id 99" in cli(config, "backfill", "person", "--listener", "99").stderr
+    other = cli(config, "listeners", "add", "myhook", receiver.url())
+    other_id = re.search(r"listener (\d+)", other.stdout).group(1)  # type: ignore[union-attr]
+    result = cli(config, "backfill", "person", "--listener", other_id)
+    assert result.exit_code == 2 and 'listens to hook "myhook"' in result.stderr
