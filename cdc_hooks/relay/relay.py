@@ -96,6 +96,7 @@ class Relay:
         self._work_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._outage_since: float | None = None
+        self._connected_at: float | None = None
         self.delivered = 0
         self.sender: Sender | None = None
 
@@ -121,6 +122,10 @@ class Relay:
                     await self._session()
                     backoff = 0.5
                 except* (psycopg.OperationalError, psycopg.InterfaceError) as group:
+                    if self._connected_at is not None and \
+                            time.monotonic() - self._connected_at > MAX_BACKOFF:
+                        backoff = 0.5  # up for a good while: a new outage, retried soon
+                    self._connected_at = None
                     self._note_outage(group.exceptions[0])
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
@@ -184,6 +189,7 @@ class Relay:
 
     def _note_connected(self) -> None:
         metrics.connected()
+        self._connected_at = time.monotonic()
         if self._outage_since is not None:
             log.warning("database reachable again after %.1f s",
                         time.monotonic() - self._outage_since)
