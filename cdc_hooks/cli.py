@@ -357,15 +357,18 @@ def demo(ctx: Context, dsn: str | None, keep_running: bool) -> None:
 @pass_context
 @friendly_errors
 def prune(ctx: Context) -> None:
-    """Delete what is past its [retention] now (relays also do it on a schedule)."""
-    from . import retention
+    """Delete what is past its [retention] now, after a listener health check
+    (relays do both on a schedule)."""
+    from . import maintenance
 
     config = ctx.config()
     with Database.connect(config.dsn) as db:
-        pruned = retention.prune(db, config.retention)
-    if pruned is None:
+        done = maintenance.run_on(db, config)
+    if done is None:
         raise CdcHooksError("another prune is running (a relay's); try again later")
-    click.echo(f"pruned {pruned}")
+    for gone in done.disabled:
+        click.echo(f"listener {gone.listener_id} disabled: {gone.reason}")
+    click.echo(f"pruned {done.pruned}")
 
 
 @main.command()

@@ -560,13 +560,13 @@ FROM disabled d
 ORDER BY d.id;
 
 -- name: resume_listener_deliveries
--- On resume: pending deliveries waiting for a retry more than 15 minutes out
+-- On resume: pending deliveries waiting for a retry more than 20 minutes out
 -- are due now, with a fresh attempt budget. Sooner ones may be leases of
--- requests in flight (at most 2 x 300 s + 30 s): those are left alone.
+-- requests in flight (relay.py: at most 3 x 300 s + 30 s): those are left alone.
 UPDATE cdc_hooks.deliveries
 SET next_attempt_at = now(), attempts = 0
 WHERE listener_id = %(id)s AND status = 'pending'
-  AND next_attempt_at > now() + interval '15 minutes';
+  AND next_attempt_at > now() + interval '20 minutes';
 
 -- name: wake_relay
 SELECT cdc_hooks.wake_relay();

@@ -196,3 +196,14 @@ def test_410_gone_disables_with_the_same_event(conn, make_config, cli, receiver)
     assert ops.json["data"] == {"listener_id": gone, "hook": "ping", "url": receiver.url("/gone"),
                                 "reason": "receiver answered 410 Gone"}
     assert state(conn, gone) == ("disabled", "receiver answered 410 Gone")
+
+
+def test_prune_by_hand_checks_health_too(conn, make_config, cli):
+    config = configure(make_config)
+    bad = add(cli, config, "ping", "http://127.0.0.1:9/bad")
+    failing(conn, bad)
+    assert cli(config, "prune").stdout.startswith("pruned ")
+    age(conn, bad)
+    result = cli(config, "prune")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"listener {bad} disabled: every attempt failed for 5 days"
