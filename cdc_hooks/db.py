@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -409,12 +409,12 @@ class RelayStore:
             return None
         return await self.run("take_outbox", {"limit": limit})
 
-    async def insert_events(self, ids: Sequence[int], hooks: Sequence[str], kinds: Sequence[str],
-                            row_keys: Sequence[str | None], bodies: Sequence[str],
-                            times: Sequence[datetime]) -> None:
-        await self.run("insert_events", {"ids": list(ids), "hooks": list(hooks),
-                                         "kinds": list(kinds), "row_keys": list(row_keys),
-                                         "bodies": list(bodies), "times": list(times)})
+    async def insert_events(self, rows: Iterable[tuple[int, str, str, str | None, str, datetime]]) -> None:
+        """(id, hook, kind, row_key, body, occurred_at) rows, by COPY: dumping
+        large array parameters cost the dispatcher more than the rest of it."""
+        async with self.conn.cursor() as cur, cur.copy(query("copy_events")) as copy:
+            for row in rows:
+                await copy.write_row(row)
 
     async def insert_deliveries(self, event_ids: Sequence[int], listener_ids: Sequence[int],
                                 row_keys: Sequence[str | None], direct: Sequence[bool],
@@ -454,11 +454,12 @@ class RelayStore:
     async def disable_listener(self, listener_id: int, reason: str) -> None:
         await self.run("disable_listener_gone", {"id": listener_id, "reason": reason})
 
-    async def seconds_until_due(self, listener_ids: Sequence[int]) -> float | None:
+    async def seconds_until_due(self, listener_ids: Sequence[int]) -> tuple[float | None, bool]:
+        """Seconds until the next delivery falls due (None: none scheduled), and
+        whether deliveries are due now yet unclaimed (waiting behind their row)."""
         rows = await self.run("next_due", {"listener_ids": list(listener_ids)})
-        if not rows or rows[0][0] is None:
-            return None
-        return max(0.0, float(rows[0][0]))
+        seconds, due_now = rows[0] if rows else (None, False)
+        return (None if seconds is None else max(0.0, float(seconds))), bool(due_now)
 
     async def register_waiter(self) -> None:
         await self.run("register_waiter")

@@ -126,10 +126,8 @@ WHERE id IN (SELECT id FROM cdc_hooks.outbox ORDER BY id LIMIT %(limit)s)
 RETURNING id, hook, kind, payload::text, occurred_at,
           (SELECT version FROM cdc_hooks.config_version);
 
--- name: insert_events
-INSERT INTO cdc_hooks.events (id, hook, kind, row_key, body, occurred_at)
-SELECT * FROM unnest(%(ids)s::bigint[], %(hooks)s::text[], %(kinds)s::text[],
-                     %(row_keys)s::text[], %(bodies)s::json[], %(times)s::timestamptz[]);
+-- name: copy_events
+COPY cdc_hooks.events (id, hook, kind, row_key, body, occurred_at) FROM STDIN;
 
 -- name: insert_deliveries
 -- New deliveries. Those marked direct are leased at once to the dispatching
@@ -242,10 +240,11 @@ FROM disabled d
 WHERE EXISTS (SELECT FROM cdc_hooks.hooks WHERE name = 'cdc_hooks.listener_disabled');
 
 -- name: next_due
--- When the earliest pending delivery of a non-disabled listener falls due.
--- Only future times: a due delivery still waiting for an older one of its row is
--- released by that one's result, which wakes the claim loop anyway.
-SELECT extract(epoch FROM min(d.next_attempt_at) FILTER (WHERE d.next_attempt_at > now()) - now())
+-- When the next pending delivery of the given listeners falls due, and whether
+-- some are due already (after a claim: they wait behind an older one of their
+-- row, and that one's result releases them).
+SELECT extract(epoch FROM min(d.next_attempt_at) FILTER (WHERE d.next_attempt_at > now()) - now()),
+       bool_or(d.next_attempt_at <= now())
 FROM cdc_hooks.deliveries d
 WHERE d.status = 'pending' AND d.listener_id = ANY(%(listener_ids)s::bigint[]);
 

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -90,6 +90,9 @@ class Relay:
         self._queued: dict[int, deque[tuple[Any, ...]]] = defaultdict(deque)
         self._released: list[int] = []  # claimed but not sent: due again at once
         self._room = asyncio.Event()
+        self._claimable = True  # deliveries may be due that no relay has claimed
+        self._until_due = IDLE_POLL
+        self._unregistering: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: asyncio.Queue[Result] = asyncio.Queue()
         self._unrecorded: list[Result] = []
@@ -97,6 +100,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._outage_since: float | None = None
         self._connected_at: float | None = None
+        self._gone: set[int] = set()  # answered 410: sent nothing more until disabled on record
         self.delivered = 0
         self.sender: Sender | None = None
 
@@ -135,6 +139,7 @@ class Relay:
             await self.sender.close()
 
     async def _session(self) -> None:
+        self._forget_unregistering()
         stores = [await RelayStore.connect(self.dsn) for _ in range(4)]
         listen, dispatch, claim, record = stores
         try:
@@ -219,7 +224,11 @@ class Relay:
             except (CdcHooksError, ValueError) as exc:
                 log.error("listener %s is unusable and skipped: %s", listener_id, exc,
                           extra={"listener_id": listener_id})
+        self._gone &= listeners.keys()  # disabled on record since: no longer listed
+        for listener_id in self._gone:
+            listeners[listener_id] = replace(listeners[listener_id], active=False)
         if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
+            self._claimable = True  # e.g. a resumed listener's held deliveries
             self._work_ready.set()
         self.listeners = listeners
 
@@ -236,7 +245,8 @@ class Relay:
             rows, events = moved
             if rows:
                 limit = max(1, min(1000, EVENTS_PER_DISPATCH * rows // max(events, 1)))
-                self._work_ready.set()
+                if self._claimable:
+                    self._work_ready.set()
                 continue
             await self._wait_for_wakeup(listen, store)
 
@@ -256,9 +266,7 @@ class Relay:
                 events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at))
             if events:
                 await store.insert_events(
-                    [e.id for e in events], [e.hook for e in events], [e.kind for e in events],
-                    [e.row_key for e in events], [e.body for e in events],
-                    [e.occurred_at for e in events])
+                    (e.id, e.hook, e.kind, e.row_key, e.body, e.occurred_at) for e in events)
                 leased = await self._insert_deliveries(store, events)
         metrics.dispatched(e.hook for e in events)
         # Sent only once the deliveries are committed: a send is always on record.
@@ -295,10 +303,23 @@ class Relay:
             return []
         bodies = {event.id: event.body for event in events}
         leased = await store.insert_deliveries(event_ids, listener_ids, row_keys, direct, self.lease)
+        if len(leased) < len(event_ids):  # some wait for the claim loop
+            self._claimable = True
         return [(d_id, e_id, l_id, attempt, bodies[e_id]) for d_id, e_id, l_id, attempt in leased]
+
+    def _forget_unregistering(self) -> None:
+        """Drops the last session's unregister task: its connection is gone, and so is
+        the waiter row (the backend ended), whatever the task's outcome."""
+        task, self._unregistering = self._unregistering, None
+        if task is not None:
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _wait_for_wakeup(self, listen: RelayStore, store: RelayStore) -> None:
         """Sleep until a trigger notifies; triggers notify only while we are registered."""
+        unregistering, self._unregistering = self._unregistering, None
+        if unregistering is not None:
+            await unregistering  # surfaces a broken connection
         await listen.run("register_waiter")
         try:
             if await store.outbox_nonempty():  # committed between our last take and now
@@ -307,7 +328,8 @@ class Relay:
                 if notify.channel == "cdc_hooks_listeners":
                     await self._reload(store, force=True)
         finally:
-            await listen.run("unregister_waiter")
+            # On the listen connection, while dispatch goes ahead on its own.
+            self._unregistering = asyncio.create_task(listen.run("unregister_waiter"))
 
     # Delivery ----------------------------------------------------------------
 
@@ -318,6 +340,11 @@ class Relay:
                 self._room.clear()
                 await _wait(self._room, IDLE_POLL)
                 continue
+            if not self._claimable:  # nothing due that dispatch did not send itself
+                self._work_ready.clear()
+                await _wait(self._work_ready, self._until_due)
+                self._claimable = True  # woken: new work, or a retry may be due
+                continue
             self._work_ready.clear()
             claimed = await store.claim_deliveries(wants, self.lease)
             for row in claimed:
@@ -325,9 +352,14 @@ class Relay:
             self._pump()
             if len(claimed) == sum(wants.values()):
                 continue  # there may be more due
-            due = await store.seconds_until_due([i for i, lsn in self.listeners.items() if lsn.active])
-            wait = IDLE_POLL if due is None or due <= 0 else min(due, IDLE_POLL)
-            await _wait(self._work_ready, wait)
+            due, blocked = await store.seconds_until_due(
+                [i for i, lsn in self.listeners.items() if lsn.active])
+            # Deliveries due but waiting behind an older one of their row are released
+            # by its result (record sets _work_ready); otherwise sleep until the next is due.
+            self._claimable = blocked
+            self._until_due = IDLE_POLL if due is None else min(due, IDLE_POLL)
+            if blocked:
+                await _wait(self._work_ready, self._until_due)
 
     def _wants(self) -> dict[int, int]:
         """How many deliveries to claim per listener: claims keep up to PREFETCH times the
@@ -341,6 +373,7 @@ class Relay:
             want = min(room, window - held[listener.id])
             if listener.active and want > 0 and (want * 2 >= window or held[listener.id] == 0):
                 wants[listener.id] = want
+                room -= want
         return wants
 
     def _pump(self) -> None:
@@ -379,6 +412,8 @@ class Relay:
                                               f"msg_{event_id}_{listener.id}")
             outcome = classify(response.code, attempt, self.delivery.retry_schedule,
                                retry_after=response.retry_after, retryable_error=response.retryable)
+            if outcome.gone:
+                self._stop_sending(listener.id)
             metrics.attempt(listener.hook, listener.id, attempt, outcome.status, response.duration_ms)
             if outcome.status != "delivered":
                 log.warning("listener %s event %s attempt %s: %s -> %s", listener.id, event_id,
@@ -392,6 +427,13 @@ class Relay:
             self._in_flight[listener.id] -= 1
             self._pump()
             self._room.set()
+
+    def _stop_sending(self, listener_id: int) -> None:
+        """410 Gone: at once, not when the disable is on record and reloaded, this
+        listener's claimed deliveries are held (as if paused) instead of sent."""
+        self._gone.add(listener_id)
+        if listener_id in self.listeners:
+            self.listeners[listener_id] = replace(self.listeners[listener_id], active=False)
 
     async def _record_loop(self, store: RelayStore) -> None:
         while True:
@@ -416,7 +458,10 @@ class Relay:
                 log.warning("listener %s answered 410 Gone: disabled", result.listener_id,
                             extra={"listener_id": result.listener_id, "status": "disabled"})
                 await store.disable_listener(result.listener_id, "receiver answered 410 Gone")
-        self._work_ready.set()
+        if self._claimable or any(r.status == "pending" for r in batch):
+            # a successor of a delivered row, or a retry to schedule, may now be claimable
+            self._claimable = True
+            self._work_ready.set()
 
     async def _finish_in_flight(self) -> None:
         """Gives requests in flight until their timeout to finish; the rest are cancelled
