@@ -7,6 +7,7 @@ statement-level triggers of every hook that is new or changed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,21 +194,51 @@ def _create_statements(db: Database, hook: InstalledHook) -> list[sql.Composable
     function = sql.Identifier("cdc_hooks", function_name(hook.name))
     statements: list[sql.Composable] = [
         sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
-            function=function,
-            columns=sql.SQL(", ").join(sql.Identifier(c) for c in captured),
-            # jsonb_agg, not to_jsonb(array_agg()): array_agg of an array column
-            # fails on NULL or ragged arrays, which would break the app's write.
-            arrays=sql.SQL(", ").join(
-                sql.SQL("{}::text, jsonb_agg({})").format(sql.Literal(c), sql.Identifier(c))
-                for c in captured
-            ),
-        )
+            function=function, **_capture_fragments(captured))
     ]
     for schema, table_name in _tables(db, hook) or [(hook.table_schema or "public", hook.table_name)]:
         table = sql.Identifier(schema, table_name)
         statements += _drop_trigger_statements(hook, table)
         statements += _create_trigger_statements(hook, table, function, captured)
     return statements
+
+
+def _capture_fragments(captured: list[str]) -> dict[str, sql.Composable]:
+    """The column-dependent placeholders of sql/capture_function.sql.
+
+    columns: the captured columns, as r.column; arrays: each name with json_agg
+    of r.column (chunked path); values: json_build_array of each r.column, and
+    update_values the same of n.column then o.column (one-row path);
+    new_format, old_format, update_format: format() strings of a one-row
+    payload with one %s per value, e.g. {"new":{"id":%s,"name":%s}}.
+    """
+    for c in captured:
+        if "$capture$" in c:  # would end the function body's dollar quote
+            raise ConfigError(f'column "{c}" cannot be captured: its name contains $capture$')
+    # Columns are qualified with the template's aliases (r, n, o): unqualified,
+    # a column named like a trigger variable (new, old, tg_argv) would clash.
+    def arrays_of(alias: str) -> list[sql.Composable]:
+        # json_agg/json_build_array, not array_agg: array_agg of an array column
+        # fails on NULL or ragged arrays, which would break the app's write.
+        return [sql.SQL("pg_catalog.json_build_array({})").format(sql.Identifier(alias, c))
+                for c in captured]
+
+    def payload_format(*sides: str) -> sql.Literal:
+        # The key is JSON-encoded text inside a format() string: % doubled.
+        body = ",".join(json.dumps(c).replace("%", "%%") + ":%s" for c in captured)
+        return sql.Literal("{" + ",".join(f'"{side}":{{{body}}}' for side in sides) + "}")
+
+    return {
+        "columns": sql.SQL(", ").join(sql.Identifier("r", c) for c in captured),
+        "arrays": sql.SQL(", ").join(
+            sql.SQL("{}::pg_catalog.text, pg_catalog.json_agg({})").format(
+                sql.Literal(c), sql.Identifier("r", c)) for c in captured),
+        "new_format": payload_format("new"),
+        "old_format": payload_format("old"),
+        "update_format": payload_format("new", "old"),
+        "values": sql.SQL(", ").join(arrays_of("r")),
+        "update_values": sql.SQL(", ").join([*arrays_of("n"), *arrays_of("o")]),
+    }
 
 
 def _drop_trigger_statements(hook: InstalledHook, table: sql.Identifier) -> list[sql.Composable]:

@@ -1,56 +1,121 @@
 -- Template of a hook's capture function, filled in by cdc_hooks.install with
--- psycopg.sql: {function} and {columns} are quoted identifiers, {arrays} pairs
--- each column's name with the array of its values. TG_ARGV: hook name, then
--- the captured columns (key + provided) for the fallback path.
+-- psycopg.sql (install.py _capture_fragments lists the placeholders; none may
+-- appear in a comment, where a column name's newline would end the comment).
+-- TG_ARGV: hook name, then the captured columns (key + provided) for the
+-- fallback path.
+--
+-- Cost matters here: this runs inside every application statement on the
+-- table (bench/bench_capture.py measures it; bench/RESULTS-capture.md has the
+-- figures and what did not pay). Hence:
+-- - SECURITY DEFINER (applications need no rights on cdc_hooks) but no SET
+--   search_path: its save and restore cost a single-row INSERT about a tenth
+--   of the trigger. Every function, operator and type below is schema-
+--   qualified instead, so a caller's search_path cannot substitute its own
+--   objects in code that runs with the owner's rights. Keep it that way.
+-- - A one-row statement, the common case, skips aggregation and chunking,
+--   whose executor setup costs more than encoding the row. TG_OP is tested
+--   once per path: even that costs, each statement being its own transaction.
+-- - payload is json, not jsonb: built as text, without jsonb's conversion.
+-- Columns are always qualified (r., n., o.) and variables win conflicts: a
+-- table may have a column named new, old or tg_argv, like trigger variables.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
+LANGUAGE plpgsql SECURITY DEFINER AS $capture$
+#variable_conflict use_variable
+DECLARE
+    saved pg_catalog.text[];
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-        SELECT TG_ARGV[0], 'insert', jsonb_build_object('new', jsonb_build_object({arrays}))
-        FROM (SELECT {columns}, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM new_rows) AS r
-        GROUP BY cdc_hooks_chunk;
-    ELSIF TG_OP = 'UPDATE' THEN
-        -- Old and new transition rows come in the same order; rows are paired
-        -- by position and the relay checks that their keys agree.
-        INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-        SELECT TG_ARGV[0], 'update', jsonb_build_object('new', n.arrays, 'old', o.arrays)
-        FROM (SELECT cdc_hooks_chunk, jsonb_build_object({arrays}) AS arrays
-              FROM (SELECT {columns}, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM new_rows) AS r
-              GROUP BY cdc_hooks_chunk) AS n
-        JOIN (SELECT cdc_hooks_chunk, jsonb_build_object({arrays}) AS arrays
-              FROM (SELECT {columns}, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM old_rows) AS r
-              GROUP BY cdc_hooks_chunk) AS o USING (cdc_hooks_chunk);
+    -- Each branch first asks whether the statement changed more than one row.
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        PERFORM FROM new_rows OFFSET 1 LIMIT 1;
+        IF NOT FOUND THEN
+            INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+            SELECT TG_ARGV[0], 'insert', pg_catalog.format({new_format}, {values})::pg_catalog.json
+            FROM new_rows AS r;
+        ELSE
+            saved := cdc_hooks.begin_chunked();
+            INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+            SELECT TG_ARGV[0], 'insert', pg_catalog.json_build_object('new', pg_catalog.json_build_object({arrays}))
+            FROM (SELECT {columns}, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+                  FROM new_rows AS r) AS r
+            GROUP BY cdc_hooks_chunk;
+            PERFORM cdc_hooks.end_chunked(saved);
+        END IF;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        PERFORM FROM new_rows OFFSET 1 LIMIT 1;
+        IF NOT FOUND THEN
+            INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+            SELECT TG_ARGV[0], 'update', pg_catalog.format({update_format}, {update_values})::pg_catalog.json
+            FROM new_rows AS n, old_rows AS o;
+        ELSE
+            -- Old and new transition rows come in the same order; rows are paired
+            -- by position and the relay checks that their keys agree.
+            saved := cdc_hooks.begin_chunked();
+            INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+            SELECT TG_ARGV[0], 'update', pg_catalog.json_build_object('new', n.arrays, 'old', o.arrays)
+            FROM (SELECT cdc_hooks_chunk, pg_catalog.json_build_object({arrays}) AS arrays
+                  FROM (SELECT {columns}, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+                        FROM new_rows AS r) AS r
+                  GROUP BY cdc_hooks_chunk) AS n
+            JOIN (SELECT cdc_hooks_chunk, pg_catalog.json_build_object({arrays}) AS arrays
+                  FROM (SELECT {columns}, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+                        FROM old_rows AS r) AS r
+                  GROUP BY cdc_hooks_chunk) AS o USING (cdc_hooks_chunk);
+            PERFORM cdc_hooks.end_chunked(saved);
+        END IF;
     ELSE
-        INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-        SELECT TG_ARGV[0], 'delete', jsonb_build_object('old', jsonb_build_object({arrays}))
-        FROM (SELECT {columns}, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM old_rows) AS r
-        GROUP BY cdc_hooks_chunk;
+        PERFORM FROM old_rows OFFSET 1 LIMIT 1;
+        IF NOT FOUND THEN
+            INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+            SELECT TG_ARGV[0], 'delete', pg_catalog.format({old_format}, {values})::pg_catalog.json
+            FROM old_rows AS r;
+        ELSE
+            saved := cdc_hooks.begin_chunked();
+            INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+            SELECT TG_ARGV[0], 'delete', pg_catalog.json_build_object('old', pg_catalog.json_build_object({arrays}))
+            FROM (SELECT {columns}, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+                  FROM old_rows AS r) AS r
+            GROUP BY cdc_hooks_chunk;
+            PERFORM cdc_hooks.end_chunked(saved);
+        END IF;
     END IF;
-    PERFORM cdc_hooks.wake_relay();
+    -- Wake a waiting relay. The common case, no waiter, costs one look at an
+    -- empty table; a waiter whose relay died (its advisory lock is gone, see
+    -- cdc_hooks.wake_relay) is passed over without NOTIFY.
+    IF EXISTS (SELECT FROM cdc_hooks.waiters AS w
+               WHERE NOT pg_catalog.pg_try_advisory_xact_lock_shared(1667523432, w.pid)) THEN
+        PERFORM pg_catalog.pg_notify('cdc_hooks', '');
+    END IF;
     RETURN NULL;
 EXCEPTION WHEN undefined_column THEN
     -- A captured column was dropped or renamed since install. The application's
     -- write must not fail: capture the columns that still exist (slower), and
     -- let `cdc-hooks check` report the drift.
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-        SELECT TG_ARGV[0], 'insert', jsonb_build_object('new', cdc_hooks.column_arrays(jsonb_agg(to_jsonb(r)), TG_ARGV[1]::text[]))
-        FROM (SELECT *, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM new_rows) AS r
+        SELECT TG_ARGV[0], 'insert', pg_catalog.jsonb_build_object('new',
+                   cdc_hooks.column_arrays(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(r)), TG_ARGV[1]::pg_catalog.text[]))
+        FROM (SELECT *, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+              FROM new_rows) AS r
         GROUP BY cdc_hooks_chunk;
-    ELSIF TG_OP = 'UPDATE' THEN
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-        SELECT TG_ARGV[0], 'update', jsonb_build_object('new', n.arrays, 'old', o.arrays)
-        FROM (SELECT cdc_hooks_chunk, cdc_hooks.column_arrays(jsonb_agg(to_jsonb(r)), TG_ARGV[1]::text[]) AS arrays
-              FROM (SELECT *, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM new_rows) AS r
+        SELECT TG_ARGV[0], 'update', pg_catalog.jsonb_build_object('new', n.arrays, 'old', o.arrays)
+        FROM (SELECT cdc_hooks_chunk,
+                     cdc_hooks.column_arrays(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(r)), TG_ARGV[1]::pg_catalog.text[]) AS arrays
+              FROM (SELECT *, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+                    FROM new_rows) AS r
               GROUP BY cdc_hooks_chunk) AS n
-        JOIN (SELECT cdc_hooks_chunk, cdc_hooks.column_arrays(jsonb_agg(to_jsonb(r)), TG_ARGV[1]::text[]) AS arrays
-              FROM (SELECT *, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM old_rows) AS r
+        JOIN (SELECT cdc_hooks_chunk,
+                     cdc_hooks.column_arrays(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(r)), TG_ARGV[1]::pg_catalog.text[]) AS arrays
+              FROM (SELECT *, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+                    FROM old_rows) AS r
               GROUP BY cdc_hooks_chunk) AS o USING (cdc_hooks_chunk);
     ELSE
         INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-        SELECT TG_ARGV[0], 'delete', jsonb_build_object('old', cdc_hooks.column_arrays(jsonb_agg(to_jsonb(r)), TG_ARGV[1]::text[]))
-        FROM (SELECT *, (row_number() OVER () - 1) / 1000 AS cdc_hooks_chunk FROM old_rows) AS r
+        SELECT TG_ARGV[0], 'delete', pg_catalog.jsonb_build_object('old',
+                   cdc_hooks.column_arrays(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(r)), TG_ARGV[1]::pg_catalog.text[]))
+        FROM (SELECT *, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
+              FROM old_rows) AS r
         GROUP BY cdc_hooks_chunk;
     END IF;
     PERFORM cdc_hooks.wake_relay();

@@ -15,13 +15,30 @@ CREATE TABLE cdc_hooks.hooks (
 -- Written by the triggers, inside the application's transaction. One row per
 -- statement and chunk of up to 1000 changed rows, as column arrays: the
 -- cheapest shape to build in a statement-level trigger. The relay expands it.
+-- payload is json, not jsonb: the triggers build it as text, and jsonb's
+-- conversion doubled the cost of a bulk UPDATE (bench/RESULTS-capture.md).
 CREATE TABLE cdc_hooks.outbox (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     hook         text NOT NULL,
     kind         text NOT NULL,
-    payload      jsonb NOT NULL,
+    payload      json NOT NULL,
     occurred_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- A bulk statement's chunks (about 150 kB each) are compressed with lz4 where
+-- the server has it (PostgreSQL 14+ built with lz4): the default pglz cost a
+-- 200,000-row UPDATE 40% more CPU, lz4 about nothing and a quarter of the WAL.
+-- Elsewhere they are stored uncompressed.
+ALTER TABLE cdc_hooks.outbox ALTER COLUMN payload SET STORAGE EXTERNAL;
+DO $$
+BEGIN
+    IF current_setting('server_version_num')::int >= 140000 THEN
+        EXECUTE 'ALTER TABLE cdc_hooks.outbox ALTER COLUMN payload SET STORAGE EXTENDED, '
+                'ALTER COLUMN payload SET COMPRESSION lz4';
+    END IF;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;  -- built without lz4
+END
+$$;
 
 -- One row per captured change; id = outbox.id * 1000 + position in the chunk,
 -- so it is stable across retries and orders changes of a row by commit.
@@ -89,18 +106,87 @@ CREATE INDEX attempts_by_delivery ON cdc_hooks.attempts (delivery_id);
 -- Triggers notify only while a live waiter exists: NOTIFY serializes commits,
 -- so a busy or absent relay must cost the application nothing. Unlogged: a
 -- crash empties it, and relays re-register when they reconnect.
+--
+-- Live means: the waiter's backend holds the session advisory lock
+-- (1667523432, pid), taken by the trigger below as the relay registers, in the
+-- relay's own backend, and released as it unregisters or when that backend
+-- dies (SIGKILL included). A writer tests it with a non-blocking shared try,
+-- which fails only while the lock is held: a stale row of a killed relay costs
+-- a writer a lock probe, not a read of pg_stat_activity per statement, and a
+-- pid reused by another backend reads as dead. The capture functions inline
+-- the test (sql/capture_function.sql); 1667523432 is 'cdch'.
 CREATE UNLOGGED TABLE cdc_hooks.waiters (
-    pid  int PRIMARY KEY
+    pid     int PRIMARY KEY,
+    locked  boolean NOT NULL DEFAULT false  -- whether registering took the lock
 );
 
+CREATE FUNCTION cdc_hooks.waiter_registers() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.pid = pg_backend_pid() THEN
+        IF EXISTS (SELECT FROM cdc_hooks.waiters w WHERE w.pid = NEW.pid) THEN
+            RETURN NULL;  -- registered already, and holding the lock
+        END IF;
+        -- Not blocking: writers may hold it shared for a moment when a dead
+        -- waiter had this pid; this relay then reads as dead and polls.
+        NEW.locked := pg_try_advisory_lock(1667523432, NEW.pid);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER waiter_registers BEFORE INSERT ON cdc_hooks.waiters
+    FOR EACH ROW EXECUTE FUNCTION cdc_hooks.waiter_registers();
+
+CREATE FUNCTION cdc_hooks.waiter_leaves() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF OLD.locked AND OLD.pid = pg_backend_pid() THEN
+        PERFORM pg_advisory_unlock(1667523432, OLD.pid);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER waiter_leaves AFTER DELETE ON cdc_hooks.waiters
+    FOR EACH ROW EXECUTE FUNCTION cdc_hooks.waiter_leaves();
+
+-- For cdc_hooks.send; the capture functions inline the same test.
 CREATE FUNCTION cdc_hooks.wake_relay() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- A waiter whose backend is gone (relay killed) no longer matches, so a
-    -- stale row cannot make every write pay for NOTIFY.
-    IF EXISTS (SELECT 1 FROM cdc_hooks.waiters w, pg_stat_get_activity(w.pid) a) THEN
+    IF EXISTS (SELECT FROM cdc_hooks.waiters w
+               WHERE NOT pg_try_advisory_xact_lock_shared(1667523432, w.pid)) THEN
         PERFORM pg_notify('cdc_hooks', '');
     END IF;
+END
+$$;
+
+-- Around a capture function's chunked (multi-row) path: work_mem at least
+-- 64MB, so grouping a bulk statement's chunks stays in memory (rows come in
+-- chunk order, but the planner cannot know it; spilling cost a 200,000-row
+-- UPDATE 15%), and jit off, since the plan is cached for the session and one
+-- planned for a huge statement would JIT-compile for every later one.
+-- end_chunked restores what begin_chunked returns, so the application's own
+-- statements in the transaction keep its settings. No SET clause on these
+-- two: a function's SET would undo the set_config calls when it returns.
+CREATE FUNCTION cdc_hooks.begin_chunked() RETURNS pg_catalog.text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    saved pg_catalog.text[] := ARRAY[pg_catalog.current_setting('work_mem'),
+                                     pg_catalog.current_setting('jit')];
+BEGIN
+    IF pg_catalog.pg_size_bytes(saved[1]) OPERATOR(pg_catalog.<) 67108864 THEN
+        PERFORM pg_catalog.set_config('work_mem', '64MB', true);
+    END IF;
+    PERFORM pg_catalog.set_config('jit', 'off', true);
+    RETURN saved;
+END
+$$;
+
+CREATE FUNCTION cdc_hooks.end_chunked(saved pg_catalog.text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.set_config('work_mem', saved[1], true),
+            pg_catalog.set_config('jit', saved[2], true);
 END
 $$;
 
