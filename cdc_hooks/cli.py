@@ -364,6 +364,9 @@ def prune(ctx: Context) -> None:
     config = ctx.config()
     with Database.connect(config.dsn) as db:
         done = maintenance.run_on(db, config)
+        if not db.autovacuum_on():
+            click.echo("warning: autovacuum is off on this server: the space pruned is reused "
+                       "only after VACUUM of cdc_hooks' tables", err=True)
     if done is None:
         raise CdcHooksError("another prune is running (a relay's); try again later")
     for gone in done.disabled:

@@ -107,6 +107,8 @@ def test_prune_deletes_what_is_past_retention_and_keeps_the_rest(conn, config, c
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == ("pruned 4 delivered deliveries, 1 dead letters, "
                                      "3 attempts, 6 events")
+    autovacuum = conn.execute("SELECT current_setting('autovacuum')::boolean").fetchone()[0]
+    assert ("warning: autovacuum is off" in result.stderr) == (not autovacuum)
     assert ids(conn, "deliveries") == {history["delivered_new"], history["dead_kept"],
                                        history["pending_old"]}
     # Events go once no delivery needs them; those of kept deliveries stay, however old.
