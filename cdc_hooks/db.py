@@ -354,6 +354,9 @@ class Database:
     def wake_relay(self) -> None:
         self.run("wake_relay")
 
+    def autovacuum_on(self) -> bool:
+        return bool(self.one("autovacuum_on")[0])  # type: ignore[index]
+
     def backfill_find(self, hook: str, condition: str | None,
                       listener_id: int | None) -> tuple[Any, ...] | None:
         """(id, key_columns, last_key, rows_done) of the unfinished backfill, if any."""

@@ -600,3 +600,7 @@ SET TRANSACTION READ ONLY;
 
 -- name: probe_timeout
 SET LOCAL statement_timeout = '10s';
+
+-- name: autovacuum_on
+-- Pruned space is reused only once vacuumed: `cdc-hooks prune` warns without autovacuum.
+SELECT current_setting('autovacuum')::boolean;
