@@ -432,9 +432,11 @@ class RelayStore:
     async def outbox_nonempty(self) -> bool:
         return bool((await self.run("outbox_nonempty"))[0][0])
 
-    async def claim_deliveries(self, slots: dict[int, int], lease: float) -> list[tuple[Any, ...]]:
+    async def claim_deliveries(self, slots: dict[int, int], total: int,
+                               lease: float) -> list[tuple[Any, ...]]:
         return await self.run("claim_deliveries", {
-            "listener_ids": list(slots), "slots": list(slots.values()), "lease": lease,
+            "listener_ids": list(slots), "slots": list(slots.values()), "total": total,
+            "lease": lease,
         })
 
     async def record_results(self, results: Sequence[Any]) -> None:

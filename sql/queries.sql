@@ -172,7 +172,8 @@ DELETE FROM cdc_hooks.waiters w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_get_acti
 -- Relay: delivery ------------------------------------------------------------
 
 -- name: claim_deliveries
--- Up to `slots` due deliveries per listener, each the oldest pending one of its
+-- Up to `slots` due deliveries per listener and `total` in all (listeners in
+-- the order given: the relay rotates it), each the oldest pending one of its
 -- row for that listener (per-row order), leased for `lease` seconds: a relay
 -- that dies mid-request leaves them to be claimed again when the lease ends.
 WITH due AS (
@@ -190,6 +191,7 @@ WITH due AS (
         LIMIT l.slots
         FOR UPDATE SKIP LOCKED
     ) d
+    LIMIT %(total)s
 )
 UPDATE cdc_hooks.deliveries d
 SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.attempts + 1

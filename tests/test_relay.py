@@ -790,3 +790,17 @@ def test_postgres_restart_mid_stream_loses_nothing(own_postgres, tmp_path, cli, 
     # The reason, as psycopg's first line says it, not a list of its last hint.
     assert "unavailable ([" not in outage and "before or while processing" not in outage, outage
     assert "reachable again" in log
+
+
+def test_a_backlog_behind_many_idle_listeners_is_claimed(conn, setup, cli, receiver, relay_for):
+    # A window of 2: the dispatcher sends two at once, the claim loop the rest. Nine
+    # listeners with nothing to send come first; the claims must still reach the tenth.
+    config = setup(DELIVERY + "concurrency = 2\nlistener_concurrency = 1\n")
+    for i in range(9):
+        add_listener(cli, config, "person", receiver.url(f"/idle{i}"), "--match", "name=nobody")
+    add_listener(cli, config, "person", receiver.url("/busy"))
+    relay_for(config)
+    conn.execute("INSERT INTO person (name) SELECT 'n' || g FROM generate_series(1, 40) g")
+    receiver.wait_for(40, timeout=30)
+    wait_settled(conn)
+    assert {r.path for r in receiver.received()} == {"/busy"}

@@ -44,6 +44,9 @@ RELOAD_EVERY = 1.0  # seconds: listener and hook changes reach the relay this fa
 RECORD_BATCH = 1000
 PREFETCH = 2  # deliveries claimed ahead, as a multiple of the concurrency
 MAX_BACKOFF = 10.0
+# What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
+SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
+               psycopg.errors.InvalidSchemaName)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Relay:
         self._released: list[int] = []  # claimed but not sent: due again at once
         self._room = asyncio.Event()
         self._claimable = True  # deliveries may be due that no relay has claimed
+        self._turn = 0  # rotates the listeners' order in claims
         self._until_due = IDLE_POLL
         self._unregistering: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,9 +126,12 @@ class Relay:
         lag = metrics.watch_loop_lag()
         try:
             while not self._stopping.is_set():
+                gone: BaseException | None = None
                 try:
                     await self._session()
                     backoff = 0.5
+                except* SCHEMA_GONE as group:
+                    gone = group.exceptions[0]
                 except* (psycopg.OperationalError, psycopg.InterfaceError) as group:
                     if self._connected_at is not None and \
                             time.monotonic() - self._connected_at > MAX_BACKOFF:
@@ -133,6 +140,10 @@ class Relay:
                     self._note_outage(group.exceptions[0])
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
+                if gone is not None:  # dropped under us: say so and stop, loudly
+                    raise CdcHooksError(
+                        f"cdc_hooks is no longer installed in {describe_dsn(self.dsn)} "
+                        f"({_first_line(gone)}): changes are not captured; run cdc-hooks install")
         finally:
             lag.stop()
             await self._finish_in_flight()
@@ -335,7 +346,7 @@ class Relay:
 
     async def _claim_loop(self, store: RelayStore) -> None:
         while True:
-            wants = self._wants()
+            wants, total = self._wants()
             if not wants:  # the window is full: wait for requests to finish
                 self._room.clear()
                 await _wait(self._room, IDLE_POLL)
@@ -346,11 +357,11 @@ class Relay:
                 self._claimable = True  # woken: new work, or a retry may be due
                 continue
             self._work_ready.clear()
-            claimed = await store.claim_deliveries(wants, self.lease)
+            claimed = await store.claim_deliveries(wants, total, self.lease)
             for row in claimed:
                 self._queued[row[2]].append(row)
             self._pump()
-            if len(claimed) == sum(wants.values()):
+            if len(claimed) == min(total, sum(wants.values())):
                 continue  # there may be more due
             due, blocked = await store.seconds_until_due(
                 [i for i, lsn in self.listeners.items() if lsn.active])
@@ -361,20 +372,22 @@ class Relay:
             if blocked:
                 await _wait(self._work_ready, self._until_due)
 
-    def _wants(self) -> dict[int, int]:
-        """How many deliveries to claim per listener: claims keep up to PREFETCH times the
-        concurrency claimed, so requests never wait on a claim round trip, and run only
-        when half a window is free, so each claim is a batch."""
+    def _wants(self) -> tuple[dict[int, int], int]:
+        """How many deliveries to claim per listener, and in all: claims keep up to
+        PREFETCH times the concurrency claimed, so requests never wait on a claim round
+        trip, and run only when half a window is free, so each claim is a batch. The
+        listeners' order turns with every claim, so none always comes first."""
         held = self._held
         room = PREFETCH * self.delivery.concurrency - sum(held.values())
         window = PREFETCH * self.delivery.listener_concurrency
+        listeners = list(self.listeners.values())
+        self._turn = (self._turn + 1) % max(len(listeners), 1)
         wants = {}
-        for listener in self.listeners.values():
+        for listener in listeners[self._turn:] + listeners[:self._turn]:
             want = min(room, window - held[listener.id])
             if listener.active and want > 0 and (want * 2 >= window or held[listener.id] == 0):
                 wants[listener.id] = want
-                room -= want
-        return wants
+        return wants, room
 
     def _pump(self) -> None:
         """Starts queued deliveries within the global and per-listener limits."""
