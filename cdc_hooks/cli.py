@@ -20,7 +20,7 @@ from .db import Database
 from .errors import CdcHooksError, ListenerError, NotFound
 from .hooks import send as send_event  # `from . import hooks` would be the registry
 from .match import match_options_to_json
-from .relay.relay import run_forever
+from .relay.relay import SCHEMA_GONE, run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +38,10 @@ def friendly_errors(func: F) -> F:
             sys.exit(exc.exit_code)
         except psycopg.Error as exc:  # e.g. permission denied: PostgreSQL's own words
             message = exc.diag.message_primary if exc.diag else None
+            if isinstance(exc, SCHEMA_GONE) and "cdc_hooks" in (message or ""):
+                click.echo(f"error: cdc_hooks is not installed ({message}): run cdc-hooks install",
+                           err=True)
+                sys.exit(1)
             click.echo(f"error: PostgreSQL: {message or str(exc).strip()}", err=True)
             sys.exit(1)
 

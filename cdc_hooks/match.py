@@ -12,6 +12,7 @@ pattern cannot stall the relay.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any as AnyValue
@@ -257,6 +258,7 @@ def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
             if op == "any" and rest:
                 raise MatchError(f"--match {option!r}: any takes no value")
         else:
+            _refuse_misspelt_operator(option, field, op if sep else "", text)
             rule = text
     else:
         raise MatchError(f"--match {option!r}: expected FIELD=VALUE, FIELD=OP:VALUE or FIELD:=JSON")
@@ -264,6 +266,15 @@ def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
     if not all(path):
         raise MatchError(f"--match {option!r}: empty field name")
     return path, rule
+
+
+def _refuse_misspelt_operator(option: str, field: str, op: str, text: str) -> None:
+    """FIELD=OP:VALUE with OP misspelt (startwith, StartsWith) would match the text
+    "startwith:J" itself, silently: refuse it. Other prefixes (http:, 10:) are text."""
+    near = difflib.get_close_matches(op.lower(), list(MATCHERS), n=1, cutoff=0.8)
+    if len(op) >= 4 and near:
+        raise MatchError(f'--match {option!r}: unknown operator "{op}" (did you mean '
+                         f'"{near[0]}"? to match the text itself: {field}=is:{text})')
 
 
 def match_options_to_json(options: list[str]) -> dict[str, AnyValue]:

@@ -249,8 +249,12 @@ class FaultReceiver:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.stop_listening()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        if self._thread.is_alive():  # hung handlers end here, quietly
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
 
     def url(self, path: str = "/hook", scheme: str | None = None) -> str:
         scheme = scheme or ("https" if self.ssl_context else "http")
@@ -292,6 +296,13 @@ class FaultReceiver:
         return wait_until(lambda: len(self.ok_hits(path)) >= count and self.ok_hits(path),
                           timeout, interval=0.02,
                           message=f"{count} deliveries on {path or 'any path'}")
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # hung-up clients, by design
