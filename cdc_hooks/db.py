@@ -8,6 +8,7 @@ only the named queries of sql/queries.sql and the files of sql/migrations.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -440,18 +441,9 @@ class RelayStore:
         })
 
     async def record_results(self, results: Sequence[Any]) -> None:
-        columns: dict[str, list[Any]] = {k: [] for k in (
-            "ids", "attempts", "statuses", "retry_in", "codes", "errors", "durations", "responses")}
-        for r in results:
-            columns["ids"].append(r.delivery_id)
-            columns["attempts"].append(r.attempt)
-            columns["statuses"].append(r.status)
-            columns["retry_in"].append(r.retry_in)
-            columns["codes"].append(r.code)
-            columns["errors"].append(r.error)
-            columns["durations"].append(r.duration_ms)
-            columns["responses"].append(r.response)
-        await self.run("record_results", columns)
+        rows = [[r.delivery_id, r.attempt, r.status, r.retry_in, r.code, r.error,
+                 r.duration_ms, r.response] for r in results]
+        await self.run("record_results", {"results": json.dumps(rows)})
 
     async def release_deliveries(self, ids: Sequence[int]) -> None:
         await self.run("release_deliveries", {"ids": list(ids)})

@@ -200,13 +200,16 @@ WHERE d.id = due.id AND ev.id = d.event_id
 RETURNING d.id, d.event_id, d.listener_id, d.attempts, ev.body::text;
 
 -- name: record_results
--- Results of a batch of attempts; a result whose lease was lost (another relay
--- claimed the delivery again since) only lands in the attempt log.
+-- Results of a batch of attempts, as one JSON array of
+-- [id, attempt, status, retry_in, code, error, duration_ms, response] (one
+-- string parameter: psycopg dumps big array parameters slowly); a result whose
+-- lease was lost (another relay claimed the delivery again since) only lands in
+-- the attempt log.
 WITH result AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
-                         %(retry_in)s::float8[], %(codes)s::int[], %(errors)s::text[],
-                         %(durations)s::real[], %(responses)s::text[])
-        AS r (id, attempt, status, retry_in, code, error, duration_ms, response)
+    SELECT (r ->> 0)::bigint AS id, (r ->> 1)::int AS attempt, r ->> 2 AS status,
+           (r ->> 3)::float8 AS retry_in, (r ->> 4)::int AS code, r ->> 5 AS error,
+           (r ->> 6)::real AS duration_ms, r ->> 7 AS response
+    FROM json_array_elements(%(results)s::json) AS r
 ), updated AS (
     UPDATE cdc_hooks.deliveries d
     SET status = r.status, last_status = r.code, last_error = r.error,

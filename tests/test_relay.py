@@ -804,3 +804,16 @@ def test_a_backlog_behind_many_idle_listeners_is_claimed(conn, setup, cli, recei
     receiver.wait_for(40, timeout=30)
     wait_settled(conn)
     assert {r.path for r in receiver.received()} == {"/busy"}
+
+
+def test_a_response_with_nul_bytes_is_logged_and_the_relay_goes_on(conn, config, cli, receiver,
+                                                                   relay):
+    listener_id, _ = add_listener(cli, config, "person", receiver.url())
+    receiver.plan("/hook", Reply(500, body="bad\x00byte"))
+    conn.execute("INSERT INTO person (name) VALUES ('Joe')")
+    receiver.wait_for(2)
+    wait_settled(conn)
+    (delivery_id, _, status, *_), = delivery_rows(conn, listener_id)
+    assert status == "delivered"
+    assert conn.execute("SELECT response FROM cdc_hooks.attempts WHERE delivery_id = %s"
+                        " ORDER BY attempted_at LIMIT 1", (delivery_id,)).fetchone() == ("bad\ufffdbyte",)

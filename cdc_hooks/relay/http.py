@@ -89,7 +89,8 @@ class Sender:
                 break
             chunks.append(chunk)
             left -= len(chunk)
-        return b"".join(chunks).decode("utf-8", "replace")
+        # PostgreSQL text cannot hold NUL: a receiver's NUL byte must not stop the log.
+        return b"".join(chunks).decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
 def _error_for(code: int) -> str | None:
