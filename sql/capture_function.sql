@@ -78,11 +78,11 @@ BEGIN
             PERFORM cdc_hooks.end_chunked(saved);
         END IF;
     END IF;
-    -- Wake a waiting relay. The common case, no waiter, costs one look at an
-    -- empty table; a waiter whose relay died (its advisory lock is gone, see
-    -- cdc_hooks.wake_relay) is passed over without NOTIFY.
-    IF EXISTS (SELECT FROM cdc_hooks.waiters AS w
-               WHERE NOT pg_catalog.pg_try_advisory_xact_lock_shared(1667523432, w.pid)) THEN
+    -- Wake a waiting relay: NOTIFY only while one holds the advisory lock
+    -- (1667523432, 1), see cdc_hooks.waiters. Taking it shared and dropping it
+    -- at once fails only then; it costs less than reading any table.
+    IF NOT (pg_catalog.pg_try_advisory_lock_shared(1667523432, 1)
+            AND pg_catalog.pg_advisory_unlock_shared(1667523432, 1)) THEN
         PERFORM pg_catalog.pg_notify('cdc_hooks', '');
     END IF;
     RETURN NULL;

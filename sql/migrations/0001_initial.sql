@@ -103,21 +103,20 @@ CREATE TABLE cdc_hooks.attempts (
 CREATE INDEX attempts_by_delivery ON cdc_hooks.attempts (delivery_id);
 
 -- Relays waiting for work, by the backend pid of their LISTEN connection.
--- Triggers notify only while a live waiter exists: NOTIFY serializes commits,
--- so a busy or absent relay must cost the application nothing. Unlogged: a
--- crash empties it, and relays re-register when they reconnect.
+-- Triggers notify only while a relay waits: NOTIFY serializes commits, so a
+-- busy or absent relay must cost the application nothing. Unlogged: a crash
+-- empties it, and relays re-register when they reconnect.
 --
--- Live means: the waiter's backend holds the session advisory lock
--- (1667523432, pid), taken by the trigger below as the relay registers, in the
--- relay's own backend, and released as it unregisters or when that backend
--- dies (SIGKILL included). A writer tests it with a non-blocking shared try,
--- which fails only while the lock is held: a stale row of a killed relay costs
--- a writer a lock probe, not a read of pg_stat_activity per statement, and a
--- pid reused by another backend reads as dead. The capture functions inline
--- the test (sql/capture_function.sql); 1667523432 is 'cdch'.
+-- Writers do not read this table, which would cost every statement a query:
+-- registering takes the session advisory lock (1667523432, 1) in the relay's
+-- own backend (trigger below), unregistering drops it, and so does a backend
+-- that dies (SIGKILL included), so a killed relay's row is harmless. Writers
+-- take it shared and drop it at once, which fails only while a relay holds
+-- it. One relay holds it at a time: NOTIFY wakes every listening relay, and
+-- another takes it when it registers next. 1667523432 is 'cdch'.
 CREATE UNLOGGED TABLE cdc_hooks.waiters (
     pid     int PRIMARY KEY,
-    locked  boolean NOT NULL DEFAULT false  -- whether registering took the lock
+    locked  boolean NOT NULL DEFAULT false  -- this waiter holds the lock
 );
 
 CREATE FUNCTION cdc_hooks.waiter_registers() RETURNS trigger
@@ -125,11 +124,15 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NEW.pid = pg_backend_pid() THEN
         IF EXISTS (SELECT FROM cdc_hooks.waiters w WHERE w.pid = NEW.pid) THEN
-            RETURN NULL;  -- registered already, and holding the lock
+            RETURN NULL;  -- registered already
         END IF;
-        -- Not blocking: writers may hold it shared for a moment when a dead
-        -- waiter had this pid; this relay then reads as dead and polls.
-        NEW.locked := pg_try_advisory_lock(1667523432, NEW.pid);
+        -- Writers hold it shared for microseconds at a time: retry briefly.
+        -- If another relay holds it, writers notify already.
+        FOR attempt IN 1..20 LOOP
+            NEW.locked := pg_try_advisory_lock(1667523432, 1);
+            EXIT WHEN NEW.locked;
+            PERFORM pg_sleep(0.00005);
+        END LOOP;
     END IF;
     RETURN NEW;
 END
@@ -141,7 +144,7 @@ CREATE FUNCTION cdc_hooks.waiter_leaves() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF OLD.locked AND OLD.pid = pg_backend_pid() THEN
-        PERFORM pg_advisory_unlock(1667523432, OLD.pid);
+        PERFORM pg_advisory_unlock(1667523432, 1);
     END IF;
     RETURN NULL;
 END
@@ -153,8 +156,8 @@ CREATE TRIGGER waiter_leaves AFTER DELETE ON cdc_hooks.waiters
 CREATE FUNCTION cdc_hooks.wake_relay() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF EXISTS (SELECT FROM cdc_hooks.waiters w
-               WHERE NOT pg_try_advisory_xact_lock_shared(1667523432, w.pid)) THEN
+    IF NOT (pg_try_advisory_lock_shared(1667523432, 1)
+            AND pg_advisory_unlock_shared(1667523432, 1)) THEN
         PERFORM pg_notify('cdc_hooks', '');
     END IF;
 END
