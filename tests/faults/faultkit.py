@@ -498,10 +498,12 @@ class World:
         return None if row is None else row[0]
 
     def settled(self) -> bool:
-        """Nothing left to dispatch or deliver (dead letters count as settled)."""
-        return self.scalar("SELECT (SELECT count(*) FROM cdc_hooks.outbox)"
-                           " + (SELECT count(*) FROM cdc_hooks.deliveries WHERE status = 'pending')"
-                           ) == 0
+        """Nothing left to dispatch or deliver (dead letters count as settled, and so
+        do deliveries held for a disabled listener)."""
+        return self.scalar(
+            "SELECT (SELECT count(*) FROM cdc_hooks.outbox) + (SELECT count(*)"
+            " FROM cdc_hooks.deliveries d JOIN cdc_hooks.listeners l ON l.id = d.listener_id"
+            " WHERE d.status = 'pending' AND l.state <> 'disabled')") == 0
 
     def wait_settled(self, timeout: float = 120.0) -> None:
         wait_until(self.settled, timeout, interval=0.1,

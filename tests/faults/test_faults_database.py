@@ -227,7 +227,7 @@ def test_backoff_starts_short_again_after_a_healthy_spell(world, in_process, cap
     caplog.set_level("INFO", logger="cdc_hooks.relay")
     in_process()
     probe.send()
-    outages = 4
+    outages = 3
     for _ in range(outages):
         assert terminate(world, relay_backends(world)) >= 1
         probe.send()

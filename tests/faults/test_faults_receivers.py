@@ -157,14 +157,6 @@ def healthy_rate(world: World, healthy: FaultReceiver, started: float, first: in
     return rows / (max(h.done for h in hits) - started)
 
 
-def settled_but_gone(world: World) -> bool:
-    """Nothing to dispatch, nothing pending but what a disabled listener holds."""
-    return world.scalar(
-        "SELECT (SELECT count(*) FROM cdc_hooks.outbox) + (SELECT count(*)"
-        " FROM cdc_hooks.deliveries d JOIN cdc_hooks.listeners l ON l.id = d.listener_id"
-        " WHERE d.status = 'pending' AND l.state <> 'disabled')") == 0
-
-
 def check_bad(world: World, bad: Bad, events: int) -> dict[str, int]:
     """Every event of a bad listener is on record, ending as its case says."""
     rows = world.deliveries(bad.listener)
@@ -216,7 +208,7 @@ def run_cast(world: World, relays: Any, tmp_path: Any, cases: list[str], *, conc
         bad.listener = world.add_listener(bad.url, "--match", "name=startswith:b")
     accompanied = healthy_rate(world, healthy, write_phase(world, rows + 1, rows, every), rows + 1, rows)
     print(f"healthy deliveries/s alone {alone:.0f}, with {len(bads)} bad listeners {accompanied:.0f}")
-    wait_until(lambda: settled_but_gone(world), timeout=120, interval=0.2,
+    wait_until(world.settled, timeout=120, interval=0.2,
                message="every bad listener's events retried and settled")
     lost, duplicates = check_delivered(healthy.hits("/healthy"),
                                        {("insert", i) for i in range(1, 2 * rows + 1)})
@@ -290,7 +282,7 @@ def test_receiver_down_long_then_back(world, relays):
     """A backlog piles up while the receiver is down (connections refused); once
     it is back, the backlog arrives in per-row order, never more requests at
     once than the listener's concurrency."""
-    rows, updates, down = scaled(200, 1000), scaled(5, 10), float(scaled(5, 60))
+    rows, updates, down = scaled(200, 1000), scaled(5, 10), float(scaled(3, 60))
     limit = 8
     # Retries every second or two at most: the backlog goes out soon after it is back.
     world.setup(delivery(timeout=TIMEOUT, retry_schedule=[0.5, 1, 2] + [2] * int(down),

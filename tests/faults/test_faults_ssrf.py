@@ -191,13 +191,13 @@ def test_dns_rebinding_is_refused_at_send_time(world, dns, in_process):
            "receiver on 127.0.0.1 got nothing")
 
 
-@pytest.mark.parametrize("host", LITERAL_HOSTS)
-def test_address_forms_are_refused_at_creation(world, host):
+def test_address_forms_are_refused_at_creation(world):
     default_policy_world(world)
-    result = world.cli("listeners", "add", "person", f"http://{host}/hook")
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1
-    assert "refused by the delivery policy" in result.stderr or "dotted form" in result.stderr
+    for host in LITERAL_HOSTS:
+        result = world.cli("listeners", "add", "person", f"http://{host}/hook")
+        assert result.exit_code == 2, (host, result.output)
+        assert result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1, host
+        assert "refused by the delivery policy" in result.stderr or "dotted form" in result.stderr
     assert world.scalar("SELECT count(*) FROM cdc_hooks.listeners") == 0
 
 
