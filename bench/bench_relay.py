@@ -1,6 +1,7 @@
 """Relay benchmark: how fast cdc-hooks delivers, against baselines of the same run.
 
-    python bench/bench_relay.py [--dsn DSN] [--quick] [--only NAME,...] [--profile DIR]
+    python bench/bench_relay.py [--dsn DSN] [--quick] [--only NAME,...] [--rev REV]
+                                [--backlog N] [--profile DIR]
 
 The DSN (--dsn, else CDC_HOOKS_DSN, else postgresql://postgres@127.0.0.1:5432/test)
 is only used to create a scratch database ``cdc_hooks_relay_bench_<pid>_<random>``,
@@ -15,14 +16,17 @@ Three kinds of processes run side by side, each on its own, as in production:
 - a receiver: an aiohttp server on 127.0.0.1 that counts requests, stamps their
   arrival (CLOCK_MONOTONIC, shared by all processes), and can answer after a
   fixed delay;
-- for the baseline, a bare aiohttp client POSTing the relay's own bodies
-  (sampled from cdc_hooks.events) to the same receiver at the same concurrency.
+- for the baseline, a bare aiohttp client POSTing as many bodies of the same
+  shape (jsonb text like the relay's events; both sizes are printed) to the same
+  receiver at the same concurrency, once just before and once just after each
+  burst: the machine may be shared, so the baseline is the mean of the two.
 
 Scenarios (names for --only):
 
   throughput  a 20,000-row INSERT (one statement, one commit) delivered to one
-              listener: deliveries/s from the commit to the last receipt, ÷ the
-              bare client's POSTs/s (from its start to the last receipt). Bar >= 0.5.
+              listener by a relay waiting for work: deliveries/s from the commit
+              to the last receipt, ÷ the bare client's POSTs/s (from its start to
+              the last receipt). Bar >= 0.5.
   fanout      the same burst, 10 listeners of which 5 match (on region):
               100,000 deliveries; deliveries/s ÷ the same baseline. Bar >= 0.5.
   slow        1 listener, the receiver answers after 50 ms: deliveries/s ÷
@@ -38,11 +42,18 @@ Scenarios (names for --only):
               one core. Bar <= 1%.
 
 --quick (a smoke test, ~3 minutes): 5,000-event bursts, 8 s of latency, a
-100,000-event backlog, 10 s idle, one baseline run instead of three.
---profile DIR: during the bursts and the big backlog drain, samples the relay with py-spy
-(collapsed stacks in DIR/relay-<scenario>.txt, and top functions printed) and
-samples what the relay's PostgreSQL backends run (pg_stat_statements when the
-server preloads it, else pg_stat_activity every 10 ms).
+100,000-event backlog (drains limited to 150 s), 10 s idle.
+--rev REV: measure cdc_hooks/ and sql/ as committed at REV (exported to a
+temporary directory put first on PYTHONPATH), not the work tree, so edits made
+during a long run cannot change the relay under test.
+Every scenario has time limits (a stuck relay fails its scenario with the
+relay's log tail; a slow drain is reported as partial), and every process the
+benchmark starts is stopped at the end, also on failure, Ctrl-C or SIGTERM.
+--profile DIR: during the bursts, the latency run and the big backlog drain,
+samples the relay with py-spy (pip install py-spy; collapsed stacks in
+DIR/relay-<scenario>.txt, top functions printed) and what the relay's
+PostgreSQL backends run (pg_stat_statements if the server preloads it, else
+pg_stat_activity every 10 ms). Profiling slows the relay: take figures without it.
 
 Exit status: 0 all bars met, 1 a bar missed, 2 a scenario failed to run.
 """
@@ -389,9 +400,8 @@ class Bench:
         }
         self.config_file = workdir / "cdc_hooks.toml"
         self.config_file.write_text(toml(self.config_dict), encoding="utf-8")
-        self._baseline: tuple[float, float, float, float] | None = None
-        self._relays = 0
-        self.baseline_reported = False
+        self._relays = self._clients = 0
+        self.baseline_body_length = 0.0
         self.profiles: list[str] = []  # lines of the profiles taken (--profile)
         self.stops: list[float | None] = []  # how long each relay took to stop on SIGTERM
 
@@ -493,47 +503,48 @@ class Bench:
 
     # Baseline --------------------------------------------------------------------------
 
-    def baseline(self, count: int) -> tuple[float, float, float, float]:
-        """POSTs/s of a bare aiohttp client (median of runs); the client's, the receiver's
-        and other processes' CPU. Uses the bodies the relay just sent: call it after a burst."""
-        if self._baseline is not None:
-            return self._baseline
-        bodies = [r[0] for r in rows(self.conn, "sample_bodies", limit=count)]
-        if not bodies:
-            raise BenchError("no event bodies to send for the baseline")
+    def baseline_run(self, count: int) -> BaselineRun:
+        """One run of the bare aiohttp client: count POSTs, CONCURRENCY in flight."""
         body_file = self.workdir / "bodies.txt"
-        body_file.write_text("\n".join(bodies) + "\n", encoding="utf-8")
-        rates, client_cpu, receiver_cpu, others = [], [], [], []
-        for run in range(self.args.repeats):
-            self.receiver.reset()
-            receiver_before, machine_before, launched = (
-                self.receiver.process.cpu(), machine_busy(), time.monotonic())
-            client = Process("baseline client", [
-                sys.executable, __file__, "--role", "client", self.receiver.url("/l/1"),
-                str(body_file), str(count), str(CONCURRENCY)], self.workdir / f"client-{run}.log")
-            try:
-                client.popen.wait(max(120, count / 100))
-            except subprocess.TimeoutExpired:
-                client.stop()
-                raise BenchError("the baseline client did not finish in time") from None
-            if client.popen.returncode != 0:
-                raise BenchError(f"the baseline client failed\n{client.log_tail()}")
-            result = json.loads(client.log_path.read_text().splitlines()[-1])
-            stats = self.receiver.stats()
-            if result["failed"] or stats["count"] < count:
-                raise BenchError(f"baseline: {result['failed']} failed POSTs, "
-                                 f"{stats['count']} of {count} received")
-            seconds = stats["last"] - result["start"]
-            rates.append(count / seconds)
-            client_cpu.append(result["cpu"] / seconds)
-            receiver = self.receiver.process.cpu() - receiver_before
-            receiver_cpu.append(receiver / seconds)
-            others.append(max(0.0, machine_busy() - machine_before - receiver - result["cpu_total"])
-                          / (time.monotonic() - launched))
-            log(f"  baseline run {run + 1}: {rates[-1]:,.0f} POSTs/s")
-        self._baseline = (statistics.median(rates), statistics.median(client_cpu),
-                          statistics.median(receiver_cpu), statistics.median(others))
-        return self._baseline
+        if not body_file.exists():
+            bodies = [r[0] for r in rows(self.conn, "baseline_bodies", count=count)]
+            body_file.write_text("\n".join(bodies) + "\n", encoding="utf-8")
+            self.baseline_body_length = statistics.mean(len(b.encode()) for b in bodies)
+        self.receiver.reset()
+        self._clients += 1
+        receiver_before, machine_before, launched = (
+            self.receiver.process.cpu(), machine_busy(), time.monotonic())
+        client = Process("baseline client", [
+            sys.executable, __file__, "--role", "client", self.receiver.url("/l/1"),
+            str(body_file), str(count), str(CONCURRENCY)],
+            self.workdir / f"client-{self._clients}.log")
+        try:
+            client.popen.wait(max(120, count / 100))
+        except subprocess.TimeoutExpired:
+            client.stop()
+            raise BenchError("the baseline client did not finish in time") from None
+        if client.popen.returncode != 0:
+            raise BenchError(f"the baseline client failed\n{client.log_tail()}")
+        result = json.loads(client.log_path.read_text().splitlines()[-1])
+        stats = self.receiver.stats()
+        if result["failed"] or stats["count"] < count:
+            raise BenchError(f"baseline: {result['failed']} failed POSTs, "
+                             f"{stats['count']} of {count} received")
+        seconds = stats["last"] - result["start"]
+        receiver = self.receiver.process.cpu() - receiver_before
+        others = machine_busy() - machine_before - receiver - result["cpu_total"]
+        run = BaselineRun(count / seconds, result["cpu"] / seconds, receiver / seconds,
+                          max(0.0, others) / (time.monotonic() - launched))
+        log(f"  baseline: {run.rate:,.0f} POSTs/s")
+        return run
+
+
+@dataclass
+class BaselineRun:
+    rate: float  # POSTs/s from the client's start to the last receipt
+    client_cpu: float  # fractions of a core
+    receiver_cpu: float
+    others: float  # every other process of the machine
 
 
 def toml(config: dict[str, Any]) -> str:
@@ -727,34 +738,43 @@ def cpu_row(label: str, b: Burst) -> Row:
                f"other processes {100 * max(0.0, b.machine_cpu - ours) / b.seconds:.0f}%")
 
 
-def throughput_rows(bench: Bench, label: str, b: Burst, bar: float = 0.5) -> list[Row]:
-    base, client_cpu, receiver_cpu, others = bench.baseline(bench.args.events)
+def throughput_rows(bench: Bench, label: str, b: Burst, runs: tuple[BaselineRun, BaselineRun],
+                    bar: float = 0.5) -> list[Row]:
+    """The burst against the bare client's mean of the runs just before and just after
+    it: the machine is shared, so the baseline is taken as close to the burst as can be."""
+    base = statistics.mean(r.rate for r in runs)
     ratio = b.rate / base
-    out = [Row(label, f"{b.rate:,.0f}/s", f"{base:,.0f}/s", f"{ratio:.2f}", f">= {bar}",
-               ratio >= bar),
-           Row(f"  {b.deliveries:,} deliveries in", f"{b.seconds:.2f} s; first receipt "
-               f"{1000 * b.first_receipt:.0f} ms after the commit"
-               + (f"; {b.duplicates} duplicates" if b.duplicates else ""))]
-    out.append(cpu_row("the burst", b))
-    if not bench.baseline_reported:
-        bench.baseline_reported = True
-        out.append(Row("  CPU during the baseline (% of a core)",
-                       f"client {100 * client_cpu:.0f}%, receiver {100 * receiver_cpu:.0f}%; "
-                       f"other processes {100 * others:.0f}%"))
-    return out
+    relay_body = scalar(bench.conn, "body_length") or 0
+    return [Row(label, f"{b.rate:,.0f}/s", f"{base:,.0f}/s", f"{ratio:.2f}", f">= {bar}",
+                ratio >= bar),
+            Row(f"  {b.deliveries:,} deliveries in", f"{b.seconds:.2f} s; first receipt "
+                f"{1000 * b.first_receipt:.0f} ms after the commit"
+                + (f"; {b.duplicates} duplicates" if b.duplicates else "")),
+            Row("  baseline before / after the burst",
+                f"{runs[0].rate:,.0f}/s / {runs[1].rate:,.0f}/s (bodies {bench.baseline_body_length:.0f} B, "
+                f"relay's {float(relay_body):.0f} B)"),
+            cpu_row("the burst", b),
+            Row("  CPU during the baseline (% of a core)",
+                f"client {100 * statistics.mean(r.client_cpu for r in runs):.0f}%, receiver "
+                f"{100 * statistics.mean(r.receiver_cpu for r in runs):.0f}%; other processes "
+                f"{100 * statistics.mean(r.others for r in runs):.0f}%")]
 
 
 def scenario_throughput(bench: Bench) -> list[Row]:
     n = bench.args.events
+    before = bench.baseline_run(n)
     b = burst(bench, "throughput", [{}], n, 1)
-    return throughput_rows(bench, f"throughput: {n:,} events, 1 listener (deliveries/s)", b)
+    runs = (before, bench.baseline_run(n))
+    return throughput_rows(bench, f"throughput: {n:,} events, 1 listener (deliveries/s)", b, runs)
 
 
 def scenario_fanout(bench: Bench) -> list[Row]:
     n = bench.args.events
     listeners = [{"region": "eu"} if i % 2 == 0 else {"region": "us"} for i in range(10)]
+    before = bench.baseline_run(n)
     b = burst(bench, "fanout", listeners, n, 5)
-    return throughput_rows(bench, f"fan-out: {n:,} events, 10 listeners, 5 match", b)
+    runs = (before, bench.baseline_run(n))
+    return throughput_rows(bench, f"fan-out: {n:,} events, 10 listeners, 5 match", b, runs)
 
 
 def scenario_slow(bench: Bench) -> list[Row]:
@@ -1079,7 +1099,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.latency_seconds = 8 if quick else 15
     args.backlog = args.backlog or (100_000 if quick else 1_000_000)
     args.idle_seconds = 10 if quick else 30
-    args.repeats = 1 if quick else 3
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     return args
@@ -1151,8 +1170,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(version)}")
     print(f"code: {code}")
     print(f"relay: [delivery] concurrency = listener_concurrency = {CONCURRENCY}; "
-          f"baseline: bare aiohttp client at {CONCURRENCY} in flight, "
-          f"median of {args.repeats} run(s); total {time.monotonic() - began:.0f} s")
+          f"baseline: bare aiohttp client at {CONCURRENCY} in flight, mean of a run just "
+          f"before and one just after each burst; total {time.monotonic() - began:.0f} s")
     print(f"load average (1 min) before / after: {load_before} / {load_average()} "
           "(other work on the machine skews the figures)")
     print()

@@ -66,9 +66,20 @@ SELECT (ev.body -> 'key' ->> 'id')::bigint, extract(epoch FROM d.created_at)::fl
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id;
 
--- name: sample_bodies
--- What the relay POSTed (it sends body::text too), for the bare client.
-SELECT body::text FROM cdc_hooks.events ORDER BY id LIMIT %(limit)s;
+-- name: baseline_bodies
+-- For the bare client: bodies shaped like the relay's events of bench_items (the
+-- relay sends body::text of a jsonb, so these are jsonb text too).
+SELECT jsonb_build_object(
+           'id', 'evt_' || (1000 * (i / 1000 + 1) + i %% 1000), 'hook', 'bench_items',
+           'event', 'insert', 'created', true, 'key', jsonb_build_object('id', i),
+           'data', jsonb_build_object('region', 'eu', 'name', 'item number ' || i,
+                                      'amount', i * 1.25, 'qty', i %% 100, 'created', now()),
+           'occurred_at', clock_timestamp())::text
+FROM generate_series(1, %(count)s) AS i;
+
+-- name: body_length
+-- Average length of the bodies the relay sent, beside the baseline's.
+SELECT avg(length(body::text)) FROM cdc_hooks.events;
 
 -- name: table_sizes
 SELECT pg_total_relation_size('cdc_hooks.outbox'),
