@@ -224,7 +224,8 @@ def test_a_name_that_turns_private_while_the_relay_runs(world, dns, in_process):
     refused = FaultReceiver()
     refused.start(allowed.port)  # the same port on 127.0.0.1
     world.receivers.append(refused)
-    allowed.on("/hook", answer())
+    # Connection: close, so that each delivery connects (and resolves, past the cache) anew.
+    allowed.on("/hook", answer(headers={"Connection": "close"}))
     dns.names["flip.test"] = ["127.0.0.2"]
     listener = world.add_listener(f"http://flip.test:{allowed.port}/hook")
     guard = Guard()
