@@ -206,6 +206,10 @@ class Database:
         row = self.one("table_columns", {"schema": schema, "table": table})
         return list(row[0]) if row and row[0] is not None else None
 
+    def function_comment(self, function: str) -> str | None:
+        row = self.one("function_comment", {"function": function})
+        return row[0] if row else None
+
     def function_exists(self, function: str) -> bool:
         return bool(self.one("function_exists", {"function": function})[0])  # type: ignore[index]
 

@@ -7,6 +7,7 @@ statement-level triggers of every hook that is new or changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -160,9 +161,21 @@ def describe_hook(hook: InstalledHook) -> str:
 
 
 def _in_place(db: Database, hook: InstalledHook) -> bool:
-    """True if the hook's function and triggers all exist."""
+    """True if the hook's triggers exist and its function is this version's: a newer
+    cdc-hooks whose capture template changed replaces the functions of every hook."""
     return not _missing_triggers(db, hook) and (
-        hook.table_name is None or db.function_exists(function_name(hook.name)))
+        hook.table_name is None
+        or db.function_comment(function_name(hook.name)) == _fingerprint(hook))
+
+
+def _fingerprint(hook: InstalledHook) -> str:
+    """Names the template and columns a capture function was generated from."""
+    source = sql_text("capture_function.sql") + "\0" + "\0".join(_captured(hook))
+    return "cdc-hooks capture " + hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _captured(hook: InstalledHook) -> list[str]:
+    return list(dict.fromkeys([*hook.key_columns, *hook.provides]))
 
 
 def _tables(db: Database, hook: InstalledHook) -> list[tuple[str, str]]:
@@ -190,11 +203,12 @@ def _missing_triggers(db: Database, hook: InstalledHook) -> list[str]:
 def _create_statements(db: Database, hook: InstalledHook) -> list[sql.Composable]:
     if hook.table_name is None:
         return []
-    captured = list(dict.fromkeys([*hook.key_columns, *hook.provides]))
+    captured = _captured(hook)
     function = sql.Identifier("cdc_hooks", function_name(hook.name))
     statements: list[sql.Composable] = [
         sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
-            function=function, **_capture_fragments(captured))
+            function=function, **_capture_fragments(captured)),
+        sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(function, sql.Literal(_fingerprint(hook))),
     ]
     for schema, table_name in _tables(db, hook) or [(hook.table_schema or "public", hook.table_name)]:
         table = sql.Identifier(schema, table_name)

@@ -55,6 +55,10 @@ FROM pg_attribute a
 WHERE a.attrelid = to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(%(table)s))
   AND a.attnum > 0 AND NOT a.attisdropped;
 
+-- name: function_comment
+-- The fingerprint install leaves on a capture function (NULL if it is gone).
+SELECT obj_description(to_regprocedure('cdc_hooks.' || quote_ident(%(function)s) || '()'), 'pg_proc');
+
 -- name: function_exists
 SELECT to_regprocedure('cdc_hooks.' || quote_ident(%(function)s) || '()') IS NOT NULL;
 
