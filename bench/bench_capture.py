@@ -21,6 +21,9 @@ machine is shared and noisy):
      notifies (the worst case, not a state the relay stays in);
    - relay killed: the waiter's backend was terminated, its row left behind.
    "notified" counts the commits that sent NOTIFY (seen by a plain listener).
+   Also, when the server runs on this host: the backends' CPU per write (8
+   connections, no relay), with hooks / without, which other work on a shared
+   machine moves far less than TPS.
 2. Bulk: one 200,000-row UPDATE; seconds with hooks / without.
 """
 
@@ -242,6 +245,9 @@ def write_run(conn: psycopg.Connection[Any], dsn: str, state: str,
         notified = counter.close()
         if waiter is not None:
             waiter.close()
+    written, captured = conn.execute(q("writes_captured")).fetchone()  # type: ignore[misc]
+    expected = 0 if state == BASELINE else written
+    assert captured == expected, f"{state}: {written} rows written, {captured} captured"
     return tps, notified
 
 
@@ -267,6 +273,64 @@ def measure_writes(conn: psycopg.Connection[Any], dsn: str, hooks: Hooks, second
             log(f"  writes {state:<9} {tps:9.0f} TPS  notified {notified}")
     shutil.rmtree(script.parent)
     return runs
+
+
+# Server CPU per write -----------------------------------------------------------------
+
+CPU_WRITES = 1000  # per connection and run
+
+
+def backend_cpu_ns(pid: int) -> int | None:
+    """CPU time a local PostgreSQL backend has used (None: not a backend of this host)."""
+    try:
+        if b"postgres" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except OSError:
+        return None
+
+
+def cpu_per_write(dsn: str) -> float | None:
+    """Backend CPU (us) per single-row write over 8 connections: unlike TPS, barely
+    moved by other work on a shared machine. None when the server is not local."""
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(CLIENTS)]
+    try:
+        pids = [int(scalar(c, "backend_pid")) for c in conns]
+        before = [backend_cpu_ns(p) for p in pids]
+        if None in before:
+            return None
+
+        def write(c: psycopg.Connection[Any]) -> None:
+            for _ in range(CPU_WRITES):
+                c.execute(q("thread_insert"))
+
+        workers = [threading.Thread(target=write, args=(c,)) for c in conns]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        after = [backend_cpu_ns(p) for p in pids]
+        used = sum(a - b for a, b in zip(after, before, strict=True))  # type: ignore[operator]
+        return used / (CLIENTS * CPU_WRITES) / 1000
+    finally:
+        for c in conns:
+            c.close()
+
+
+def measure_cpu(conn: psycopg.Connection[Any], dsn: str, hooks: Hooks,
+                repeats: int) -> dict[bool, list[float]]:
+    """Backend CPU per write without and with hooks (no relay), ABBA order."""
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(repeats):
+        for on in (False, True) if r % 2 == 0 else (True, False):
+            hooks.set(on)
+            conn.execute(q("reset_writes"))
+            used = cpu_per_write(dsn)
+            if used is None:
+                return {}
+            cpu[on].append(used)
+            log(f"  cpu    {'hooks' if on else 'bare':<9} {used:9.1f} us per write")
+    return cpu
 
 
 # Bulk ------------------------------------------------------------------------------
@@ -305,7 +369,8 @@ def verdict(ok: bool | None) -> str:
     return "" if ok is None else ("ok" if ok else "MISSED")
 
 
-def report(writes: dict[str, WriteRun], bulk: dict[bool, list[float]]) -> list[str]:
+def report(writes: dict[str, WriteRun], bulk: dict[bool, list[float]],
+           cpu: dict[bool, list[float]]) -> list[str]:
     base = statistics.median(writes[BASELINE].tps)
     lines = [f"{'measure':<50}{'hooks':>10}{'baseline':>10}{'ratio':>8}  {'bar':<8}"
              f"{'':<7}notified/run"]
@@ -317,6 +382,10 @@ def report(writes: dict[str, WriteRun], bulk: dict[bool, list[float]]) -> list[s
         notified = int(statistics.median(writes[state].notified))
         lines.append(f"{label:<50}{tps:>10,.0f}{base:>10,.0f}{ratio:>8.2f}  {bar_text:<8}"
                      f"{verdict(ok):<7}{notified:,}")
+    if cpu:
+        hooked, bare = statistics.median(cpu[True]), statistics.median(cpu[False])
+        lines.append(f"{'server CPU per write, no relay (us)':<50}{hooked:>10.1f}{bare:>10.1f}"
+                     f"{hooked / bare:>7.2f}x  (info)")
     hooked, bare = statistics.median(bulk[True]), statistics.median(bulk[False])
     ratio = hooked / bare
     lines.append(f"{'bulk UPDATE of 200,000 rows (seconds)':<50}{hooked:>10.3f}{bare:>10.3f}"
@@ -328,12 +397,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", help="server to use (a scratch database is created on it)")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 repeat: a smoke test")
-    parser.add_argument("--seconds", type=int, help="seconds per write run (default 10)")
-    parser.add_argument("--repeats", type=int, help="runs of each measurement (default 3)")
+    parser.add_argument("--seconds", type=int, help="seconds per write run (default 6)")
+    parser.add_argument("--repeats", type=int, help="runs of each measurement (default 5)")
     args = parser.parse_args(argv)
     args.dsn = args.dsn or os.environ.get("CDC_HOOKS_DSN") or DEFAULT_DSN
-    args.seconds = args.seconds or (3 if args.quick else 10)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.seconds = args.seconds or (3 if args.quick else 6)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     return args
 
 
@@ -346,11 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         hooks = Hooks(dsn)
         hooks.set(True)  # creates the cdc_hooks schema once, for the whole run
         writes = measure_writes(conn, dsn, hooks, args.seconds, args.repeats)
+        cpu = measure_cpu(conn, dsn, hooks, args.repeats)
         bulk = measure_bulk(conn, hooks, args.repeats)
     writer = "pgbench" if shutil.which("pgbench") else "threads (pgbench missing)"
     print(f"PostgreSQL {version}, {os.cpu_count()} CPUs; {CLIENTS} writers via {writer}, "
           f"{args.seconds} s per run; medians of {args.repeats} run(s) each")
-    print("\n".join(report(writes, bulk)))
+    print("\n".join(report(writes, bulk, cpu)))
     return 0
 
 

@@ -72,3 +72,7 @@ SELECT count(*) FROM cdc_hooks.waiters;
 
 -- name: listen
 LISTEN cdc_hooks;
+
+-- name: writes_captured
+-- Rows written and outbox rows (one per single-row statement).
+SELECT (SELECT count(*) FROM bench_writes), (SELECT count(*) FROM cdc_hooks.outbox);

@@ -207,7 +207,7 @@ def _create_statements(db: Database, hook: InstalledHook) -> list[sql.Composable
     function = sql.Identifier("cdc_hooks", function_name(hook.name))
     statements: list[sql.Composable] = [
         sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
-            function=function, **_capture_fragments(captured)),
+            function=function, hook=sql.Literal(hook.name), **_capture_fragments(captured)),
         sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(function, sql.Literal(_fingerprint(hook))),
     ]
     for schema, table_name in _tables(db, hook) or [(hook.table_schema or "public", hook.table_name)]:

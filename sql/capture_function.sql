@@ -1,5 +1,5 @@
 -- Template of a hook's capture function, filled in by cdc_hooks.install with
--- psycopg.sql (install.py _capture_fragments lists the placeholders; none may
+-- psycopg.sql (install.py: function, hook, and _capture_fragments; none may
 -- appear in a comment, where a column name's newline would end the comment).
 -- TG_ARGV: hook name, then the captured columns (key + provided) for the
 -- fallback path.
@@ -16,6 +16,7 @@
 --   whose executor setup costs more than encoding the row. TG_OP is tested
 --   once per path: even that costs, each statement being its own transaction.
 -- - payload is json, not jsonb: built as text, without jsonb's conversion.
+-- - The hook's name is a literal, not TG_ARGV[0]: a parameter costs the plan.
 -- Columns are always qualified (r., n., o.) and variables win conflicts: a
 -- table may have a column named new, old or tg_argv, like trigger variables.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
@@ -29,12 +30,12 @@ BEGIN
         PERFORM FROM new_rows OFFSET 1 LIMIT 1;
         IF NOT FOUND THEN
             INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-            SELECT TG_ARGV[0], 'insert', pg_catalog.format({new_format}, {values})::pg_catalog.json
+            SELECT {hook}, 'insert', pg_catalog.format({new_format}, {values})::pg_catalog.json
             FROM new_rows AS r;
         ELSE
             saved := cdc_hooks.begin_chunked();
             INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-            SELECT TG_ARGV[0], 'insert', pg_catalog.json_build_object('new', pg_catalog.json_build_object({arrays}))
+            SELECT {hook}, 'insert', pg_catalog.json_build_object('new', pg_catalog.json_build_object({arrays}))
             FROM (SELECT {columns}, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
                   FROM new_rows AS r) AS r
             GROUP BY cdc_hooks_chunk;
@@ -44,14 +45,14 @@ BEGIN
         PERFORM FROM new_rows OFFSET 1 LIMIT 1;
         IF NOT FOUND THEN
             INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-            SELECT TG_ARGV[0], 'update', pg_catalog.format({update_format}, {update_values})::pg_catalog.json
+            SELECT {hook}, 'update', pg_catalog.format({update_format}, {update_values})::pg_catalog.json
             FROM new_rows AS n, old_rows AS o;
         ELSE
             -- Old and new transition rows come in the same order; rows are paired
             -- by position and the relay checks that their keys agree.
             saved := cdc_hooks.begin_chunked();
             INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-            SELECT TG_ARGV[0], 'update', pg_catalog.json_build_object('new', n.arrays, 'old', o.arrays)
+            SELECT {hook}, 'update', pg_catalog.json_build_object('new', n.arrays, 'old', o.arrays)
             FROM (SELECT cdc_hooks_chunk, pg_catalog.json_build_object({arrays}) AS arrays
                   FROM (SELECT {columns}, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
                         FROM new_rows AS r) AS r
@@ -66,12 +67,12 @@ BEGIN
         PERFORM FROM old_rows OFFSET 1 LIMIT 1;
         IF NOT FOUND THEN
             INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-            SELECT TG_ARGV[0], 'delete', pg_catalog.format({old_format}, {values})::pg_catalog.json
+            SELECT {hook}, 'delete', pg_catalog.format({old_format}, {values})::pg_catalog.json
             FROM old_rows AS r;
         ELSE
             saved := cdc_hooks.begin_chunked();
             INSERT INTO cdc_hooks.outbox (hook, kind, payload)
-            SELECT TG_ARGV[0], 'delete', pg_catalog.json_build_object('old', pg_catalog.json_build_object({arrays}))
+            SELECT {hook}, 'delete', pg_catalog.json_build_object('old', pg_catalog.json_build_object({arrays}))
             FROM (SELECT {columns}, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS cdc_hooks_chunk
                   FROM old_rows AS r) AS r
             GROUP BY cdc_hooks_chunk;
