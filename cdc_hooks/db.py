@@ -394,8 +394,13 @@ class RelayStore:
 
     @classmethod
     async def connect(cls, dsn: str, *, autocommit: bool = True) -> RelayStore:
+        # synchronous_commit off: a commit lost in a server crash is redone (outbox
+        # rows come back and dispatch again under the same event ids; leases lapse;
+        # results are attempted again), so at-least-once holds without a WAL flush
+        # per claim and per batch.
         conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=autocommit, connect_timeout=10, prepare_threshold=0
+            dsn, autocommit=autocommit, connect_timeout=10, prepare_threshold=0,
+            options="-c synchronous_commit=off",
         )
         return cls(conn)
 

@@ -222,7 +222,10 @@ WITH result AS (
                                ELSE d.next_attempt_at END,
         finished_at = CASE WHEN r.status = 'pending' THEN NULL ELSE now() END
     FROM result r
-    WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
+    -- = ANY(ARRAY(...)): primary-key probes, never a hash join over every pending
+    -- delivery (the plan chosen without statistics)
+    WHERE d.id = ANY(ARRAY(SELECT id FROM result))
+      AND d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
 )
 INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, error, response)
 SELECT id, code, duration_ms, error, response FROM result;

@@ -42,7 +42,8 @@ EVENTS_PER_DISPATCH = 5000  # bounds memory and transaction length
 IDLE_POLL = 1.0  # seconds: fallback when a wake-up is missed or a retry falls due
 RELOAD_EVERY = 1.0  # seconds: listener and hook changes reach the relay this fast
 RECORD_BATCH = 1000
-PREFETCH = 2  # deliveries claimed ahead, as a multiple of the concurrency
+RECORD_GATHER = 0.01  # seconds a batch of results may gather before it is recorded
+PREFETCH = 4  # deliveries claimed ahead, as a multiple of the concurrency
 MAX_BACKOFF = 10.0
 # What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
 SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
@@ -246,7 +247,7 @@ class Relay:
     # Dispatch ----------------------------------------------------------------
 
     async def _dispatch_loop(self, listen: RelayStore, store: RelayStore) -> None:
-        limit = 500
+        limit = 5  # outbox rows; grows toward EVENTS_PER_DISPATCH events per batch
         while True:
             await self._reload(store)
             moved = await self._dispatch_once(store, limit)
@@ -452,6 +453,9 @@ class Relay:
         while True:
             if not self._unrecorded:
                 self._unrecorded.append(await self._results.get())
+                # Let a batch gather: one statement per few ms instead of per few results
+                # (recording is off the delivery path; receivers already have these).
+                await asyncio.sleep(RECORD_GATHER)
             await self._flush(store)
 
     async def _flush(self, store: RelayStore) -> None:
