@@ -912,3 +912,17 @@ def test_install_replaces_capture_functions_of_an_older_version(conn: Conn, make
     conn.execute("INSERT INTO person (name, address) VALUES ('Joe', 'NY')")
     assert len(outbox(conn)) == 1
     assert "no changes" in cli(config, "install").output
+
+
+def test_columns_named_like_trigger_variables(conn: Conn, make_config: MakeConfig, cli: Cli) -> None:
+    # Unqualified in the capture function, "new", "old" and "tg_argv" resolved to the
+    # trigger's own variables and every write to the table failed.
+    conn.execute('CREATE TABLE odd (id int PRIMARY KEY, "new" text, "old" text, tg_argv text)')
+    installed(make_config, cli, '[[hooks]]\nname = "odd"\ntable = "odd"\n'
+                                'events = ["insert", "update"]\n')
+    conn.execute("INSERT INTO odd VALUES (1, 'n', 'o', 't')")
+    conn.execute("UPDATE odd SET \"new\" = 'n2'")
+    assert [(kind, new) for _, kind, new, _ in events(conn)] == [
+        ("insert", [{"id": 1, "new": "n", "old": "o", "tg_argv": "t"}]),
+        ("update", [{"id": 1, "new": "n2", "old": "o", "tg_argv": "t"}]),
+    ]
