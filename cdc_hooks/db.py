@@ -466,12 +466,3 @@ class RelayStore:
         rows = await self.run("next_due", {"listener_ids": list(listener_ids)})
         seconds, due_now = rows[0] if rows else (None, False)
         return (None if seconds is None else max(0.0, float(seconds))), bool(due_now)
-
-    async def register_waiter(self) -> None:
-        await self.run("register_waiter")
-
-    async def unregister_waiter(self) -> None:
-        await self.run("unregister_waiter")
-
-    async def prune_waiters(self) -> None:
-        await self.run("prune_waiters")

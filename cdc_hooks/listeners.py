@@ -20,8 +20,6 @@ from .match import rules_from_json
 from .netpolicy import NetworkPolicy, check_url
 from .signing import generate_secret, secret_key
 
-STATES = ("active", "paused", "disabled")
-
 
 @dataclass(frozen=True)
 class NewListener:

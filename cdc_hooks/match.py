@@ -293,8 +293,3 @@ def match_options_to_json(options: list[str]) -> dict[str, AnyValue]:
         node[path[-1]] = rule
     rules_from_json(result)
     return result
-
-
-def match_fields(match_json: Mapping[str, AnyValue]) -> list[str]:
-    """The top-level fields a JSON-form match names (to check against provides)."""
-    return list(match_json)
