@@ -61,6 +61,8 @@ class DeliveryConfig:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # A listener failing every attempt this long is disabled (cdc_hooks/health.py); 0: never.
     disable_after_days: float = 5.0
+    # Failed requests in a row that open a listener's circuit (relay/circuit.py); 0: never.
+    circuit_breaker: int = 5
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
         raw,
         {"timeout", "retry_schedule", "concurrency", "listener_concurrency",
          "max_response_bytes", "allow_private_networks", "allowed_networks",
-         "disable_after_days"},
+         "disable_after_days", "circuit_breaker"},
         "[delivery]",
     )
     defaults = DeliveryConfig()
@@ -258,8 +260,10 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             raise ConfigError(f"[delivery] allowed_networks: {entry!r} is not a network") from None
     disable_after = _number(raw.get("disable_after_days", defaults.disable_after_days),
                             "[delivery] disable_after_days", 0, 3650)
+    breaker = int(_number(raw.get("circuit_breaker", defaults.circuit_breaker),
+                          "[delivery] circuit_breaker", 0, 1_000_000, integer=True))
     return DeliveryConfig(timeout, schedule, concurrency, per_listener, max_bytes,
-                          allow_private, tuple(networks), disable_after)
+                          allow_private, tuple(networks), disable_after, breaker)
 
 
 def parse_table_name(text: str) -> TableName:

@@ -400,7 +400,7 @@ class RelayStore:
         # per claim and per batch.
         conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=autocommit, connect_timeout=10, prepare_threshold=0,
-            options="-c synchronous_commit=off",
+            options="-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
         )
         return cls(conn)
 
@@ -431,13 +431,19 @@ class RelayStore:
 
     async def insert_deliveries(self, event_ids: Sequence[int], listener_ids: Sequence[int],
                                 row_keys: Sequence[str | None], direct: Sequence[bool],
-                                lease: float) -> list[tuple[Any, ...]]:
-        """Inserts deliveries; returns (id, event_id, listener_id, attempt) of those
-        leased to this relay."""
+                                first: Sequence[bool], lease: float) -> list[tuple[Any, ...]]:
+        """Inserts deliveries (first: the first of its row and listener in the batch);
+        returns (id, event_id, listener_id, attempt) of those leased to this relay."""
         rows = await self.run("insert_deliveries", {
             "event_ids": list(event_ids), "listener_ids": list(listener_ids),
-            "row_keys": list(row_keys), "direct": list(direct), "lease": lease})
+            "row_keys": list(row_keys), "direct": list(direct), "first": list(first),
+            "lease": lease})
         return [r for r in rows if r[3] == 1]
+
+    async def refresh_statistics(self, min_changes: int) -> None:
+        """ANALYZE the deliveries table if its statistics are far behind (see the query)."""
+        if (await self.run("deliveries_statistics_stale", {"min_changes": min_changes}))[0][0]:
+            await self.run("analyze_deliveries")
 
     async def outbox_nonempty(self) -> bool:
         return bool((await self.run("outbox_nonempty"))[0][0])
@@ -454,15 +460,22 @@ class RelayStore:
                  r.duration_ms, r.response] for r in results]
         await self.run("record_results", {"results": json.dumps(rows)})
 
+    async def renew_leases(self, deliveries: Sequence[tuple[int, int]], lease: float) -> None:
+        """(id, attempt) of deliveries still held by this relay: leased `lease` s more."""
+        await self.run("renew_leases", {"ids": [d for d, _ in deliveries],
+                                        "attempts": [a for _, a in deliveries], "lease": lease})
+
     async def release_deliveries(self, ids: Sequence[int]) -> None:
         await self.run("release_deliveries", {"ids": list(ids)})
 
     async def disable_listener(self, listener_id: int, reason: str) -> None:
         await self.run("disable_listener_gone", {"id": listener_id, "reason": reason})
 
-    async def seconds_until_due(self, listener_ids: Sequence[int]) -> tuple[float | None, bool]:
-        """Seconds until the next delivery falls due (None: none scheduled), and
-        whether deliveries are due now yet unclaimed (waiting behind their row)."""
-        rows = await self.run("next_due", {"listener_ids": list(listener_ids)})
+    async def seconds_until_due(self, listener_ids: Sequence[int],
+                                within: float) -> tuple[float | None, bool]:
+        """Seconds until the next delivery falls due (None: none within `within`
+        seconds), and whether deliveries are due now yet unclaimed (waiting behind
+        their row)."""
+        rows = await self.run("next_due", {"listener_ids": list(listener_ids), "within": within})
         seconds, due_now = rows[0] if rows else (None, False)
         return (None if seconds is None else max(0.0, float(seconds))), bool(due_now)

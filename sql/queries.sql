@@ -136,21 +136,41 @@ COPY cdc_hooks.events (id, hook, kind, row_key, body, occurred_at) FROM STDIN;
 -- name: insert_deliveries
 -- New deliveries. Those marked direct are leased at once to the dispatching
 -- relay, which sends them without a claim round trip, unless an older delivery
--- of their row is still pending for the listener (per-row order). Returns the
--- leased ones.
-INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key, attempts, next_attempt_at)
-SELECT x.event_id, x.listener_id, x.row_key, x.leased::int,
-       CASE WHEN x.leased THEN now() + make_interval(secs => %(lease)s) ELSE now() END
+-- of their row is still pending for the listener (per-row order): such a
+-- delivery, or one after another of its row in this batch (first = false), is
+-- queued behind, and claims check its turn. Returns the leased ones.
+INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key, attempts, next_attempt_at,
+                                  queued_behind)
+SELECT x.event_id, x.listener_id, x.row_key, (x.direct AND NOT x.behind)::int,
+       CASE WHEN x.direct AND NOT x.behind THEN now() + make_interval(secs => %(lease)s)
+            ELSE now() END,
+       x.behind
 FROM (
-    SELECT u.event_id, u.listener_id, u.row_key,
-           u.direct AND (u.row_key IS NULL OR NOT EXISTS (
+    SELECT u.event_id, u.listener_id, u.row_key, u.direct,
+           u.row_key IS NOT NULL AND (NOT u.first OR EXISTS (
                SELECT 1 FROM cdc_hooks.deliveries e
                WHERE e.listener_id = u.listener_id AND e.row_key = u.row_key
-                 AND e.status = 'pending')) AS leased
+                 AND e.status = 'pending')) AS behind
     FROM unnest(%(event_ids)s::bigint[], %(listener_ids)s::bigint[], %(row_keys)s::text[],
-                %(direct)s::bool[]) AS u (event_id, listener_id, row_key, direct)
+                %(direct)s::bool[], %(first)s::bool[])
+         AS u (event_id, listener_id, row_key, direct, first)
 ) x
 RETURNING id, event_id, listener_id, attempts;
+
+-- name: deliveries_statistics_stale
+-- Whether the planner's picture of the deliveries table is far behind: never
+-- analyzed, or changed by more than half since (autovacuum may be off, or not
+-- yet around). Without statistics, the per-row order probes of claims and
+-- inserts go through the wrong index and scan a listener's whole backlog.
+-- Only for a role that may analyze it (its owner, or a superuser).
+SELECT coalesce(s.n_mod_since_analyze > greatest(%(min_changes)s, c.reltuples / 2), false)
+       AND pg_has_role(c.relowner, 'USAGE')
+FROM pg_class c
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = 'cdc_hooks.deliveries'::regclass;
+
+-- name: analyze_deliveries
+ANALYZE cdc_hooks.deliveries;
 
 -- name: listen_events
 LISTEN cdc_hooks;
@@ -187,7 +207,8 @@ WITH due AS (
         SELECT d.id
         FROM cdc_hooks.deliveries d
         WHERE d.listener_id = l.id AND d.status = 'pending' AND d.next_attempt_at <= now()
-          AND (d.row_key IS NULL OR d.event_id = (
+          -- queued behind an older delivery of its row: its turn once that one ended
+          AND (NOT d.queued_behind OR d.row_key IS NULL OR d.event_id = (
               -- written as min() so the plan is an index probe whatever the statistics
               SELECT min(e.event_id) FROM cdc_hooks.deliveries e
               WHERE e.listener_id = l.id AND e.row_key = d.row_key AND e.status = 'pending'))
@@ -230,6 +251,17 @@ WITH result AS (
 INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, error, response)
 SELECT id, code, duration_ms, error, response FROM result;
 
+-- name: renew_leases
+-- Deliveries a relay holds, queued, not yet sent: leased again, so that the lease
+-- cannot lapse while they wait their turn (a claim would take them again). Only
+-- while still this relay's (same attempt, pending).
+UPDATE cdc_hooks.deliveries d
+SET next_attempt_at = now() + make_interval(secs => %(lease)s)
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r (id, attempt)
+-- = ANY: primary-key probes whatever the statistics
+WHERE d.id = ANY(%(ids)s::bigint[]) AND d.id = r.id AND d.attempts = r.attempt
+  AND d.status = 'pending';
+
 -- name: release_deliveries
 -- Claimed but never sent (relay stopping, listener paused): due again at once,
 -- without spending an attempt.
@@ -252,13 +284,26 @@ FROM disabled d
 WHERE EXISTS (SELECT FROM cdc_hooks.hooks WHERE name = 'cdc_hooks.listener_disabled');
 
 -- name: next_due
--- When the next pending delivery of the given listeners falls due, and whether
--- some are due already (after a claim: they wait behind an older one of their
--- row, and that one's result releases them).
-SELECT extract(epoch FROM min(d.next_attempt_at) FILTER (WHERE d.next_attempt_at > now()) - now()),
-       bool_or(d.next_attempt_at <= now())
-FROM cdc_hooks.deliveries d
-WHERE d.status = 'pending' AND d.listener_id = ANY(%(listener_ids)s::bigint[]);
+-- When the next pending delivery of the given listeners falls due within
+-- `within` seconds (NULL: none does), and whether some are due already (after a
+-- claim: they wait behind an older one of their row, and that one's result
+-- releases them). Two short index range probes per listener, never a scan of
+-- the backlog (this runs after most claims): deliveries in flight, leased far
+-- ahead, and the dead index entries they leave behind are outside the ranges.
+SELECT extract(epoch FROM min(later.next_attempt_at) - now()), bool_or(due.id IS NOT NULL)
+FROM unnest(%(listener_ids)s::bigint[]) AS l (id)
+LEFT JOIN LATERAL (
+    SELECT d.next_attempt_at FROM cdc_hooks.deliveries d
+    WHERE d.listener_id = l.id AND d.status = 'pending' AND d.next_attempt_at > now()
+      AND d.next_attempt_at <= now() + make_interval(secs => %(within)s)
+    ORDER BY d.next_attempt_at LIMIT 1
+) later ON true
+LEFT JOIN LATERAL (
+    SELECT d.id FROM cdc_hooks.deliveries d
+    WHERE d.listener_id = l.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+    -- ordered, so the plan is the index (a LIMIT 1 alone invited a sequential scan)
+    ORDER BY d.next_attempt_at LIMIT 1
+) due ON true;
 
 -- Deliveries: inspection and redelivery --------------------------------------
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +63,7 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from receivers import Receiver
 
 from cdc_hooks.cli import main
 from cdc_hooks.config import Config, load_config
@@ -148,18 +150,28 @@ def _wipe(conn: psycopg.Connection[Any]) -> None:
         conn.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
 
 
+def _end_other_sessions(conn: psycopg.Connection[Any]) -> None:
+    """Ends every other session on the database and waits until they are gone.
+
+    A stopped relay's backend can still be finishing its last statement after
+    the client closed; left alone it would deadlock with the wipe's DROPs.
+    """
+    others = ("FROM pg_stat_activity "
+              "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    conn.execute("SELECT pg_terminate_backend(pid) " + others)
+    deadline = time.monotonic() + 10
+    while conn.execute("SELECT pid " + others).fetchone() is not None:
+        if time.monotonic() > deadline:
+            raise AssertionError("sessions left by an earlier test would not end")
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def clean_db(pg_dsn: str) -> str:
     """The run's database, emptied of everything earlier tests created."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        # Fail fast on a lock held by a leftover connection, then clear it.
-        conn.execute("SET lock_timeout = '3s'")
-        try:
-            _wipe(conn)
-        except psycopg.errors.LockNotAvailable:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-            _wipe(conn)
+        _end_other_sessions(conn)
+        _wipe(conn)
     return pg_dsn
 
 
@@ -187,6 +199,14 @@ def make_config(clean_db: str, tmp_path: Path) -> Callable[..., Config]:
         return load_config(path)
 
     return make
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A loopback HTTP receiver (tests/receivers.py), closed after the test."""
+    server = Receiver().start()
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -10,17 +10,10 @@ from typing import Any
 import psycopg
 import pytest
 from ops import DELIVERY, HOOKS, TABLE, CliRelay
-from receivers import Receiver, wait_until
+from receivers import wait_until
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

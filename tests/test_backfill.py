@@ -5,13 +5,13 @@ loopback receivers."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 from click.testing import Result
-from receivers import InProcessRelay, Receiver, wait_until
+from receivers import InProcessRelay, wait_until
 
 from cdc_hooks import backfill
 from cdc_hooks import install as installer
@@ -52,13 +52,6 @@ def config(conn: Conn, make_config: Callable[..., Config]) -> Config:
     config = make_config(CONFIG)
     installer.install(config)
     return config
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver().start()
-    yield server
-    server.close()
 
 
 def add(cli: Cli, config: Config, url: str, *options: str) -> int:

@@ -214,6 +214,8 @@ def test_delivery_section() -> None:
                                          ipaddress.ip_network("127.0.0.1/32"),
                                          ipaddress.ip_network("::1/128"))
     assert parse("[delivery]\nretry_schedule = []").delivery.retry_schedule == ()
+    assert parse("[delivery]\ncircuit_breaker = 0").delivery.circuit_breaker == 0
+    assert parse("").delivery.circuit_breaker == 5
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -230,6 +232,8 @@ def test_delivery_section() -> None:
     ("concurrency = 1.5", "concurrency must be an integer"),
     ("concurrency = 0", "concurrency must be between 1 and 4096"),
     ("listener_concurrency = 5000", "listener_concurrency must be between"),
+    ("circuit_breaker = -1", "circuit_breaker must be between 0 and"),
+    ("circuit_breaker = 2.5", "circuit_breaker must be an integer"),
     ("max_response_bytes = -1", "max_response_bytes must be between"),
     ('allow_private_networks = "yes"', "allow_private_networks must be true or false"),
     ('allowed_networks = ["10.0.0.0/33"]', "is not a network"),
@@ -281,7 +285,8 @@ def test_unreadable_file(tmp_path: Path, content: bytes) -> None:
 
 HOOK_KEYS = ["name", "table", "events", "provides", "key", "when_changed", "x"]
 DELIVERY_KEYS = ["timeout", "retry_schedule", "concurrency", "listener_concurrency",
-                 "max_response_bytes", "allow_private_networks", "allowed_networks"]
+                 "max_response_bytes", "allow_private_networks", "allowed_networks",
+                 "circuit_breaker"]
 toml_scalars = (st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
                 | st.datetimes() | st.dates() | st.times()
                 | st.sampled_from(["insert", "update", "delete", "person", 'public."People"',

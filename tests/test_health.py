@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
-import pytest
 from click.testing import Result
-from receivers import InProcessRelay, Receiver, Reply, wait_until
+from receivers import InProcessRelay, Reply, wait_until
 
 from cdc_hooks import health
 from cdc_hooks import install as installer
@@ -36,13 +35,6 @@ timeout = 2
 [retention]
 interval = {interval}
 """
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver().start()
-    yield server
-    server.close()
 
 
 def configure(make_config: Callable[..., Config], interval: float = 0) -> Config:

@@ -78,13 +78,6 @@ Cli = Callable[..., Result]
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def setup(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Callable[..., Config]:
     """setup(delivery=DELIVERY) -> Config: the person table, both hooks installed."""
 
@@ -378,6 +371,71 @@ def test_connection_refused_is_retried_then_dead(conn, config, cli, relay):
     assert all(e.startswith("connection failed") for _, e in attempt_rows(conn, delivery_id))
 
 
+CIRCUIT = DELIVERY.replace("retry_schedule = [0.2, 0.2]", "retry_schedule = [0.3, 0.3, 0.3]") \
+    + "listener_concurrency = 1\ncircuit_breaker = 3\n"
+
+
+def test_a_failing_receiver_opens_the_circuit(conn, setup, cli, receiver, relay_for):
+    """After circuit_breaker failures in a row, due deliveries fail without a request,
+    on schedule, to dead letters: the broken receiver gets a handful of requests, not
+    one per attempt."""
+    config = setup(CIRCUIT)
+    listener_id, _ = add_listener(cli, config, "person", receiver.url())
+    receiver.set_default("/hook", Reply(500))
+    relay_for(config)
+    conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 20) i")
+    wait_settled(conn)
+    rows = delivery_rows(conn, listener_id)
+    assert [(status, attempts) for _, _, status, attempts, _, _ in rows] == [("dead", 4)] * 20
+    errors = [e for d_id, *_ in rows for _, e in attempt_rows(conn, d_id)]
+    skipped = [e for e in errors if e.startswith("not sent: the last")]
+    assert len(errors) == 80 and all(e == "HTTP 500" for e in errors if e not in skipped)
+    assert "(last: HTTP 500)" in skipped[0]
+    assert len(receiver.received()) == 80 - len(skipped) <= 10
+
+
+def test_a_probe_that_is_answered_closes_the_circuit(conn, setup, cli, receiver, relay_for):
+    # The schedule outlasts the first pause (1 s): the deliveries are alive for the probe.
+    config = setup(CIRCUIT.replace("[0.3, 0.3, 0.3]", "[0.5, 0.5, 0.5, 0.5]"))
+    listener_id, _ = add_listener(cli, config, "person", receiver.url())
+    receiver.plan("/hook", Reply(503), Reply(503), Reply(503))  # then 200s
+    relay_for(config)
+    conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 10) i")
+    wait_settled(conn)
+    rows = delivery_rows(conn, listener_id)
+    assert {status for _, _, status, _, _, _ in rows} == {"delivered"}
+    errors = [e for d_id, *_ in rows for _, e in attempt_rows(conn, d_id)]
+    assert any((e or "").startswith("not sent: the last 3 requests failed") for e in errors)
+    assert len(ok(receiver.received())) == 10
+
+
+def test_queued_deliveries_keep_their_lease_while_they_wait(conn, setup, cli, receiver,
+                                                            relay_for):
+    """Deliveries that wait in the relay's queue longer than their lease are leased
+    again: a lapsed lease would let a claim take them again, and both would be sent."""
+    config = setup(DELIVERY + "listener_concurrency = 1\n")
+    add_listener(cli, config, "person", receiver.url())
+    receiver.set_default("/hook", Reply(200, delay=0.25))
+    running = relay_for(config)
+    wait_until(lambda: running.relay._loaded_at > 0, message="relay connected")
+    running.relay.lease = 1.0  # the last of 12 queued waits ~3 s: three leases
+    conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 12) i")
+    wait_settled(conn)
+    ids = [r.webhook_id for r in receiver.received()]
+    assert len(ids) == 12 and len(set(ids)) == 12, Counter(ids).most_common(3)
+
+
+def test_a_receivers_cookies_are_never_sent_back(conn, config, cli, receiver, relay):
+    # By name: aiohttp's default cookie jar would keep cookies of a name, not of an IP.
+    add_listener(cli, config, "person", receiver.url().replace("127.0.0.1", "localhost"))
+    receiver.plan("/hook", Reply(200, headers={"Set-Cookie": "session=stolen; Path=/"}))
+    conn.execute("INSERT INTO person (name) VALUES ('Ann')")
+    receiver.wait_for(1)
+    conn.execute("INSERT INTO person (name) VALUES ('Bob')")
+    requests = receiver.wait_for(2)
+    assert [r.headers.get("cookie") for r in requests] == [None, None]
+
+
 def test_the_logged_response_is_capped(conn, config, cli, receiver, relay):
     listener_id, _ = add_listener(cli, config, "person", receiver.url())
     receiver.set_default("/hook", Reply(400, body="x" * 1_000_000))
@@ -598,6 +656,15 @@ def test_run_on_a_database_without_cdc_hooks_says_so(make_config, relays):
     relay = relays(make_config(DELIVERY), wait_connected=False)
     assert relay.proc is not None and relay.proc.wait(30) == 1
     assert "error: cdc_hooks is not installed" in relay.log()
+    assert "Traceback" not in relay.log()
+
+
+def test_run_on_an_older_schema_says_to_upgrade(config, conn, relays):
+    conn.execute("DELETE FROM cdc_hooks.schema_version WHERE version > 1")
+    relay = relays(config, wait_connected=False)
+    assert relay.proc is not None and relay.proc.wait(30) == 1
+    assert re.search(r"error: the cdc_hooks schema in .* is at version 1, this relay needs "
+                     r"version \d+: run cdc-hooks install", relay.log()), relay.log()
     assert "Traceback" not in relay.log()
 
 

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from receivers import InProcessRelay, Receiver, Reply, free_port, wait_until
+from receivers import InProcessRelay, Reply, free_port, wait_until
 
 from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
@@ -73,13 +73,6 @@ def client(config: Config) -> Iterator[TestClient]:
     """The app in-process; https, so the Secure session cookie travels."""
     with TestClient(create_app(config), base_url="https://testserver") as test_client:
         yield test_client
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

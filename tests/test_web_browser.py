@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from receivers import Receiver, free_port, wait_until
+from receivers import free_port, wait_until
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
@@ -101,13 +101,6 @@ def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) ->
     config = make_config(CONFIG)
     installer.install(config)
     return config
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

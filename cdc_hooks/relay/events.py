@@ -90,5 +90,5 @@ def _event(event_id: int, hook: str, kind: str, key: dict[str, Any] | None,
         body["changes"] = changes
     if old_key is not None:
         body["old_key"] = old_key
-    row_key = None if key is None else jsoncodec.dumps(sorted(key.items()))
-    return Event(event_id, hook, kind, row_key, data, jsoncodec.dumps(body), occurred_at)
+    row_key = None if key is None else jsoncodec.dumps_decoded(sorted(key.items()))
+    return Event(event_id, hook, kind, row_key, data, jsoncodec.dumps_decoded(body), occurred_at)

@@ -27,23 +27,32 @@ import psycopg
 
 from .. import jsoncodec, maintenance, metrics
 from ..config import Config
-from ..db import InstalledHook, RelayStore, describe_dsn
+from ..db import InstalledHook, RelayStore, describe_dsn, migrations
 from ..errors import CdcHooksError, DatabaseUnavailable
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
+from .circuit import Circuit, counts_as_failure
 from .events import expand
-from .http import Sender
+from .http import Response, Sender
 from .retry import classify
 
 log = logging.getLogger("cdc_hooks.relay")
 
-EVENTS_PER_DISPATCH = 5000  # bounds memory and transaction length
+# Events, or deliveries if more, per dispatch: bounds memory and transaction length,
+# and how long the first deliveries of a burst wait for their transaction.
+WORK_PER_DISPATCH = 5000
 IDLE_POLL = 1.0  # seconds: fallback when a wake-up is missed or a retry falls due
 RELOAD_EVERY = 1.0  # seconds: listener and hook changes reach the relay this fast
 RECORD_BATCH = 1000
 RECORD_GATHER = 0.01  # seconds a batch of results may gather before it is recorded
 PREFETCH = 4  # deliveries claimed ahead, as a multiple of the concurrency
+# Dispatch sends a listener's new deliveries itself (no claim) up to what it
+# delivers in this many seconds, at most MAX_DIRECT: a burst then costs one
+# UPDATE per delivery less, and queued deliveries go out long before their lease ends.
+DIRECT_SECONDS = 5.0
+MAX_DIRECT = 10_000
+STATISTICS_EVERY = 5000  # events dispatched between checks of the planner's statistics
 MAX_BACKOFF = 10.0
 # What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
 SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
@@ -91,7 +100,10 @@ class Relay:
         self._loaded_at = 0.0
         self._config_version: int | None = None
         self._in_flight: dict[int, int] = defaultdict(int)
+        # Leased deliveries waiting to be sent, per listener:
+        # (delivery_id, event_id, listener_id, attempt, body, leased_at).
         self._queued: dict[int, deque[tuple[Any, ...]]] = defaultdict(deque)
+        self._renewed_at = time.monotonic()
         self._released: list[int] = []  # claimed but not sent: due again at once
         self._room = asyncio.Event()
         self._claimable = True  # deliveries may be due that no relay has claimed
@@ -106,6 +118,10 @@ class Relay:
         self._outage_since: float | None = None
         self._connected_at: float | None = None
         self._gone: set[int] = set()  # answered 410: sent nothing more until disabled on record
+        self._circuits: dict[int, Circuit] = {}  # listeners whose last requests failed
+        self._completed: dict[int, int] = defaultdict(int)  # requests ended, per listener
+        self._rates: dict[int, float] = {}  # requests ended per second, per listener
+        self._rates_at = time.monotonic()
         self.delivered = 0
         self.sender: Sender | None = None
 
@@ -151,7 +167,6 @@ class Relay:
             await self.sender.close()
 
     async def _session(self) -> None:
-        self._forget_unregistering()
         stores = [await RelayStore.connect(self.dsn) for _ in range(4)]
         listen, dispatch, claim, record = stores
         try:
@@ -160,6 +175,12 @@ class Relay:
             if not (await dispatch.run("schema_exists"))[0][0]:
                 raise CdcHooksError(f"cdc_hooks is not installed in {describe_dsn(self.dsn)}: "
                                     "run cdc-hooks install")
+            version, needed = (await dispatch.run("schema_version"))[0][0], migrations()[-1][0]
+            if version < needed:  # this relay's statements need the newer tables
+                raise CdcHooksError(
+                    f"the cdc_hooks schema in {describe_dsn(self.dsn)} is at version {version}, "
+                    f"this relay needs version {needed}: run cdc-hooks install to upgrade it "
+                    "(undelivered events are kept)")
             await dispatch.run("prune_waiters")
             await self._reload(dispatch, force=True)
             self._note_connected()
@@ -175,6 +196,7 @@ class Relay:
                 await self._flush(record)
                 await listen.run("unregister_waiter")
         finally:
+            await self._end_unregistering()
             for store in stores:
                 with contextlib.suppress(Exception):
                     await store.close()
@@ -247,23 +269,30 @@ class Relay:
     # Dispatch ----------------------------------------------------------------
 
     async def _dispatch_loop(self, listen: RelayStore, store: RelayStore) -> None:
-        limit = 5  # outbox rows; grows toward EVENTS_PER_DISPATCH events per batch
+        limit = 1  # outbox rows (a bulk statement's are 1000 events); grows toward WORK_PER_DISPATCH
+        unchecked = 0  # work dispatched since the statistics were last checked
         while True:
             await self._reload(store)
             moved = await self._dispatch_once(store, limit)
             if moved is None:  # another relay is dispatching
                 await self._sleep(0.05)
                 continue
-            rows, events = moved
+            rows, work = moved
+            unchecked += work
+            if unchecked >= STATISTICS_EVERY:
+                unchecked = 0
+                await store.refresh_statistics(STATISTICS_EVERY)
             if rows:
-                limit = max(1, min(1000, EVENTS_PER_DISPATCH * rows // max(events, 1)))
+                limit = max(1, min(1000, WORK_PER_DISPATCH * rows // max(work, 1)))
                 if self._claimable:
                     self._work_ready.set()
                 continue
             await self._wait_for_wakeup(listen, store)
 
     async def _dispatch_once(self, store: RelayStore, limit: int) -> tuple[int, int] | None:
+        """Outbox rows taken and the work they made (events, or deliveries if more)."""
         leased: list[tuple[Any, ...]] = []
+        deliveries = 0
         async with store.conn.transaction():
             rows = await store.take_outbox(limit)
             if rows is None:
@@ -279,24 +308,28 @@ class Relay:
             if events:
                 await store.insert_events(
                     (e.id, e.hook, e.kind, e.row_key, e.body, e.occurred_at) for e in events)
-                leased = await self._insert_deliveries(store, events)
+                leased, deliveries = await self._insert_deliveries(store, events)
         metrics.dispatched(e.hook for e in events)
         # Sent only once the deliveries are committed: a send is always on record.
-        for row in leased:
-            self._queued[row[2]].append(row)
+        self._hold(leased)
         self._pump()
-        return len(rows), len(events)
+        return len(rows), max(len(events), deliveries)
 
-    async def _insert_deliveries(self, store: RelayStore, events: list[Any]) -> list[tuple[Any, ...]]:
+    async def _insert_deliveries(self, store: RelayStore, events: list[Any]
+                                 ) -> tuple[list[tuple[Any, ...]], int]:
         """Records the matching deliveries; returns the rows leased to this relay to
-        send at once (as many as each listener's window has room for)."""
+        send at once (as many as each listener's window has room for), and how many
+        deliveries were recorded."""
         by_hook: dict[str, list[Listener]] = defaultdict(list)
         for listener in self.listeners.values():
             by_hook[listener.hook].append(listener)
         held = self._held
-        room = {lid: PREFETCH * self.delivery.listener_concurrency - held[lid] for lid in self.listeners}
+        self._update_rates()
+        window = PREFETCH * self.delivery.listener_concurrency
+        room = {lid: max(window, min(MAX_DIRECT, int(self._rates.get(lid, 0) * DIRECT_SECONDS)))
+                - held[lid] for lid in self.listeners}
         seen_rows: set[tuple[int, str]] = set()
-        event_ids, listener_ids, row_keys, direct = [], [], [], []
+        event_ids, listener_ids, row_keys, direct, first = [], [], [], [], []
         for event in events:
             for listener in by_hook.get(event.hook, ()):
                 if not deepmatch(listener.rules, event.data) or (
@@ -311,21 +344,39 @@ class Relay:
                 listener_ids.append(listener.id)
                 row_keys.append(event.row_key)
                 direct.append(send_now)
+                first.append(first_of_row)
         if not event_ids:
-            return []
+            return [], 0
         bodies = {event.id: event.body for event in events}
-        leased = await store.insert_deliveries(event_ids, listener_ids, row_keys, direct, self.lease)
+        leased = await store.insert_deliveries(event_ids, listener_ids, row_keys, direct, first,
+                                               self.lease)
         if len(leased) < len(event_ids):  # some wait for the claim loop
             self._claimable = True
-        return [(d_id, e_id, l_id, attempt, bodies[e_id]) for d_id, e_id, l_id, attempt in leased]
+        return ([(d_id, e_id, l_id, attempt, bodies[e_id]) for d_id, e_id, l_id, attempt in leased],
+                len(event_ids))
 
-    def _forget_unregistering(self) -> None:
-        """Drops the last session's unregister task: its connection is gone, and so is
-        the waiter row (the backend ended), whatever the task's outcome."""
+    def _update_rates(self) -> None:
+        """Each listener's requests per second, smoothed, at most once a second."""
+        elapsed = time.monotonic() - self._rates_at
+        if elapsed < 1.0:
+            return
+        for listener_id in self._completed.keys() | self._rates.keys():
+            rate = self._completed.get(listener_id, 0) / elapsed
+            self._rates[listener_id] = (self._rates.get(listener_id, rate) + rate) / 2
+        self._completed.clear()
+        self._rates_at = time.monotonic()
+
+    async def _end_unregistering(self) -> None:
+        """Ends the unregister task before its connection is closed: closing a
+        connection under a statement in progress crashed psycopg (a segfault in CI, or
+        "connection pointer is NULL"). Its outcome does not matter: with the connection
+        goes the waiter row."""
         task, self._unregistering = self._unregistering, None
         if task is not None:
             task.cancel()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # retrieved, so that asyncio does not log it
 
     async def _wait_for_wakeup(self, listen: RelayStore, store: RelayStore) -> None:
         """Sleep until a trigger notifies; triggers notify only while we are registered."""
@@ -347,6 +398,7 @@ class Relay:
 
     async def _claim_loop(self, store: RelayStore) -> None:
         while True:
+            await self._renew_leases(store)
             wants, total = self._wants()
             if not wants:  # the window is full: wait for requests to finish
                 self._room.clear()
@@ -359,19 +411,43 @@ class Relay:
                 continue
             self._work_ready.clear()
             claimed = await store.claim_deliveries(wants, total, self.lease)
-            for row in claimed:
-                self._queued[row[2]].append(row)
+            self._hold(claimed)
             self._pump()
             if len(claimed) == min(total, sum(wants.values())):
                 continue  # there may be more due
             due, blocked = await store.seconds_until_due(
-                [i for i, lsn in self.listeners.items() if lsn.active])
+                [i for i, lsn in self.listeners.items() if lsn.active], IDLE_POLL)
             # Deliveries due but waiting behind an older one of their row are released
             # by its result (record sets _work_ready); otherwise sleep until the next is due.
             self._claimable = blocked
             self._until_due = IDLE_POLL if due is None else min(due, IDLE_POLL)
             if blocked:
                 await _wait(self._work_ready, self._until_due)
+
+    def _hold(self, rows: list[tuple[Any, ...]]) -> None:
+        """Queues leased deliveries (id, event_id, listener_id, attempt, body) to send."""
+        now = time.monotonic()
+        for row in rows:
+            self._queued[row[2]].append((*row, now))
+
+    async def _renew_leases(self, store: RelayStore) -> None:
+        """Leases again what has waited in the queues for a third of its lease: a
+        lease that lapsed before the send would let a claim take the delivery again
+        and send it twice (a burst's direct window follows the listener's rate, which
+        can fall). A few times per lease, one statement."""
+        now = time.monotonic()
+        if now - self._renewed_at < self.lease / 4:
+            return
+        self._renewed_at = now
+        old = now - self.lease / 3
+        stale = [(row[0], row[3]) for queue in self._queued.values() for row in queue
+                 if row[5] < old]
+        if not stale:
+            return
+        await store.renew_leases(stale, self.lease)
+        for listener_id, queue in self._queued.items():
+            self._queued[listener_id] = deque(
+                (*row[:5], now) if row[5] < old else row for row in queue)
 
     def _wants(self) -> tuple[dict[int, int], int]:
         """How many deliveries to claim per listener, and in all: claims keep up to
@@ -393,13 +469,22 @@ class Relay:
     def _pump(self) -> None:
         """Starts queued deliveries within the global and per-listener limits."""
         free = self.delivery.concurrency - sum(self._in_flight.values())
+        now = time.monotonic()
         for listener_id, queue in self._queued.items():
             listener = self.listeners.get(listener_id)
+            circuit = self._circuits.get(listener_id)
             while queue and free > 0 and (
                     self._in_flight[listener_id] < self.delivery.listener_concurrency):
-                delivery_id, event_id, _, attempt, body = queue.popleft()
                 if listener is None or not listener.active:
-                    self._released.append(delivery_id)  # removed or paused since the claim
+                    self._released.append(queue.popleft()[0])  # removed or paused since the claim
+                    continue
+                admitted = circuit.admits(now) if circuit else "send"
+                if admitted == "wait":
+                    break
+                delivery_id, event_id, _, attempt, body, _ = queue.popleft()
+                if admitted == "skip":
+                    assert circuit is not None
+                    self._skip(listener, delivery_id, attempt, circuit, now)
                     continue
                 self._in_flight[listener_id] += 1
                 free -= 1
@@ -428,6 +513,7 @@ class Relay:
                                retry_after=response.retry_after, retryable_error=response.retryable)
             if outcome.gone:
                 self._stop_sending(listener.id)
+            self._note_answer(listener.id, response)
             metrics.attempt(listener.hook, listener.id, attempt, outcome.status, response.duration_ms)
             if outcome.status != "delivered":
                 log.warning("listener %s event %s attempt %s: %s -> %s", listener.id, event_id,
@@ -439,8 +525,36 @@ class Relay:
                 response.code, response.error, response.duration_ms, response.body, outcome.gone))
         finally:
             self._in_flight[listener.id] -= 1
+            self._completed[listener.id] += 1
             self._pump()
             self._room.set()
+
+    def _note_answer(self, listener_id: int, response: Response) -> None:
+        """Keeps the listener's circuit (circuit.py) in step with its receiver."""
+        threshold = self.delivery.circuit_breaker
+        if not threshold:
+            return
+        if counts_as_failure(response.code, response.retryable):
+            circuit = self._circuits.setdefault(listener_id, Circuit())
+            if circuit.failed(response.error or f"HTTP {response.code}", time.monotonic(), threshold):
+                log.warning("listener %s: the last %s requests failed (last: %s); due deliveries "
+                            "are retried without a request for %g s, then one is sent as a probe",
+                            listener_id, circuit.failures, circuit.last_error, circuit.pause,
+                            extra={"listener_id": listener_id, "status": "circuit-open"})
+        elif response.code is not None:
+            closed = self._circuits.pop(listener_id, None)
+            if closed is not None and closed.open_until:
+                log.info("listener %s answers again (HTTP %s): circuit closed", listener_id,
+                         response.code, extra={"listener_id": listener_id, "status": "circuit-closed"})
+
+    def _skip(self, listener: Listener, delivery_id: int, attempt: int, circuit: Circuit,
+              now: float) -> None:
+        """An attempt recorded as failed without a request: the circuit is open."""
+        outcome = classify(None, attempt, self.delivery.retry_schedule)
+        metrics.attempt(listener.hook, listener.id, attempt, outcome.status, 0.0)
+        self._results.put_nowait(Result(delivery_id, attempt, listener.id, outcome.status,
+                                        outcome.retry_in, None, circuit.skip_error(now), 0.0,
+                                        None, False))
 
     def _stop_sending(self, listener_id: int) -> None:
         """410 Gone: at once, not when the disable is on record and reloaded, this
