@@ -1,6 +1,10 @@
 """Retention benchmark: table and index sizes under a steady load, with and without pruning.
 
     python bench/bench_retention.py [--dsn DSN | --own-server] [--rate 1000] [--minutes 4] [--keep 90]
+                                    [--baseline-minutes M] [--sample-every S]
+
+The long steady run in README: --own-server --minutes 60 --keep 300 --baseline-minutes 0
+--sample-every 60 (retention only; an hour of baseline would only show linear growth).
 
 Two runs in the same session, each on a scratch database (created from the DSN's
 server, dropped at the end; --own-server: a PostgreSQL of its own, initdb'd in a
@@ -13,10 +17,11 @@ delivers every change to one listener, a loopback receiver answers 200.
 - retention: everything finished is kept --keep seconds ([retention] *_days =
   keep / 86400), relays prune every 15 s.
 
-Every 15 s it samples the size of cdc_hooks.events, deliveries, attempts and
-outbox (heap + indexes, pg_total_relation_size), dead tuples, and the backlog.
-It reports the samples and two ratios: retention's final total size ÷ its size
-one retention period in (≈ 1: the tables stopped growing, space is reused),
+Every --sample-every s (default 15) it samples the size of cdc_hooks.events,
+deliveries, attempts and outbox (heap + indexes, pg_total_relation_size), dead
+tuples, the backlog and the relay's CPU (share of one core since the last sample).
+It reports the samples and two ratios: retention's growth over the last third of
+the run (≈ 1: the tables stopped growing, space is reused),
 and retention's final total ÷ the baseline's (how much it saves at this length).
 Autovacuum runs as configured by schema version 2 (migration 0002).
 """
@@ -46,7 +51,6 @@ from cdc_hooks import install as installer
 from cdc_hooks.config import load_config
 
 TABLES = ("events", "deliveries", "attempts", "outbox")
-SAMPLE_EVERY = 15.0
 
 
 class Receiver:
@@ -94,6 +98,11 @@ def writer(dsn: str, rate: int, seconds: float, stop: threading.Event) -> None:
             time.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sample(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for table in TABLES:
@@ -111,7 +120,7 @@ def sample(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 
 def run(server: str, mode: str, keep: float | None, rate: int, seconds: float,
-        receiver: Receiver) -> list[tuple[float, dict[str, Any]]]:
+        receiver: Receiver, every: float) -> list[tuple[float, dict[str, Any]]]:
     dbname = f"cdc_hooks_retention_bench_{os.getpid()}_{secrets.token_hex(3)}"
     with psycopg.connect(server, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
@@ -137,9 +146,12 @@ def run(server: str, mode: str, keep: float | None, rate: int, seconds: float,
             start = time.monotonic()
             thread.start()
             samples = []
+            cpu_before, at_before = 0.0, 0.0
             while thread.is_alive():
-                time.sleep(SAMPLE_EVERY - (time.monotonic() - start) % SAMPLE_EVERY)
-                samples.append((time.monotonic() - start, sample(conn)))
+                time.sleep(every - (time.monotonic() - start) % every)
+                at, cpu = time.monotonic() - start, cpu_seconds(relay.pid)
+                samples.append((at, sample(conn) | {"cpu": (cpu - cpu_before) / (at - at_before)}))
+                cpu_before, at_before = cpu, at
                 print(f"  {mode:9} {format_row(*samples[-1])}", flush=True)
             thread.join()
             return samples
@@ -159,7 +171,8 @@ def mb(size: int) -> str:
 def format_row(at: float, row: dict[str, Any]) -> str:
     sizes = " ".join(mb(row[t]) for t in TABLES)
     dead = " ".join(f"{row[t + '_dead']:8d}" for t in TABLES[:3])
-    return f"{at:6.0f} s {sizes} {mb(sum(row[t] for t in TABLES))}   {dead} {row['pending']:8d}"
+    return (f"{at:6.0f} s {sizes} {mb(sum(row[t] for t in TABLES))}   {dead} {row['pending']:8d}"
+            f" {row['cpu']:7.0%}")
 
 
 class OwnServer:
@@ -200,6 +213,9 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=1000, help="rows per second")
     parser.add_argument("--minutes", type=float, default=4.0)
     parser.add_argument("--keep", type=float, default=90.0, help="retention, seconds (>= 86.4)")
+    parser.add_argument("--baseline-minutes", type=float,
+                        help="length of the run without pruning (default --minutes; 0 skips it)")
+    parser.add_argument("--sample-every", type=float, default=15.0, help="seconds")
     args = parser.parse_args()
     server = OwnServer() if args.own_server else None
     try:
@@ -216,17 +232,22 @@ def bench(dsn: str, args: argparse.Namespace) -> int:
     print(f"server autovacuum: {autovacuum}")
     print(f"{args.rate} rows/s for {args.minutes:g} min; retention keeps {args.keep:g} s")
     print(f"  {'run':9} {'at':>8} {'events':>8} {'deliv':>8} {'attempts':>8} {'outbox':>8} "
-          f"{'total MB':>8}   {'dead ev':>8} {'dead del':>8} {'dead att':>8} {'backlog':>8}")
+          f"{'total MB':>8}   {'dead ev':>8} {'dead del':>8} {'dead att':>8} {'backlog':>8} "
+          f"{'relay CPU':>8}")
+    baseline_minutes = args.minutes if args.baseline_minutes is None else args.baseline_minutes
     results = {}
-    for mode, keep in (("baseline", None), ("retention", args.keep)):
-        results[mode] = run(dsn, mode, keep, args.rate, args.minutes * 60, receiver)
+    for mode, keep, minutes in (("baseline", None, baseline_minutes),
+                                ("retention", args.keep, args.minutes)):
+        if minutes > 0:
+            results[mode] = run(dsn, mode, keep, args.rate, minutes * 60, receiver,
+                                args.sample_every)
 
     def total(row: dict[str, Any]) -> int:
         return sum(row[t] for t in TABLES)
 
     def growth(samples: list[tuple[float, dict[str, Any]]]) -> float:
         """Total size at the end of the writes ÷ two thirds into them."""
-        end = max(at for at, _ in samples if at <= args.minutes * 60 + 1)
+        end = samples[-1][0]
         two_thirds = min(samples, key=lambda s: abs(s[0] - end * 2 / 3))[1]
         last = next(r for at, r in samples if at == end)
         return total(last) / max(1, total(two_thirds))
@@ -234,9 +255,11 @@ def bench(dsn: str, args: argparse.Namespace) -> int:
     for mode, samples in results.items():
         print(f"{mode}: growth over the last third of the run (size at the end ÷ two thirds "
               f"in): {growth(samples):.2f}  (1.00: stopped growing; 1.50: linear)")
-    print(f"retention ÷ baseline, size at the end: "
-          f"{total(results['retention'][-1][1]) / max(1, total(results['baseline'][-1][1])):.2f}")
-    print(f"receiver got {receiver.count} requests for {2 * args.rate * args.minutes * 60:.0f} rows")
+    if len(results) == 2 and baseline_minutes == args.minutes:
+        print(f"retention ÷ baseline, size at the end: "
+              f"{total(results['retention'][-1][1]) / max(1, total(results['baseline'][-1][1])):.2f}")
+    rows = args.rate * 60 * (args.minutes + baseline_minutes)
+    print(f"receiver got {receiver.count} requests for {rows:.0f} rows")
     return 0
 
 
