@@ -295,8 +295,22 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def pids(self) -> list[int]:
+        """This process and its children (a relay's other workers)."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = stat.read_text()
+                if int(text[text.rindex(")") + 2:].split()[1]) == self.pid:
+                    children.append(int(stat.parent.name))
+        return [self.pid, *children]
+
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return sum(map(cpu_seconds, self.pids()))
+
+    def memory_kb(self, key: str) -> int:
+        """VmRSS or VmHWM, summed over pids()."""
+        return sum(memory_kb(pid).get(key, 0) for pid in self.pids())
 
     def check(self) -> None:
         if not self.alive():
@@ -427,11 +441,13 @@ class Bench:
         self.receiver.reset(delay=delay, stamp=stamp)
 
     @contextmanager
-    def relay(self, *, wait_ready: bool = True) -> Iterator[Process]:
-        """A relay process; ready = registered as waiter (idle on LISTEN)."""
+    def relay(self, *, wait_ready: bool = True, workers: int | None = None) -> Iterator[Process]:
+        """A relay (`run --workers`, by default --workers of the command line); ready =
+        registered as waiter (idle on LISTEN)."""
         self._relays += 1
         relay = Process("relay", [sys.executable, "-m", "cdc_hooks", "--config",
-                                  str(self.config_file), "run"],
+                                  str(self.config_file), "run", "--workers",
+                                  str(workers or self.args.workers)],
                         self.workdir / f"relay-{self._relays}.log")
         try:
             if wait_ready:
@@ -575,8 +591,8 @@ class Profiler:
         self.notes: list[str] = []
         if spy_cmd:
             self.pyspy = subprocess.Popen(
-                [spy_cmd, "record", "--pid", str(relay.pid), "--rate", "200", "--nonblocking",
-                 "--format", "raw", "--output", str(self.out)],
+                [spy_cmd, "record", "--pid", str(relay.pid), "--subprocesses", "--rate", "200",
+                 "--nonblocking", "--format", "raw", "--output", str(self.out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         else:
             self.notes.append("py-spy not found: pip install py-spy")
@@ -892,7 +908,7 @@ def drain(bench: Bench, events: int) -> Drain:
     began = time.monotonic()
     with bench.relay(wait_ready=False) as relay:
         def sample() -> None:
-            rss[0] = max(rss[0], memory_kb(relay.pid).get("VmRSS", 0))
+            rss[0] = max(rss[0], relay.memory_kb("VmRSS"))
         profiler = (Profiler(bench, relay, f"backlog-{events}")
                     if bench.args.profile and events != REFERENCE_BACKLOG else None)
         try:
@@ -903,7 +919,7 @@ def drain(bench: Bench, events: int) -> Drain:
         finally:
             if profiler:
                 bench.profiles += profiler.finish()
-        peak = max(rss[0], memory_kb(relay.pid).get("VmHWM", 0))
+        peak = max(rss[0], relay.memory_kb("VmHWM"))
         arrived = bench.receiver.stats()["count"]
         if arrived < 10:
             raise BenchError(f"only {arrived} deliveries arrived\n{relay.log_tail()}")
@@ -961,23 +977,31 @@ def scenario_backlog(bench: Bench) -> list[Row]:
 
 
 def scenario_idle(bench: Bench) -> list[Row]:
+    """The bar is for `cdc-hooks run` as it comes (one worker); each added worker
+    is one more idle relay, shown beside it."""
     seconds = bench.args.idle_seconds
     bench.reset([{}])
-    with bench.relay() as relay:
-        time.sleep(2.0)  # past startup
-        backends = bench.backends()
-        before = (relay.cpu(), sum(map(cpu_seconds, backends)), scalar(bench.conn, "transactions"))
-        time.sleep(seconds)
-        relay.check()
-        after = (relay.cpu(), sum(map(cpu_seconds, backends)), scalar(bench.conn, "transactions"))
-        rss = memory_kb(relay.pid).get("VmRSS", 0)
-    cpu = 100 * (after[0] - before[0]) / seconds
-    return [Row(f"idle: relay CPU over {seconds} s (% of a core)", f"{cpu:.2f}%", bar="<= 1%",
-                ok=cpu <= 1.0),
-            Row("  idle: its PG backends' CPU; transactions/s in the database",
-                f"{100 * (after[1] - before[1]) / seconds:.2f}%; "
-                f"{(after[2] - before[2]) / seconds:.1f}/s"),
-            Row("  idle: relay RSS", f"{rss / 1024:.0f} MB")]
+    out = []
+    for workers in sorted({1, bench.args.workers}):
+        with bench.relay(workers=workers) as relay:
+            time.sleep(2.0)  # past startup
+            backends = bench.backends()
+            before = (relay.cpu(), sum(map(cpu_seconds, backends)),
+                      scalar(bench.conn, "transactions"))
+            time.sleep(seconds)
+            relay.check()
+            after = (relay.cpu(), sum(map(cpu_seconds, backends)),
+                     scalar(bench.conn, "transactions"))
+            rss = relay.memory_kb("VmRSS")
+        cpu = 100 * (after[0] - before[0]) / seconds
+        name = "idle" if workers == 1 else f"idle, --workers {workers}"
+        out += [Row(f"{name}: relay CPU over {seconds} s (% of a core)", f"{cpu:.2f}%",
+                    bar="<= 1%" if workers == 1 else "", ok=cpu <= 1.0 if workers == 1 else None),
+                Row(f"  {name}: its PG backends' CPU; transactions/s in the database",
+                    f"{100 * (after[1] - before[1]) / seconds:.2f}%; "
+                    f"{(after[2] - before[2]) / seconds:.1f}/s"),
+                Row(f"  {name}: relay RSS", f"{rss / 1024:.0f} MB")]
+    return out
 
 
 RUNNERS: dict[str, Callable[[Bench], list[Row]]] = {
@@ -1089,6 +1113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated scenarios of: {', '.join(SCENARIOS)}")
     parser.add_argument("--backlog", type=int, help="events queued in the backlog scenario")
     parser.add_argument("--profile", metavar="DIR", help="profile the relay during the bursts")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="cdc-hooks run --workers N (default: the machine's CPUs); the "
+                             "idle scenario also measures 1")
     parser.add_argument("--rev", help="benchmark cdc_hooks as committed at REV (e.g. HEAD), "
                         "not the work tree")
     args = parser.parse_args(argv)
@@ -1173,7 +1200,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {command}")
     print(f"machine: {machine(version)}")
     print(f"code: {code}")
-    print(f"relay: [delivery] concurrency = listener_concurrency = {CONCURRENCY}; "
+    print(f"relay: cdc-hooks run --workers {args.workers}, [delivery] concurrency = "
+          f"listener_concurrency = {CONCURRENCY} (split among the workers); "
           f"baseline: bare aiohttp client at {CONCURRENCY} in flight, mean of a run just "
           f"before and one just after each burst; total {time.monotonic() - began:.0f} s")
     print(f"load average (1 min) before / after: {load_before} / {load_average()} "

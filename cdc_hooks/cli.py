@@ -287,13 +287,16 @@ def _seconds(value: Any) -> str:
               help="Also serve the web interface and REST API from this process.")
 @click.option("--metrics", "metrics_bind", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Relay processes, to use more than one core; [delivery] concurrency and "
+                   "listener_concurrency are split among them.")
 @pass_context
 @friendly_errors
-def run(ctx: Context, web_bind: str | None, metrics_bind: str | None) -> None:
+def run(ctx: Context, web_bind: str | None, metrics_bind: str | None, workers: int) -> None:
     """Run the relay until SIGTERM/SIGINT."""
     config = ctx.config()
     configure_logging()
-    run_forever(config, web=web_bind, metrics_bind=metrics_bind)
+    run_forever(config, web=web_bind, metrics_bind=metrics_bind, workers=workers)
 
 
 @main.command()

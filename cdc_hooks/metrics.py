@@ -73,6 +73,32 @@ class _Stats:
 
 
 STATS = _Stats()
+# The latest counters of the other workers of `run --workers N`, by worker number
+# (relay/workers.py): /metrics adds them to this process's.
+WORKERS: dict[int, _Stats] = {}
+
+
+def _all_workers() -> _Stats:
+    if not WORKERS:
+        return STATS
+    parts = [STATS, *list(WORKERS.values())]
+    total = _Stats()
+    for part in parts:
+        for hook, count in list(part.events.items()):
+            total.events[hook] = total.events.get(hook, 0) + count
+        for key, stats in list(part.listeners.items()):
+            into = total.listeners.setdefault(key, _ListenerStats())
+            for outcome, count in stats.outcomes.items():
+                into.outcomes[outcome] += count
+            into.retries += stats.retries
+            into.buckets = [a + b for a, b in zip(into.buckets, stats.buckets, strict=True)]
+            into.seconds += stats.seconds
+        total.reconnects += part.reconnects
+    connected = [p.connected for p in parts if p.connected is not None]
+    total.connected = all(connected) if connected else None
+    lags = [p.loop_lag for p in parts if p.loop_lag is not None]
+    total.loop_lag = max(lags) if lags else None
+    return total
 
 
 def dispatched(hooks: Iterable[str]) -> None:
@@ -142,9 +168,10 @@ class RelayCollector(Collector):
     the snapshots are C-level copies, atomic under the GIL)."""
 
     def collect(self) -> Iterator[Any]:
+        totals = _all_workers()
         yield _counter("events_dispatched", "Events recorded from captured changes, by hook",
-                       ["hook"], [([h], n) for h, n in list(STATS.events.items())])
-        listeners = [([hook, str(lid)], stats) for (hook, lid), stats in list(STATS.listeners.items())]
+                       ["hook"], [([h], n) for h, n in list(totals.events.items())])
+        listeners = [([hook, str(lid)], stats) for (hook, lid), stats in list(totals.listeners.items())]
         yield _counter("deliveries", "Delivery attempt results: delivered, retry (failed, "
                        "retried later), dead (failed, no retries left)", ["hook", "listener", "outcome"],
                        [([*labels, o], n) for labels, s in listeners for o, n in s.outcomes.items()])
@@ -154,8 +181,8 @@ class RelayCollector(Collector):
                        ["hook", "listener"], [(labels, s.outcomes["dead"]) for labels, s in listeners])
         yield _attempt_histogram(listeners)
         yield _counter("database_reconnects", "Relay database sessions lost, then reconnected with "
-                       "backoff (each failed attempt counts)", [], [([], STATS.reconnects)])
-        yield from _relay_gauges()
+                       "backoff (each failed attempt counts)", [], [([], totals.reconnects)])
+        yield from _relay_gauges(totals)
 
 
 def _counter(name: str, documentation: str, labels: list[str],
@@ -181,14 +208,16 @@ def _attempt_histogram(listeners: list[tuple[list[str], _ListenerStats]]) -> His
     return family
 
 
-def _relay_gauges() -> Iterator[GaugeMetricFamily]:
-    if STATS.connected is not None:
+def _relay_gauges(stats: _Stats) -> Iterator[GaugeMetricFamily]:
+    if stats.connected is not None:
         yield GaugeMetricFamily("cdc_hooks_relay_database_connected",
-                                "1 while the relay's database session is up", value=int(STATS.connected))
-    if STATS.loop_lag is not None:
+                                "1 while the relay's database sessions are up (every worker's)",
+                                value=int(stats.connected))
+    if stats.loop_lag is not None:
         yield GaugeMetricFamily("cdc_hooks_relay_loop_lag_seconds",
-                                "How late the relay's event loop ran its latest 1 s timer",
-                                value=STATS.loop_lag)
+                                "How late the relay's event loop ran its latest 1 s timer "
+                                "(the latest worst of the workers)",
+                                value=stats.loop_lag)
 
 
 class BacklogCollector(Collector):

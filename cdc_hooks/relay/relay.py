@@ -18,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from typing import Any
 
 import psycopg
 
-from .. import jsoncodec, maintenance, metrics
+from .. import jsoncodec, logs, maintenance, metrics
 from ..config import Config
 from ..db import InstalledHook, RelayStore, describe_dsn, migrations
 from ..errors import CdcHooksError, DatabaseUnavailable
@@ -36,6 +38,7 @@ from .circuit import Circuit, counts_as_failure
 from .events import expand
 from .http import Response, Sender
 from .retry import classify
+from .workers import Workers, report_metrics, share
 
 log = logging.getLogger("cdc_hooks.relay")
 
@@ -132,6 +135,11 @@ class Relay:
         self.sender: Sender | None = None
 
     # Lifecycle -----------------------------------------------------------
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once stop() was called."""
+        return self._stopping
 
     def stop(self) -> None:
         """Stop taking work; in-flight requests finish within a bound."""
@@ -659,10 +667,14 @@ class _Stopped(Exception):
     """Ends a connected session when the relay is asked to stop."""
 
 
-def run_forever(config: Config, web: str | None = None, metrics_bind: str | None = None) -> None:
+def run_forever(config: Config, web: str | None = None, metrics_bind: str | None = None,
+                workers: int = 1, report_to: Connection | None = None) -> None:
     """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop); with
     web=HOST:PORT it also serves the web interface in the same event loop, with
-    metrics_bind=HOST:PORT Prometheus metrics (both also serve /metrics)."""
+    metrics_bind=HOST:PORT Prometheus metrics (both also serve /metrics). With
+    workers > 1, that many relays in as many processes (relay/workers.py); this
+    process is the first, and reports for all. report_to: this process is one of
+    the others, reporting its metrics there."""
     import signal
 
     servers: list[Any] = []  # each binds now: a bad address fails before the relay starts
@@ -674,16 +686,36 @@ def run_forever(config: Config, web: str | None = None, metrics_bind: str | None
         servers.append(metrics.MetricsServer(config, metrics_bind))
 
     async def main() -> None:
-        relay = Relay(config)
+        relay = Relay(share(config, workers))
+        others = Workers(config, workers - 1, run_worker) if workers > 1 else None
 
         def stop() -> None:
             relay.stop()
             for server in servers:
                 server.stop()
+            if others is not None:
+                others.stop()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        await asyncio.gather(relay.run(), *(server.serve() for server in servers))
+        jobs = [relay.run(), *(server.serve() for server in servers)]
+        if others is not None:
+            jobs.append(others.watch(stop))
+        if report_to is not None:
+            jobs.append(report_metrics(report_to, relay.stopping, stop))
+        await asyncio.gather(*jobs)
+        if others is not None and others.failure:
+            raise CdcHooksError(others.failure)
 
     asyncio.run(main())
+
+
+def run_worker(config: Config, log_format: str, report_to: Connection) -> None:
+    """A worker process of ``run --workers N`` other than the first."""
+    logs.configure(log_format)
+    try:
+        run_forever(config, report_to=report_to)
+    except CdcHooksError as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)
