@@ -8,7 +8,6 @@ only the named queries of sql/queries.sql and the files of sql/migrations.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from . import jsoncodec
 from .errors import DatabaseUnavailable
 
 SCHEMA = "cdc_hooks"
@@ -429,15 +429,13 @@ class RelayStore:
             for row in rows:
                 await copy.write_row(row)
 
-    async def insert_deliveries(self, event_ids: Sequence[int], listener_ids: Sequence[int],
-                                row_keys: Sequence[str | None], direct: Sequence[bool],
-                                first: Sequence[bool], lease: float) -> list[tuple[Any, ...]]:
-        """Inserts deliveries (first: the first of its row and listener in the batch);
-        returns (id, event_id, listener_id, attempt) of those leased to this relay."""
+    async def insert_deliveries(self, deliveries: Sequence[tuple[int, int, str | None, bool, bool]],
+                                lease: float) -> list[tuple[Any, ...]]:
+        """Inserts deliveries (event_id, listener_id, row_key, direct, first: the first
+        of its row and listener in the batch); returns (id, event_id, listener_id,
+        attempt) of those leased to this relay."""
         rows = await self.run("insert_deliveries", {
-            "event_ids": list(event_ids), "listener_ids": list(listener_ids),
-            "row_keys": list(row_keys), "direct": list(direct), "first": list(first),
-            "lease": lease})
+            "deliveries": jsoncodec.dumps_rows(deliveries), "lease": lease})
         return [r for r in rows if r[3] == 1]
 
     async def refresh_statistics(self, min_changes: int) -> None:
@@ -458,7 +456,7 @@ class RelayStore:
     async def record_results(self, results: Sequence[Any]) -> None:
         rows = [[r.delivery_id, r.attempt, r.status, r.retry_in, r.code, r.error,
                  r.duration_ms, r.response] for r in results]
-        await self.run("record_results", {"results": json.dumps(rows)})
+        await self.run("record_results", {"results": jsoncodec.dumps_rows(rows)})
 
     async def renew_leases(self, deliveries: Sequence[tuple[int, int]], lease: float) -> None:
         """(id, attempt) of deliveries still held by this relay: leased `lease` s more."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -29,6 +30,17 @@ def dumps_decoded(value: Any) -> str:
         return orjson.dumps(value, default=_exact_number).decode()
     except orjson.JSONEncodeError:
         return dumps(value)
+
+
+def dumps_rows(rows: Any) -> str:
+    """Rows of plain values (numbers, strings, booleans, None) as one JSON array,
+    for a single statement parameter: psycopg dumps a large array parameter element
+    by element in Python, orjson the whole batch in C. A string orjson refuses (a
+    lone surrogate) goes through the standard library."""
+    try:
+        return orjson.dumps(rows).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(rows)
 
 
 def _exact_number(value: Any) -> Any:

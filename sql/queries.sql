@@ -139,6 +139,7 @@ COPY cdc_hooks.events (id, hook, kind, row_key, body, occurred_at) FROM STDIN;
 -- of their row is still pending for the listener (per-row order): such a
 -- delivery, or one after another of its row in this batch (first = false), is
 -- queued behind, and claims check its turn. Returns the leased ones.
+-- deliveries: one JSON array of [event_id, listener_id, row_key, direct, first].
 INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key, attempts, next_attempt_at,
                                   queued_behind)
 SELECT x.event_id, x.listener_id, x.row_key, (x.direct AND NOT x.behind)::int,
@@ -151,9 +152,9 @@ FROM (
                SELECT 1 FROM cdc_hooks.deliveries e
                WHERE e.listener_id = u.listener_id AND e.row_key = u.row_key
                  AND e.status = 'pending')) AS behind
-    FROM unnest(%(event_ids)s::bigint[], %(listener_ids)s::bigint[], %(row_keys)s::text[],
-                %(direct)s::bool[], %(first)s::bool[])
-         AS u (event_id, listener_id, row_key, direct, first)
+    FROM (SELECT (r ->> 0)::bigint AS event_id, (r ->> 1)::bigint AS listener_id,
+                 r ->> 2 AS row_key, (r ->> 3)::bool AS direct, (r ->> 4)::bool AS first
+          FROM json_array_elements(%(deliveries)s::json) AS r) AS u
 ) x
 RETURNING id, event_id, listener_id, attempts;
 

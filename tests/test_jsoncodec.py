@@ -3,12 +3,13 @@ for every value loads can make: the body a listener gets does not depend on whic
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_hooks.jsoncodec import dumps, dumps_decoded, loads
+from cdc_hooks.jsoncodec import dumps, dumps_decoded, dumps_rows, loads
 
 json_numbers = st.integers() | st.decimals(allow_nan=False, allow_infinity=False)
 json_values = st.recursive(
@@ -28,3 +29,10 @@ def test_numbers_keep_their_digits() -> None:
     decoded = loads('{"a": 12.50, "b": 1E+400, "c": -0.0, "d": 123456789012345678901234567890}')
     assert dumps_decoded(decoded) == '{"a":12.50,"b":1E+400,"c":-0.0,"d":123456789012345678901234567890}'
     assert dumps_decoded([Decimal("0.1")]) == "[0.1]"
+
+
+def test_dumps_rows_is_json_and_takes_what_orjson_refuses() -> None:
+    rows = [(1, 2, "k\u00e9y", True, False), (3, 4, None, False, True)]
+    assert json.loads(dumps_rows(rows)) == [list(row) for row in rows]
+    lone = "\udc80"  # orjson refuses a lone surrogate; the statement still gets JSON
+    assert json.loads(dumps_rows([[1, lone]])) == [[1, lone]]

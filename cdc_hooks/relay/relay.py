@@ -346,7 +346,7 @@ class Relay:
         room = {lid: max(window, min(MAX_DIRECT, int(self._rates.get(lid, 0) * DIRECT_SECONDS)))
                 - held[lid] for lid in self.listeners}
         seen_rows: set[tuple[int, str]] = set()
-        event_ids, listener_ids, row_keys, direct, first = [], [], [], [], []
+        deliveries: list[tuple[int, int, str | None, bool, bool]] = []
         for event in events:
             for listener in by_hook.get(event.hook, ()):
                 if not deepmatch(listener.rules, event.data) or (
@@ -357,20 +357,15 @@ class Relay:
                     seen_rows.add((listener.id, event.row_key))
                 send_now = listener.active and first_of_row and room[listener.id] > 0
                 room[listener.id] -= send_now
-                event_ids.append(event.id)
-                listener_ids.append(listener.id)
-                row_keys.append(event.row_key)
-                direct.append(send_now)
-                first.append(first_of_row)
-        if not event_ids:
+                deliveries.append((event.id, listener.id, event.row_key, send_now, first_of_row))
+        if not deliveries:
             return [], 0
         bodies = {event.id: event.body for event in events}
-        leased = await store.insert_deliveries(event_ids, listener_ids, row_keys, direct, first,
-                                               self.lease)
-        if len(leased) < len(event_ids):  # some wait for the claim loop
+        leased = await store.insert_deliveries(deliveries, self.lease)
+        if len(leased) < len(deliveries):  # some wait for the claim loop
             self._claimable = True
         return ([(d_id, e_id, l_id, attempt, bodies[e_id]) for d_id, e_id, l_id, attempt in leased],
-                len(event_ids))
+                len(deliveries))
 
     def _update_rates(self) -> None:
         """Each listener's requests per second, smoothed, at most once a second."""
