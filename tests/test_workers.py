@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from ops import add_listener, scrape, value, wait_settled
-from receivers import free_port, wait_until
+from receivers import Reply, free_port, wait_until
 
 from cdc_hooks import metrics
 from cdc_hooks.config import Config, DeliveryConfig
@@ -68,6 +69,20 @@ def test_workers_deliver_once_each_and_metrics_count_every_worker(conn, setup, c
     assert relay.terminate(timeout=20) == 0, relay.log()
     assert not alive(worker)
     assert "Traceback" not in relay.log()
+
+
+def test_workers_split_the_listener_limit(conn, setup, cli, receiver, start_relay):
+    config = setup("listener_concurrency = 4\n")  # in [delivery]: 2 per worker
+    add_listener(cli, config, receiver.url("/slow"))
+    receiver.set_default("/slow", Reply(200, delay=1.5))
+    relay = start_relay(config, "--workers", "2")
+    assert relay.proc is not None
+    wait_until(lambda: workers(relay.proc.pid) and relay_sessions(conn) >= 8,
+               message="the second worker connected")
+    conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 20) i")
+    receiver.wait_for_arrivals(4)
+    time.sleep(0.4)  # a fifth request could only start before the first ones end if over the limit
+    assert receiver.arrivals == 4
 
 
 def test_a_worker_that_dies_stops_the_command_with_status_1(setup, start_relay):

@@ -681,8 +681,9 @@ def run_forever(config: Config, web: str | None = None, metrics_bind: str | None
         servers.append(metrics.MetricsServer(config, metrics_bind))
 
     async def main() -> None:
-        relay = Relay(share(config, workers))
-        others = Workers(config, workers - 1, run_worker) if workers > 1 else None
+        mine = share(config, workers)  # each worker's share of the limits
+        relay = Relay(mine)
+        others = Workers(mine, workers - 1, run_worker) if workers > 1 else None
 
         def stop() -> None:
             relay.stop()
