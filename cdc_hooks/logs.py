@@ -17,6 +17,7 @@ from typing import Any
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [worker %(worker)s]: %(message)s"
 
 # Attributes every LogRecord has: anything else on a record came from extra=
 # (but uvicorn's color_message: the message again, with terminal escapes).
@@ -63,3 +64,22 @@ def configure(log_format: str = "text", level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class _WorkerLabel(logging.Filter):
+    def __init__(self, number: int) -> None:
+        super().__init__()
+        self.number = number
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.number
+        return True
+
+
+def label_worker(number: int) -> None:
+    """Marks what this process logs as worker `number`'s (run --workers N): in text
+    after the logger's name, in JSON as a "worker" field."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerLabel(number))
+        if not isinstance(handler.formatter, JsonFormatter):
+            handler.setFormatter(logging.Formatter(WORKER_TEXT_FORMAT))

@@ -69,6 +69,8 @@ def test_workers_deliver_once_each_and_metrics_count_every_worker(conn, setup, c
     assert relay.terminate(timeout=20) == 0, relay.log()
     assert not alive(worker)
     assert "Traceback" not in relay.log()
+    for number in (1, 2):  # each worker's lines say whose they are
+        assert f"cdc_hooks.relay [worker {number}]: relay connected" in relay.log()
 
 
 def test_workers_split_the_listener_limit(conn, setup, cli, receiver, start_relay):

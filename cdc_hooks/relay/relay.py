@@ -683,7 +683,10 @@ def run_forever(config: Config, web: str | None = None, metrics_bind: str | None
     async def main() -> None:
         mine = share(config, workers)  # each worker's share of the limits
         relay = Relay(mine)
-        others = Workers(mine, workers - 1, run_worker) if workers > 1 else None
+        others = None
+        if workers > 1:
+            logs.label_worker(1)
+            others = Workers(mine, workers - 1, run_worker)
 
         def stop() -> None:
             relay.stop()
@@ -707,9 +710,10 @@ def run_forever(config: Config, web: str | None = None, metrics_bind: str | None
     asyncio.run(main())
 
 
-def run_worker(config: Config, log_format: str, report_to: Connection) -> None:
+def run_worker(config: Config, number: int, log_format: str, report_to: Connection) -> None:
     """A worker process of ``run --workers N`` other than the first."""
     logs.configure(log_format)
+    logs.label_worker(number)
     try:
         run_forever(config, report_to=report_to)
     except CdcHooksError as exc:

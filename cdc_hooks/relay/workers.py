@@ -38,10 +38,10 @@ def share(config: Config, workers: int) -> Config:
 
 class Workers:
     """The other workers of this command (this process is the first): spawned at
-    once, each running ``target(config, log_format, pipe)``; stop() ends them."""
+    once, each running ``target(config, number, log_format, pipe)``; stop() ends them."""
 
     def __init__(self, config: Config, count: int,
-                 target: Callable[[Config, str, Connection], None]) -> None:
+                 target: Callable[[Config, int, str, Connection], None]) -> None:
         # spawn, not fork: this process already holds sockets and threads.
         context = multiprocessing.get_context("spawn")
         self._timeout = config.delivery.timeout
@@ -50,7 +50,8 @@ class Workers:
         self.failure: str | None = None
         for number in range(2, count + 2):
             receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=target, args=(config, logs.current_format(), send),
+            process = context.Process(target=target,
+                                      args=(config, number, logs.current_format(), send),
                                       name=f"cdc-hooks relay worker {number}", daemon=True)
             process.start()
             send.close()
