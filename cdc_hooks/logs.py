@@ -45,18 +45,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-_format = "text"
-
-
-def current_format() -> str:
-    """The format configure() set last (worker processes log in it too)."""
-    return _format
-
-
 def configure(log_format: str = "text", level: int = logging.INFO) -> None:
     """Routes every logger (ours, uvicorn's, aiohttp's) to stderr in the given format."""
-    global _format
-    _format = log_format
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
@@ -83,3 +73,9 @@ def label_worker(number: int) -> None:
         handler.addFilter(_WorkerLabel(number))
         if not isinstance(handler.formatter, JsonFormatter):
             handler.setFormatter(logging.Formatter(WORKER_TEXT_FORMAT))
+
+
+def current_format() -> str:
+    """The format configure() set (worker processes log in it too)."""
+    json_handlers = (h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter))
+    return "json" if any(json_handlers) else "text"

@@ -48,8 +48,8 @@ class Sender:
             # A receiver's cookies are never sent back, to it or to another listener's URL.
             cookie_jar=aiohttp.DummyCookieJar(),
             # One deadline for connecting, sending and reading the response, so a
-            # receiver dripping bytes cannot stretch it (a per-request
-            # asyncio.timeout cost a tenth of the request's CPU).
+            # receiver dripping bytes cannot stretch it; no asyncio.timeout on top
+            # of it, a second timer per request.
             timeout=aiohttp.ClientTimeout(total=timeout),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),

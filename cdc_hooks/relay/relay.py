@@ -117,8 +117,6 @@ class Relay:
         # attempt, body). A fixed pool, not a task per delivery: creating and ending
         # a task cost a sixth of a request's CPU.
         self._sends: asyncio.Queue[tuple[Listener, int, int, int, str]] = asyncio.Queue()
-        self._sending = 0  # requests under way
-        self._all_sent = asyncio.Event()  # set when the last request under way ends
         self._senders: list[asyncio.Task[None]] = []
         self._results: asyncio.Queue[Result] = asyncio.Queue()
         self._unrecorded: list[Result] = []
@@ -516,7 +514,6 @@ class Relay:
         """One of the pool's senders: sends admitted deliveries one at a time."""
         while True:
             job = await self._sends.get()
-            self._sending += 1
             try:
                 await self._deliver(*job)
             except Exception:  # a bug must not shrink the pool: log it, send on
@@ -543,9 +540,6 @@ class Relay:
                 delivery_id, attempt, listener.id, outcome.status, outcome.retry_in,
                 response.code, response.error, response.duration_ms, response.body, outcome.gone))
         finally:
-            self._sending -= 1
-            if not self._sending:
-                self._all_sent.set()
             self._in_flight[listener.id] -= 1
             self._completed[listener.id] += 1
             self._pump()
@@ -627,9 +621,10 @@ class Relay:
             listener, delivery_id, *_ = self._sends.get_nowait()
             self._released.append(delivery_id)
             self._in_flight[listener.id] -= 1
-        if self._sending:
-            self._all_sent.clear()
-            await _wait(self._all_sent, self.delivery.timeout + 1)
+        deadline = time.monotonic() + self.delivery.timeout + 1
+        while sum(self._in_flight.values()) and time.monotonic() < deadline:
+            self._room.clear()  # set as each request ends
+            await _wait(self._room, deadline - time.monotonic())
         for task in self._senders:  # a request still under way: its lease will lapse
             task.cancel()
 
