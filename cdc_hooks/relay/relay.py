@@ -50,11 +50,6 @@ RELOAD_EVERY = 1.0  # seconds: listener and hook changes reach the relay this fa
 RECORD_BATCH = 1000
 RECORD_GATHER = 0.01  # seconds a batch of results may gather before it is recorded
 PREFETCH = 8  # deliveries claimed ahead, as a multiple of the concurrency
-# Dispatch sends a listener's new deliveries itself (no claim) up to what it
-# delivers in this many seconds, at most MAX_DIRECT: a burst then costs one
-# UPDATE per delivery less, and queued deliveries go out long before their lease ends.
-DIRECT_SECONDS = 5.0
-MAX_DIRECT = 10_000
 STATISTICS_EVERY = 5000  # events dispatched between checks of the planner's statistics
 MAX_BACKOFF = 10.0
 # What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
@@ -126,9 +121,6 @@ class Relay:
         self._connected_at: float | None = None
         self._gone: set[int] = set()  # answered 410: sent nothing more until disabled on record
         self._circuits: dict[int, Circuit] = {}  # listeners whose last requests failed
-        self._completed: dict[int, int] = defaultdict(int)  # requests ended, per listener
-        self._rates: dict[int, float] = {}  # requests ended per second, per listener
-        self._rates_at = time.monotonic()
         self.delivered = 0
         self.sender: Sender | None = None
 
@@ -338,11 +330,11 @@ class Relay:
         by_hook: dict[str, list[Listener]] = defaultdict(list)
         for listener in self.listeners.values():
             by_hook[listener.hook].append(listener)
+        # Up to the claim window, not more: what dispatch sends itself is this
+        # process's alone, and the other relays must find the rest to claim.
         held = self._held
-        self._update_rates()
         window = PREFETCH * self.delivery.listener_concurrency
-        room = {lid: max(window, min(MAX_DIRECT, int(self._rates.get(lid, 0) * DIRECT_SECONDS)))
-                - held[lid] for lid in self.listeners}
+        room = {lid: window - held[lid] for lid in self.listeners}
         seen_rows: set[tuple[int, str]] = set()
         deliveries: list[tuple[int, int, str | None, bool, bool]] = []
         for event in events:
@@ -364,17 +356,6 @@ class Relay:
             self._claimable = True
         return ([(d_id, e_id, l_id, attempt, bodies[e_id]) for d_id, e_id, l_id, attempt in leased],
                 len(deliveries))
-
-    def _update_rates(self) -> None:
-        """Each listener's requests per second, smoothed, at most once a second."""
-        elapsed = time.monotonic() - self._rates_at
-        if elapsed < 1.0:
-            return
-        for listener_id in self._completed.keys() | self._rates.keys():
-            rate = self._completed.get(listener_id, 0) / elapsed
-            self._rates[listener_id] = (self._rates.get(listener_id, rate) + rate) / 2
-        self._completed.clear()
-        self._rates_at = time.monotonic()
 
     async def _end_unregistering(self) -> None:
         """Ends the unregister task before its connection is closed: closing a
@@ -443,8 +424,9 @@ class Relay:
     async def _renew_leases(self, store: RelayStore) -> None:
         """Leases again what has waited in the queues for a third of its lease: a
         lease that lapsed before the send would let a claim take the delivery again
-        and send it twice (a burst's direct window follows the listener's rate, which
-        can fall). A few times per lease, one statement."""
+        and send it twice (a listener's queue can wait longer than its own requests
+        take: other listeners share the concurrency, an open circuit holds it). A few
+        times per lease, one statement."""
         now = time.monotonic()
         if now - self._renewed_at < self.lease / 4:
             return
@@ -541,7 +523,6 @@ class Relay:
                 response.code, response.error, response.duration_ms, response.body, outcome.gone))
         finally:
             self._in_flight[listener.id] -= 1
-            self._completed[listener.id] += 1
             self._pump()
             self._room.set()
 
