@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import jsoncodec
 from ..db import InstalledHook
@@ -19,7 +19,7 @@ from ..match import strict_equal
 CHUNK = 1000  # rows per outbox row at most; event id = outbox id * CHUNK + position
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per event
 class Event:
     id: int
     hook: str
@@ -31,13 +31,19 @@ class Event:
     for_listener: int | None = None  # a backfill's --listener: deliveries for it only
 
 
+class Stamp(NamedTuple):
+    at: datetime
+    text: str  # ISO 8601, as in the body
+
+
 def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: str,
            occurred_at: datetime) -> Iterator[Event]:
     """The events of one outbox row (none for updates filtered by when_changed)."""
     payload = jsoncodec.loads(payload_text)
+    stamp = Stamp(occurred_at, occurred_at.isoformat())  # once per outbox row, not per event
     if "data" in payload:  # a custom hook's send()
         yield _event(outbox_id * CHUNK, hook.name if hook else kind, kind, None,
-                     payload["data"], None, None, occurred_at)
+                     payload["data"], None, None, stamp)
         return
     if hook is None:  # outbox rows of a hook removed since: nothing to decode them with
         return
@@ -60,8 +66,7 @@ def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: 
                 old_key = previous_key
             elif not any(c in changes for c in hook.when_changed):
                 continue
-        event = _event(outbox_id * CHUNK + i, hook.name, kind, key, data, changes, old_key,
-                       occurred_at)
+        event = _event(outbox_id * CHUNK + i, hook.name, kind, key, data, changes, old_key, stamp)
         # A backfill ('read', cdc_hooks/backfill.py) may be for one listener.
         yield event if payload.get("listener") is None else replace(
             event, for_listener=int(payload["listener"]))
@@ -76,7 +81,7 @@ def _rows(columns: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
 
 def _event(event_id: int, hook: str, kind: str, key: dict[str, Any] | None,
            data: dict[str, Any], changes: dict[str, Any] | None,
-           old_key: dict[str, Any] | None, occurred_at: datetime) -> Event:
+           old_key: dict[str, Any] | None, stamp: Stamp) -> Event:
     body: dict[str, Any] = {
         "id": f"evt_{event_id}",
         "hook": hook,
@@ -84,11 +89,11 @@ def _event(event_id: int, hook: str, kind: str, key: dict[str, Any] | None,
         "created": kind == "insert",
         "key": key,
         "data": data,
-        "occurred_at": occurred_at.isoformat(),
+        "occurred_at": stamp.text,
     }
     if changes is not None:
         body["changes"] = changes
     if old_key is not None:
         body["old_key"] = old_key
     row_key = None if key is None else jsoncodec.dumps_decoded(sorted(key.items()))
-    return Event(event_id, hook, kind, row_key, data, jsoncodec.dumps_decoded(body), occurred_at)
+    return Event(event_id, hook, kind, row_key, data, jsoncodec.dumps_decoded(body), stamp.at)

@@ -68,7 +68,7 @@ class Listener:
     backfill: bool = True  # False: opted out of backfill ('read') events
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
 class Result:
     delivery_id: int
     attempt: int
