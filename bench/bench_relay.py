@@ -106,6 +106,7 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 APP = "cdc_hooks_bench"  # application_name of the benchmark's own connections
 HOOK = "bench_items"
 CONCURRENCY = 64
+RELAY_CONNECTIONS = 4  # a relay process's sessions: listen, dispatch, claim, record (relay.py)
 SLOW_DELAY = 0.05
 LATENCY_RATE = 200
 REFERENCE_BACKLOG = 20_000
@@ -443,15 +444,17 @@ class Bench:
     @contextmanager
     def relay(self, *, wait_ready: bool = True, workers: int | None = None) -> Iterator[Process]:
         """A relay (`run --workers`, by default --workers of the command line); ready =
-        registered as waiter (idle on LISTEN)."""
+        every worker connected (RELAY_CONNECTIONS each, so that backends() finds them
+        all) and one registered as waiter (idle on LISTEN)."""
         self._relays += 1
+        workers = workers or self.args.workers
         relay = Process("relay", [sys.executable, "-m", "cdc_hooks", "--config",
-                                  str(self.config_file), "run", "--workers",
-                                  str(workers or self.args.workers)],
+                                  str(self.config_file), "run", "--workers", str(workers)],
                         self.workdir / f"relay-{self._relays}.log")
         try:
             if wait_ready:
-                self.until(lambda: scalar(self.conn, "relay_waiting") > 0, 30,
+                self.until(lambda: len(self.backends()) >= RELAY_CONNECTIONS * workers
+                           and scalar(self.conn, "relay_waiting") > 0, 30,
                            "the relay to connect and wait for work", relay)
             yield relay
         finally:
