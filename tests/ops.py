@@ -4,20 +4,16 @@ prometheus-client's own parser, and the schema both test files use."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from click.testing import Result
 from prometheus_client.parser import text_string_to_metric_families
-from receivers import RelayProcess, wait_until
+from receivers import wait_until
 
 from cdc_hooks.config import Config
 
@@ -42,25 +38,6 @@ TOKEN = "metrics-test-token-0123456789"
 
 Cli = Callable[..., Result]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-class CliRelay(RelayProcess):
-    """`python -m cdc_hooks [GLOBAL...] --config FILE run [RUN...]`, output to a log file."""
-
-    def __init__(self, config_path: Path, log_path: Path, global_args: tuple[str, ...] = (),
-                 run_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
-        super().__init__(config_path, log_path)
-        self.global_args, self.run_args, self.env = global_args, run_args, env or {}
-
-    def start(self) -> CliRelay:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cdc_hooks", *self.global_args, "--config", str(self.config_path),
-                 "run", *self.run_args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-            )
-        return self
 
 
 def add_listener(cli: Cli, config: Config, url: str, *options: str) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from ops import DELIVERY, HOOKS, TABLE, CliRelay
-from receivers import wait_until
+from ops import DELIVERY, HOOKS, TABLE
+from receivers import RelayProcess, RelayProcesses
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
@@ -30,20 +30,8 @@ def setup(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> 
 
 
 @pytest.fixture
-def start_relay(tmp_path: Path) -> Iterator[Callable[..., CliRelay]]:
+def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     """start_relay(config, *run_args, global_args=(), env=None) -> a connected relay process."""
-    started: list[CliRelay] = []
-
-    def start(config: Config | Path, *run_args: str, global_args: tuple[str, ...] = (),
-              env: dict[str, str] | None = None) -> CliRelay:
-        path = config.path if isinstance(config, Config) else config
-        assert path is not None
-        relay = CliRelay(path, tmp_path / f"relay-{len(started)}.log", global_args, run_args, env).start()
-        started.append(relay)
-        wait_until(lambda: "relay connected" in relay.log() or not relay.running, message="relay connected")
-        assert relay.running, relay.log()
-        return relay
-
-    yield start
-    for relay in started:
-        relay.cleanup()
+    processes = RelayProcesses(tmp_path)
+    yield processes.start
+    processes.cleanup()

@@ -203,23 +203,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
 
 
 class RelayProcess:
-    """`cdc-hooks run` as a child process, killable like a real deployment."""
+    """`python -m cdc_hooks [GLOBAL...] --config FILE run [RUN...]` as a child
+    process, killable like a real deployment; its output goes to a log file."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, *, global_args: tuple[str, ...] = (),
+                 run_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.log_path = log_path
+        self.argv = [sys.executable, "-m", "cdc_hooks", *global_args, "--config", str(config_path),
+                     "run", *run_args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RelayProcess:
-        log = self.log_path.open("ab")
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cdc_hooks", "--config", str(self.config_path), "run"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        finally:
-            log.close()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env)
+        return self
+
+    def wait_connected(self) -> RelayProcess:
+        wait_until(lambda: "relay connected" in self.log() or not self.running,
+                   message="relay connected")
+        assert self.running, self.log()
         return self
 
     @property
@@ -247,6 +252,28 @@ class RelayProcess:
             assert self.proc is not None
             self.proc.kill()
             self.proc.wait(10)
+
+
+class RelayProcesses:
+    """Starts RelayProcesses for a test, their logs in log_dir; cleanup() kills
+    those still up (a fixture's teardown)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[RelayProcess] = []
+
+    def start(self, config: Config | Path, *run_args: str, global_args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, wait_connected: bool = True) -> RelayProcess:
+        path = config.path if isinstance(config, Config) else config
+        assert path is not None
+        relay = RelayProcess(path, self.log_dir / f"relay-{len(self.started)}.log",
+                             global_args=global_args, run_args=run_args, env=env).start()
+        self.started.append(relay)
+        return relay.wait_connected() if wait_connected else relay
+
+    def cleanup(self) -> None:
+        for relay in self.started:
+            relay.cleanup()
 
 
 class InProcessRelay:

@@ -33,6 +33,7 @@ from receivers import (
     Received,
     Receiver,
     RelayProcess,
+    RelayProcesses,
     Reply,
     wait_until,
 )
@@ -97,22 +98,11 @@ def config(setup: Callable[..., Config]) -> Config:
 
 @pytest.fixture
 def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
-    """start(config) -> a running `cdc-hooks run` process; killed at teardown if still up."""
-    started: list[RelayProcess] = []
-
-    def start(config: Config, wait_connected: bool = True) -> RelayProcess:
-        assert config.path is not None
-        relay = RelayProcess(config.path, tmp_path / f"relay-{len(started)}.log").start()
-        started.append(relay)
-        if wait_connected:
-            wait_until(lambda: "relay connected" in relay.log() or not relay.running,
-                       message="relay connected")
-            assert relay.running, relay.log()
-        return relay
-
-    yield start
-    for relay in started:
-        relay.cleanup()
+    """start(config, wait_connected=True) -> a running `cdc-hooks run` process;
+    killed at teardown if still up."""
+    processes = RelayProcesses(tmp_path)
+    yield processes.start
+    processes.cleanup()
 
 
 @pytest.fixture

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from receivers import free_port, wait_until
+from receivers import RelayProcess, free_port, wait_until
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
@@ -58,22 +55,18 @@ token = "{TOKEN}"
 """
 
 
-class WebProcess:
+class WebProcess(RelayProcess):
     """`cdc-hooks run --web 127.0.0.1:PORT`: the relay and the web interface in one process."""
 
     def __init__(self, config: Config, log_path: Path) -> None:
+        assert config.path is not None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cdc_hooks", "--config", str(config.path), "run",
-                 "--web", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        super().__init__(config.path, log_path, run_args=("--web", f"127.0.0.1:{self.port}"))
+        self.start()
         wait_until(lambda: ("relay connected" in self.log() and "web interface" in self.log())
-                   or self.proc.poll() is not None, message="relay and web up")
-        assert self.proc.poll() is None, self.log()
+                   or not self.running, message="relay and web up")
+        assert self.running, self.log()
 
     def wait(self, predicate: Callable[[], Any], message: str) -> None:
         """wait_until, with this process's log in the failure."""
@@ -81,18 +74,6 @@ class WebProcess:
             wait_until(predicate, message=message)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- run --web log ---\n{self.log()}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from faultkit import FIGURES, FULL, RESULTS_FILE, World, figures_table
-from receivers import InProcessRelay, OwnPostgres, RelayProcess, wait_until
+from receivers import InProcessRelay, OwnPostgres, RelayProcess, RelayProcesses
 
 from cdc_hooks.config import Config
 
@@ -78,22 +78,16 @@ def world(clean_db: str, tmp_path: Path) -> Iterator[World]:
 def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     """start(world, wait_connected=True) -> a `cdc-hooks run` process on the world's
     config; its log joins those searched for secrets; killed at teardown if still up."""
-    started: list[RelayProcess] = []
+    processes = RelayProcesses(tmp_path)
 
     def start(world: World, wait_connected: bool = True) -> RelayProcess:
-        assert world.config is not None and world.config.path is not None
-        relay = RelayProcess(world.config.path, tmp_path / f"relay-{len(started)}.log").start()
-        started.append(relay)
+        assert world.config is not None
+        relay = processes.start(world.config, wait_connected=False)
         world.logs.append(relay.log_path)
-        if wait_connected:
-            wait_until(lambda: "relay connected" in relay.log() or not relay.running,
-                       message="relay connected")
-            assert relay.running, relay.log()
-        return relay
+        return relay.wait_connected() if wait_connected else relay
 
     yield start
-    for relay in started:
-        relay.cleanup()
+    processes.cleanup()
 
 
 @pytest.fixture
