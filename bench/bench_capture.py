@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -40,13 +39,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from benchkit import named_statements, scratch_database, with_identifiers
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -58,7 +57,6 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 CLIENTS, THREADS = 8, 2
 BULK_ROWS = 200_000
 WRITE_BAR, BULK_BAR = 0.75, 2.0
-_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 BASELINE = "baseline"
 # (state, label, bar): the wake-up states measured with hooks installed.
@@ -70,40 +68,16 @@ STATES = (
 )
 
 
-def statements() -> dict[str, str]:
-    text = (Path(__file__).with_name("bench_capture.sql")).read_text(encoding="utf-8")
-    parts = _HEADER.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
-SQL = statements()
+SQL = named_statements(Path(__file__).with_name("bench_capture.sql"))
 
 
 def q(name: str, **identifiers: str) -> sql.Composed:
-    """A named statement, with its {placeholders} quoted as identifiers."""
-    return sql.SQL(SQL[name]).format(  # type: ignore[arg-type]
-        **{k: sql.Identifier(v) for k, v in identifiers.items()}
-    )
+    return with_identifiers(SQL[name], **identifiers)
 
 
 def scalar(conn: psycopg.Connection[Any], name: str, **params: Any) -> Any:
     row = conn.execute(q(name), params or None).fetchone()
     return row[0] if row else None
-
-
-# Scratch database ------------------------------------------------------------
-
-@contextmanager
-def scratch_database(admin_dsn: str) -> Iterator[str]:
-    """Creates a database of this run's own and yields its DSN; drops it at the end."""
-    name = f"cdc_hooks_bench_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(q("create_database", database=name))
-    try:
-        yield make_conninfo(admin_dsn, dbname=name)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(q("drop_database", database=name))
 
 
 def hook_config(dsn: str, *, with_hooks: bool) -> Config:
@@ -408,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with scratch_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+    with scratch_database(args.dsn, "cdc_hooks_bench") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         version = scalar(conn, "server_version")
         log(f"scratch database ready; creating tables ({BULK_ROWS:,} bulk rows)")
         conn.execute(q("create_tables"))

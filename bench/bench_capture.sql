@@ -1,12 +1,6 @@
 -- Statements of bench/bench_capture.py, each starting with "-- name: NAME".
 -- {name} placeholders are identifiers filled in with psycopg.sql.Identifier.
 
--- name: create_database
-CREATE DATABASE {database};
-
--- name: drop_database
-DROP DATABASE IF EXISTS {database} WITH (FORCE);
-
 -- name: server_version
 SHOW server_version;
 

@@ -70,7 +70,6 @@ import json
 import os
 import platform
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -93,8 +92,7 @@ from typing import Any
 import aiohttp
 import psycopg
 from aiohttp import web
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from benchkit import CLK_TCK, cpu_seconds, named_statements, scratch_database, with_identifiers
 
 import cdc_hooks
 from cdc_hooks.config import Config, load_config, parse_config
@@ -115,8 +113,6 @@ NO_PROGRESS = 60.0  # seconds without a new receipt before a scenario is declare
 SCENARIOS = ("throughput", "fanout", "slow", "latency", "backlog", "idle")
 REPO = Path(__file__).resolve().parent.parent
 CODE_ENV, CODE_DIR_ENV = "CDC_HOOKS_BENCH_CODE", "CDC_HOOKS_BENCH_CODE_DIR"  # set by --rev
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
 class BenchError(Exception):
@@ -220,19 +216,11 @@ def client_main(url: str, bodies_file: str, count: int, concurrency: int) -> Non
 
 # Statements ---------------------------------------------------------------------------
 
-def statements() -> dict[str, str]:
-    text = Path(__file__).with_name("bench_relay.sql").read_text(encoding="utf-8")
-    parts = _HEADER.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
-SQL = statements()
+SQL = named_statements(Path(__file__).with_name("bench_relay.sql"))
 
 
 def q(name: str, **identifiers: str) -> Any:
-    """A named statement, with its {placeholders} quoted as identifiers."""
-    return sql.SQL(SQL[name]).format(  # type: ignore[arg-type]
-        **{k: sql.Identifier(v) for k, v in identifiers.items()})
+    return with_identifiers(SQL[name], **identifiers)
 
 
 def rows(conn: Any, name: str, **params: Any) -> list[tuple[Any, ...]]:
@@ -257,16 +245,6 @@ def machine_busy() -> float:
     """CPU seconds all processes of the machine used so far (/proc/stat: not idle, not iowait)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(values) - values[3] - values[4]) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (0 if it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -1015,19 +993,6 @@ RUNNERS: dict[str, Callable[[Bench], list[Row]]] = {
 
 # Scratch database, report, main ---------------------------------------------------------
 
-@contextmanager
-def scratch_database(admin_dsn: str) -> Iterator[str]:
-    """Creates a database of this run's own and yields its DSN; drops it at the end."""
-    name = f"cdc_hooks_relay_bench_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(q("create_database", database=name))
-    try:
-        yield make_conninfo(admin_dsn, dbname=name)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(q("drop_database", database=name))
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -1143,7 +1108,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str], str, int]:
     failed = 0
     workdir = Path(tempfile.mkdtemp(prefix="cdc_hooks_relay_bench_"))
     with ExitStack() as stack:
-        dsn = stack.enter_context(scratch_database(args.dsn))
+        dsn = stack.enter_context(scratch_database(args.dsn, "cdc_hooks_relay_bench"))
         receiver = Receiver(workdir)
         stack.callback(receiver.process.stop)
         bench = Bench(args, dsn, workdir, receiver)

@@ -2,12 +2,6 @@
 -- {name} placeholders are identifiers filled in with psycopg.sql.Identifier;
 -- %(name)s are parameters.
 
--- name: create_database
-CREATE DATABASE {database};
-
--- name: drop_database
-DROP DATABASE IF EXISTS {database} WITH (FORCE);
-
 -- name: server_version
 SHOW server_version;
 

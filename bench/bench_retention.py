@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import shutil
 import socket
 import subprocess
@@ -44,8 +43,7 @@ from typing import Any
 
 import psycopg
 from aiohttp import web
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from benchkit import cpu_seconds, scratch_database
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import load_config
@@ -98,11 +96,6 @@ def writer(dsn: str, rate: int, seconds: float, stop: threading.Event) -> None:
             time.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def sample(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for table in TABLES:
@@ -121,47 +114,41 @@ def sample(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 def run(server: str, mode: str, keep: float | None, rate: int, seconds: float,
         receiver: Receiver, every: float) -> list[tuple[float, dict[str, Any]]]:
-    dbname = f"cdc_hooks_retention_bench_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    dsn = make_conninfo(server, dbname=dbname)
     folder = Path(tempfile.mkdtemp(prefix="cdc-hooks-retention-bench-"))
     relay = None
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE bench_items (id bigserial PRIMARY KEY, region text, "
-                         "name text, amount numeric)")
-            write_config(folder / "cdc_hooks.toml", dsn, keep)
-            config = load_config(folder / "cdc_hooks.toml")
-            installer.install(config)
-            conn.execute("INSERT INTO cdc_hooks.listeners (hook, url, secret) VALUES ('items', %s, "
-                         "'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')",
-                         (f"http://127.0.0.1:{receiver.port}/hook",))
-            log = (folder / "relay.log").open("wb")
-            relay = subprocess.Popen([sys.executable, "-m", "cdc_hooks", "--config",
-                                      str(folder / "cdc_hooks.toml"), "run"],
-                                     stdout=log, stderr=subprocess.STDOUT)
-            stop = threading.Event()
-            thread = threading.Thread(target=writer, args=(dsn, rate, seconds, stop))
-            start = time.monotonic()
-            thread.start()
-            samples = []
-            cpu_before, at_before = 0.0, 0.0
-            while thread.is_alive():
-                time.sleep(every - (time.monotonic() - start) % every)
-                at, cpu = time.monotonic() - start, cpu_seconds(relay.pid)
-                samples.append((at, sample(conn) | {"cpu": (cpu - cpu_before) / (at - at_before)}))
-                cpu_before, at_before = cpu, at
-                print(f"  {mode:9} {format_row(*samples[-1])}", flush=True)
-            thread.join()
-            return samples
-    finally:
-        if relay is not None:
-            relay.terminate()
-            relay.wait(30)
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(dbname)))
+    with scratch_database(server, "cdc_hooks_retention_bench") as dsn:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CREATE TABLE bench_items (id bigserial PRIMARY KEY, region text, "
+                             "name text, amount numeric)")
+                write_config(folder / "cdc_hooks.toml", dsn, keep)
+                config = load_config(folder / "cdc_hooks.toml")
+                installer.install(config)
+                conn.execute("INSERT INTO cdc_hooks.listeners (hook, url, secret) VALUES ('items', %s, "
+                             "'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')",
+                             (f"http://127.0.0.1:{receiver.port}/hook",))
+                log = (folder / "relay.log").open("wb")
+                relay = subprocess.Popen([sys.executable, "-m", "cdc_hooks", "--config",
+                                          str(folder / "cdc_hooks.toml"), "run"],
+                                         stdout=log, stderr=subprocess.STDOUT)
+                stop = threading.Event()
+                thread = threading.Thread(target=writer, args=(dsn, rate, seconds, stop))
+                start = time.monotonic()
+                thread.start()
+                samples = []
+                cpu_before, at_before = 0.0, 0.0
+                while thread.is_alive():
+                    time.sleep(every - (time.monotonic() - start) % every)
+                    at, cpu = time.monotonic() - start, cpu_seconds(relay.pid)
+                    samples.append((at, sample(conn) | {"cpu": (cpu - cpu_before) / (at - at_before)}))
+                    cpu_before, at_before = cpu, at
+                    print(f"  {mode:9} {format_row(*samples[-1])}", flush=True)
+                thread.join()
+                return samples
+        finally:
+            if relay is not None:
+                relay.terminate()
+                relay.wait(30)
 
 
 def mb(size: int) -> str:
