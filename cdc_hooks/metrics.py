@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import logging
 import os
@@ -38,6 +37,7 @@ from prometheus_client.registry import Collector
 from .config import Config
 from .db import Database
 from .errors import ConfigError, DatabaseUnavailable
+from .guesses import GuessLimit, TooManyGuesses
 
 log = logging.getLogger("cdc_hooks.metrics")
 
@@ -323,12 +323,10 @@ def metrics_token(config: Config) -> str | None:
     return os.environ.get(TOKEN_ENV) or config.web.token
 
 
-def authorized(header: str | None, token: str | None) -> bool:
-    if token is None:
-        return True
+def bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, else None."""
     scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode("utf-8", "replace"), token.encode("utf-8"))
+    return given.strip() if scheme.lower() == "bearer" else None
 
 
 # Standalone server (run --metrics) -----------------------------------------------
@@ -364,6 +362,7 @@ class MetricsServer:
         self.socket = _listen(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         self._stopping = asyncio.Event()
+        self.guesses = GuessLimit()
 
     @property
     def url(self) -> str:
@@ -387,7 +386,12 @@ class MetricsServer:
         self._stopping.set()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        if not authorized(request.headers.get("Authorization"), self.token):
+        try:
+            allowed = self.token is None or self.guesses.check(
+                request.remote or "unknown", bearer(request.headers.get("Authorization")), self.token)
+        except TooManyGuesses as exc:
+            return web.Response(status=429, text=f"{exc}\n", headers={"Retry-After": str(exc.retry_after)})
+        if not allowed:
             return web.Response(status=401, text="missing or wrong token: send Authorization: Bearer TOKEN\n",
                                 headers={"WWW-Authenticate": "Bearer"})
         body = await asyncio.to_thread(render, self.collectors)  # the backlog query blocks

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from ops import TOKEN, add_listener, fetch, parse, scrape, settled, value, wait_settled
 from receivers import Reply, free_port, wait_until
 
+from cdc_hooks.guesses import LIMIT
 from cdc_hooks.metrics import BUCKETS
 from cdc_hooks.web import create_app
 
@@ -135,6 +136,11 @@ def test_metrics_need_the_token_when_one_is_configured(conn, setup, cli, start_r
     assert status == 401 and "Bearer" in body
     assert fetch(metrics_url(port), "wrong-token-wrong-token")[0] == 401
     assert value(scrape(metrics_url(port), TOKEN), "cdc_hooks_database_up") == 1
+    # Guessing is slowed down: after LIMIT wrong tokens, even the right one waits.
+    for _ in range(LIMIT - 1):
+        assert fetch(metrics_url(port), "wrong-token-wrong-token")[0] == 401
+    status, body = fetch(metrics_url(port), TOKEN)
+    assert status == 429 and "too many wrong tokens from 127.0.0.1" in body
 
 
 def test_metrics_public_needs_no_token(conn, setup, cli, start_relay):

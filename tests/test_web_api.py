@@ -29,6 +29,7 @@ from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
 from cdc_hooks.errors import ConfigError, MatchError
+from cdc_hooks.guesses import LIMIT, GuessLimit
 from cdc_hooks.web import create_app
 from cdc_hooks.web.forms import CONDITIONS, exact_value, match_from_form, rows_from_match
 from cdc_hooks.web.serve import WebServer, parse_bind
@@ -119,12 +120,32 @@ PROTECTED = [
                                      {"Authorization": f"Basic {TOKEN}"},
                                      {"Authorization": f"Bearer {TOKEN}x"}],
                          ids=["none", "wrong", "basic", "longer"])
-def test_every_api_endpoint_answers_401_without_the_token(client, headers):
-    for method, path in PROTECTED:
-        response = client.request(method, path, headers=headers, json={})
-        assert response.status_code == 401, (method, path, response.text)
-        assert response.headers["www-authenticate"] == "Bearer"
-        assert "token" in response.json()["detail"]
+def test_every_api_endpoint_answers_401_without_the_token(config, headers):
+    # More wrong tokens than one address may send (see the next test).
+    app = create_app(config, guesses=GuessLimit(limit=len(PROTECTED)))
+    with TestClient(app, base_url="https://testserver") as client:
+        for method, path in PROTECTED:
+            response = client.request(method, path, headers=headers, json={})
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "token" in response.json()["detail"]
+
+
+def test_wrong_tokens_lock_the_address_out_of_the_api_and_the_login_for_a_while(client):
+    wrong = {"Authorization": "Bearer wrong-token-0123456789"}
+    for _ in range(LIMIT - 1):
+        assert client.get("/api/hooks", headers=wrong).status_code == 401
+    assert client.get("/api/hooks", headers=AUTH).status_code == 200  # still let in
+    assert login(client, "wrong-token-0123456789").status_code == 401  # the LIMIT-th
+    for attempt in (lambda: client.get("/api/hooks", headers=AUTH),  # even the right token
+                    lambda: client.get("/metrics", headers=AUTH)):
+        refused = attempt()
+        assert refused.status_code == 429, refused.text
+        assert "too many wrong tokens from testclient" in refused.json()["detail"]
+        assert 0 < int(refused.headers["retry-after"]) <= 60
+    page = login(client)
+    assert page.status_code == 429 and "Too many wrong tokens: try again in" in page.text
+    assert int(page.headers["retry-after"]) > 0
 
 
 def test_health_and_readiness_need_no_token(client):

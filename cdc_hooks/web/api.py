@@ -62,6 +62,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "A body that cannot be read (not UTF-8 JSON)"},
     401: {"model": Problem, "description": "No valid Bearer token"},
     422: {"model": Problem, "description": "A bad request: the message names the field"},
+    429: {"model": Problem, "description": "Too many wrong tokens from this address: "
+                                           "wait Retry-After seconds"},
     503: {"model": Problem, "description": "The database is unreachable"},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such thing"}}

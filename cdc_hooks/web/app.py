@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config import Config
 from ..db import Database
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
+from ..guesses import GuessLimit, TooManyGuesses
 from . import api, metrics, pages, views
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, LoginRequired, require_token, session_key
 from .dbpool import Connections
@@ -46,6 +47,7 @@ class WebState:
     config: Config
     token: str
     connections: Connections
+    guesses: GuessLimit  # wrong tokens per client address
 
 
 def resolve_token(config: Config) -> str | None:
@@ -54,9 +56,10 @@ def resolve_token(config: Config) -> str | None:
 
 
 def create_app(config: Config, *, token: str | None = None, secure_cookies: bool = True,
-               db_wait: float = 5.0) -> FastAPI:
+               db_wait: float = 5.0, guesses: GuessLimit | None = None) -> FastAPI:
     """The application; `token` defaults to resolve_token(config) and one is required.
-    `db_wait`: seconds a request waits for a database connection before answering 503."""
+    `db_wait`: seconds a request waits for a database connection before answering 503.
+    `guesses`: how many wrong tokens a client may send (default: guesses.LIMIT a minute)."""
     token = token or resolve_token(config)
     if not token:
         raise ConfigError(f"the web interface needs a token: set [web] token or {TOKEN_ENV}")
@@ -69,7 +72,7 @@ def create_app(config: Config, *, token: str | None = None, secure_cookies: bool
 
     app = FastAPI(title="cdc-hooks", version=_version(), description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.web = WebState(config, token, connections)
+    app.state.web = WebState(config, token, connections, guesses or GuessLimit())
     app.add_middleware(SessionMiddleware, secret_key=session_key(token), session_cookie=SESSION_COOKIE,
                        max_age=SESSION_MAX_AGE, same_site="strict", https_only=secure_cookies)
     app.add_middleware(SecurityHeaders)
@@ -149,6 +152,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return _answer(request, exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(TooManyGuesses)
+    async def too_many_guesses(request: Request, exc: TooManyGuesses) -> Response:
+        return _answer(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:

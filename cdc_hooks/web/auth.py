@@ -45,12 +45,23 @@ def fingerprint(token: str) -> str:
     return hmac.new(token.encode(), b"cdc-hooks web login", hashlib.sha256).hexdigest()[:32]
 
 
+def is_token(request: Request, given: str | None) -> bool:
+    """given is the token; raises TooManyGuesses (429) while this client is
+    locked out for sending wrong ones (cdc_hooks/guesses.py)."""
+    address = request.client.host if request.client else "unknown"
+    return request.app.state.web.guesses.check(address, given, token_of(request))  # type: ignore[no-any-return]
+
+
+def require_bearer(request: Request, given: str | None) -> None:
+    if not is_token(request, given):
+        raise HTTPException(401, "missing or wrong token: send Authorization: Bearer TOKEN",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_token(request: Request,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
     """API dependency: a valid Authorization: Bearer header, else 401."""
-    if credentials is None or not same(credentials.credentials, token_of(request)):
-        raise HTTPException(401, "missing or wrong token: send Authorization: Bearer TOKEN",
-                            headers={"WWW-Authenticate": "Bearer"})
+    require_bearer(request, credentials.credentials if credentials else None)
 
 
 def logged_in(request: Request) -> bool:

@@ -12,9 +12,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException
 
 from .. import metrics
+from .auth import require_bearer
 
 router = APIRouter()
 
@@ -23,10 +23,8 @@ router = APIRouter()
 def scrape(request: Request) -> Response:
     """Sync on purpose: FastAPI runs it on a worker thread, where the backlog query may block."""
     state = request.app.state.web
-    if not state.config.web.metrics_public and not metrics.authorized(
-            request.headers.get("authorization"), state.token):
-        raise HTTPException(401, "missing or wrong token: send Authorization: Bearer TOKEN",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if not state.config.web.metrics_public:
+        require_bearer(request, metrics.bearer(request.headers.get("authorization")))
     collectors = getattr(request.app.state, "metrics", None)
     if collectors is None:  # one per app, made at the first scrape
         collectors = request.app.state.metrics = metrics.registry(_backlog(state.connections))

@@ -22,9 +22,10 @@ from fastapi.templating import Jinja2Templates
 from .. import jsoncodec
 from .. import listeners as core
 from ..errors import CdcHooksError
+from ..guesses import TooManyGuesses
 from . import chart, views
 from .api import BIGINT, Db
-from .auth import checked_form, csrf_token, log_in, logged_in, require_session, same, token_of
+from .auth import checked_form, csrf_token, is_token, log_in, logged_in, require_session
 from .forms import CONDITIONS, FilterRow, match_from_form, rows_from_form, rows_from_match
 
 PREVIEW_EVENTS = 10
@@ -95,7 +96,14 @@ def login_form(request: Request, next: str = "/") -> Response:
 
 @router.post("/login")
 def login(request: Request, form: Form) -> Response:
-    if not same(form.get("token", ""), token_of(request)):
+    try:
+        right = is_token(request, form.get("token", ""))
+    except TooManyGuesses as exc:
+        answer = render(request, "login.html", http_status=429, next=_safe_next(form.get("next")),
+                        error=f"Too many wrong tokens: try again in {exc.retry_after} s.")
+        answer.headers["Retry-After"] = str(exc.retry_after)
+        return answer
+    if not right:
         return render(request, "login.html", http_status=401, next=_safe_next(form.get("next")),
                       error="That is not the token: see [web] token in the config.")
     log_in(request)

@@ -1,0 +1,57 @@
+"""GuessLimit: pure logic, with a clock the test moves."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_hooks import guesses
+from cdc_hooks.guesses import GuessLimit, TooManyGuesses
+
+TOKEN = "the-right-token-0123456789"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_address_is_locked_out_after_the_limit_until_its_oldest_guess_ages_out() -> None:
+    clock = Clock()
+    limit = GuessLimit(limit=3, window=60.0, clock=clock)
+    for _ in range(3):
+        assert limit.check("10.0.0.1", "wrong", TOKEN) is False
+        clock.now += 10
+    with pytest.raises(TooManyGuesses) as refused:
+        limit.check("10.0.0.1", TOKEN, TOKEN)  # not even the right token, while locked out
+    assert refused.value.retry_after == 30  # the first guess (t=1000) ages out at t=1060
+    assert "10.0.0.1" in str(refused.value) and "30 s" in str(refused.value)
+    assert limit.check("10.0.0.2", TOKEN, TOKEN) is True  # other addresses are not affected
+    clock.now += 30
+    assert limit.check("10.0.0.1", TOKEN, TOKEN) is True
+
+
+def test_a_missing_token_is_not_a_guess() -> None:
+    limit = GuessLimit(limit=2, clock=Clock())
+    for _ in range(5):
+        assert limit.check("10.0.0.1", None, TOKEN) is False
+    assert limit.retry_after("10.0.0.1") == 0
+
+
+def test_any_text_compares_without_error() -> None:
+    limit = GuessLimit(clock=Clock())
+    assert limit.check("a", "\udc80 not ascii \u00e9", TOKEN) is False
+    assert limit.check("a", TOKEN + "x", TOKEN) is False
+
+
+def test_memory_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guesses, "MAX_ADDRESSES", 100)
+    clock = Clock()
+    limit = GuessLimit(limit=1, window=60.0, clock=clock)
+    for i in range(1000):
+        limit.failed(f"10.0.{i // 256}.{i % 256}")
+        clock.now += 1  # older entries age out as newer ones come
+    assert len(limit._failures) <= 100
+    assert limit.retry_after("10.0.3.231") > 0  # the latest is still locked out
