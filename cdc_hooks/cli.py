@@ -178,7 +178,9 @@ def listeners_list(ctx: Context) -> None:
     with Database.connect(ctx.config().dsn) as db:
         rows = db.list_listeners()
     print_table(["ID", "HOOK", "URL", "MATCH", "STATE", "LAST DELIVERY"], [
-        [r.id, r.hook, r.url, r.match, r.state + (f" ({r.disabled_reason})" if r.disabled_reason else ""),
+        [r.id, r.hook, r.url, r.match,
+         r.state + (f" ({r.disabled_reason})" if r.disabled_reason else "")
+         + ("" if r.backfill else ", no backfill"),
          describe_outcome(r.last_status, r.last_code, r.last_error)]
         for r in rows
     ])

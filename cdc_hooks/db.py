@@ -108,6 +108,7 @@ class ListenerRow:
     disabled_reason: str | None
     created_at: datetime
     updated_at: datetime
+    backfill: bool  # takes backfill ('read') events (config {"backfill": false} opts out)
     last_status: str | None = None
     last_code: int | None = None
     last_error: str | None = None
@@ -245,9 +246,10 @@ class Database:
                         {"id": listener_id, "state": state, "reason": reason}) is not None
 
     def update_listener(self, listener_id: int, *, url: str | None = None,
-                        match_json: str | None = None, secret: str | None = None) -> bool:
-        return self.one("update_listener", {"id": listener_id, "url": url,
-                                            "match": match_json, "secret": secret}) is not None
+                        match_json: str | None = None, secret: str | None = None,
+                        backfill: bool | None = None) -> bool:
+        return self.one("update_listener", {"id": listener_id, "url": url, "match": match_json,
+                                            "secret": secret, "backfill": backfill}) is not None
 
     # Deliveries ---------------------------------------------------------
 

@@ -20,6 +20,11 @@ from .match import rules_from_json
 from .netpolicy import NetworkPolicy, check_url
 from .signing import generate_secret, secret_key
 
+# Options a listener may carry (listeners.config): name -> type.
+LISTENER_OPTIONS: dict[str, type] = {
+    "backfill": bool,  # False: no backfill ('read') events unless a backfill names it
+}
+
 
 @dataclass(frozen=True)
 class NewListener:
@@ -54,6 +59,18 @@ def validate_match(hook: InstalledHook, match: Any) -> str:
         raise ListenerError(f"match values must be JSON-encodable: {exc}") from None
 
 
+def validate_config(listener_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A listener's options; raises ListenerError naming an unknown or bad one."""
+    for key, value in listener_config.items():
+        if key not in LISTENER_OPTIONS:
+            raise ListenerError(f"unknown listener option {key!r} (options: "
+                                f"{', '.join(LISTENER_OPTIONS)})")
+        if not isinstance(value, LISTENER_OPTIONS[key]):
+            raise ListenerError(f"listener option {key!r} must be true or false, "
+                                f"not {value!r}")
+    return dict(listener_config)
+
+
 def add_listener(db: Database, config: Config, hook: str, url: str,
                  match: Mapping[str, Any] | None = None, secret: str | None = None,
                  listener_config: Mapping[str, Any] | None = None) -> NewListener:
@@ -64,10 +81,7 @@ def add_listener(db: Database, config: Config, hook: str, url: str,
         secret = generate_secret()
     else:
         secret_key(secret)
-    try:
-        config_json = jsoncodec.dumps(dict(listener_config or {}))
-    except (TypeError, ValueError) as exc:
-        raise ListenerError(f"listener config must be JSON-encodable: {exc}") from None
+    config_json = jsoncodec.dumps(validate_config(listener_config or {}))
     with db.transaction():
         listener_id = db.add_listener(hook, url, match_json, config_json, secret)
     return NewListener(listener_id, secret)
@@ -101,9 +115,10 @@ def set_state(db: Database, listener_id: int, state: str) -> None:
 
 
 def update_listener(db: Database, config: Config, listener_id: int, *, url: str | None = None,
-                    match: Mapping[str, Any] | None = None,
-                    rotate_secret: bool = False) -> str | None:
-    """Changes URL and/or match; returns the new secret when rotated."""
+                    match: Mapping[str, Any] | None = None, rotate_secret: bool = False,
+                    backfill: bool | None = None) -> str | None:
+    """Changes URL, match and/or whether it takes backfill events; returns the new
+    secret when rotated."""
     current = get_listener(db, listener_id)
     match_json = None
     if match is not None:
@@ -112,5 +127,6 @@ def update_listener(db: Database, config: Config, listener_id: int, *, url: str 
         check_url(url, policy_of(config))
     secret = generate_secret() if rotate_secret else None
     with db.transaction():
-        db.update_listener(listener_id, url=url, match_json=match_json, secret=secret)
+        db.update_listener(listener_id, url=url, match_json=match_json, secret=secret,
+                           backfill=backfill)
     return secret

@@ -79,7 +79,7 @@ RETURNING id;
 -- name: list_listeners
 -- Without secrets: they are shown once, at creation.
 SELECT l.id, l.hook, l.url, l.match::text, l.state, l.disabled_reason, l.created_at, l.updated_at,
-       last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
+       l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill, last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
 FROM cdc_hooks.listeners l
 LEFT JOIN LATERAL (
     SELECT d.status, d.last_status, d.last_error, d.finished_at
@@ -90,7 +90,8 @@ LEFT JOIN LATERAL (
 ORDER BY l.id;
 
 -- name: get_listener
-SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_at
+SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_at,
+       config -> 'backfill' IS DISTINCT FROM 'false' AS backfill
 FROM cdc_hooks.listeners WHERE id = %(id)s;
 
 -- name: remove_listener_deliveries
@@ -108,7 +109,9 @@ RETURNING id;
 -- name: update_listener
 UPDATE cdc_hooks.listeners
 SET url = coalesce(%(url)s, url), match = coalesce(%(match)s::jsonb, match),
-    secret = coalesce(%(secret)s, secret), updated_at = now()
+    secret = coalesce(%(secret)s, secret), updated_at = now(),
+    config = CASE WHEN %(backfill)s::bool IS NULL THEN config
+                  ELSE config || jsonb_build_object('backfill', %(backfill)s::bool) END
 WHERE id = %(id)s
 RETURNING id;
 

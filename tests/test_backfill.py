@@ -17,6 +17,8 @@ from cdc_hooks import backfill
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
 from cdc_hooks.db import Database
+from cdc_hooks.errors import ListenerError
+from cdc_hooks.hooks import Registry
 
 Conn = psycopg.Connection[Any]
 Cli = Callable[..., Result]
@@ -95,6 +97,19 @@ def test_backfill_reaches_listeners_that_want_it(conn, config, cli, receiver):
     assert receiver.received("/none") == []
     assert conn.execute("SELECT count(*) FROM cdc_hooks.deliveries WHERE listener_id = %s",
                         (everyone,)).fetchone() == (ROWS,)
+
+
+def test_listener_options_are_checked_by_every_interface(conn, config, cli, receiver):
+    registry = Registry()
+    registry.load(config)
+    hook = registry.get("person")
+    with pytest.raises(ListenerError, match="listener option 'backfill' must be true or false, not 'no'"):
+        hook.listener(receiver.url("/x"), backfill="no").save()
+    with pytest.raises(ListenerError, match="unknown listener option 'colour' \\(options: backfill\\)"):
+        hook.listener(receiver.url("/x"), colour="red").save()
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.listeners").fetchone() == (0,)
+    hook.listener(receiver.url("/python"), backfill=False).save()
+    assert "active, no backfill" in cli(config, "listeners", "list").stdout
 
 
 def test_where_and_listener_restrict_a_backfill(conn, config, cli, receiver):

@@ -492,6 +492,35 @@ def test_page_forms_use_the_core_and_show_its_errors(client):
     assert "shown this once" in rotated.text and secret not in rotated.text
 
 
+def test_backfill_opt_out_through_the_api_and_the_pages(client, cli, config):
+    assert add(client, "http://127.0.0.1:9/a")["backfill"] is True  # the default
+    opted_out = add(client, "http://127.0.0.1:9/b", backfill=False)
+    assert opted_out["backfill"] is False
+    refused = client.post("/api/listeners", headers=AUTH,
+                          json={"hook": "person", "url": "http://127.0.0.1:9/c", "backfill": "no"})
+    assert refused.status_code == 422 and "body.backfill" in refused.json()["detail"]
+    patched = client.patch(f"/api/listeners/{opted_out['id']}", headers=AUTH, json={"backfill": True})
+    assert patched.status_code == 200 and patched.json()["backfill"] is True
+    assert patched.json()["url"] == "http://127.0.0.1:9/b"  # nothing else changed
+
+    login(client)
+    form = client.get("/hooks/person/listen").text
+    assert re.search(r'<input type="checkbox" name="backfill" value="yes" checked>', form)
+    csrf = csrf_of(client, "/hooks/person/listen")
+    client.post("/hooks/person/listen", data={"csrf": csrf, "url": "http://127.0.0.1:9/d"})  # unticked
+    made = client.get("/api/listeners", headers=AUTH).json()[-1]
+    assert made["url"] == "http://127.0.0.1:9/d" and made["backfill"] is False
+    assert "no backfill" in client.get("/listeners").text
+    assert 'name="backfill" value="yes">' in client.get(f"/listeners/{made['id']}/edit").text
+    client.post(f"/listeners/{made['id']}/edit",
+                data={"csrf": csrf, "url": made["url"], "backfill": "yes"})
+    assert client.get(f"/api/listeners/{made['id']}", headers=AUTH).json()["backfill"] is True
+    client.post(f"/listeners/{made['id']}/edit", data={"csrf": csrf, "url": made["url"]})
+    assert client.get(f"/api/listeners/{made['id']}", headers=AUTH).json()["backfill"] is False
+    listing = cli(config, "listeners", "list").stdout
+    assert listing.count("no backfill") == 1  # the listener just unticked
+
+
 def test_web_refuses_a_public_bind_without_a_token(conn, make_config, monkeypatch):
     monkeypatch.delenv("CDC_HOOKS_WEB_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="without a token"):

@@ -113,6 +113,7 @@ class ListenerOut(BaseModel):
         description='The filter in $-operator JSON form, e.g. {"name": {"$startswith": "J"}}')
     state: ListenerState
     disabled_reason: str | None
+    backfill: bool = Field(description="Takes backfill ('read') events of cdc-hooks backfill")
     created_at: datetime
     updated_at: datetime
     last_delivery: LastDelivery | None
@@ -134,6 +135,7 @@ class ListenerIn(BaseModel):
     url: Text = Field(description="http(s) URL the events are POSTed to")
     match: JsonObject = Field(default_factory=dict, description="Filter in $-operator JSON form")
     secret: Text | None = Field(default=None, description="whsec_... (default: generated)")
+    backfill: bool = Field(default=True, description="Take backfill ('read') events")
 
 
 class ListenerPatch(BaseModel):
@@ -143,6 +145,7 @@ class ListenerPatch(BaseModel):
     url: Text | None = None
     match: JsonObject | None = None
     rotate_secret: bool = Field(default=False, description="Replace the signing secret")
+    backfill: bool | None = Field(default=None, description="Take backfill ('read') events, or not")
 
 
 class SendResult(BaseModel):

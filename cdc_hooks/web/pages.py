@@ -167,18 +167,25 @@ def create_listener(request: Request, db: Db, name: str, form: Form) -> Response
     try:
         match = match_from_form(hook.provides, form)
         created = core.add_listener(db, request.app.state.web.config, hook.name, url, match,
-                                    form.get("secret", "").strip() or None)
+                                    form.get("secret", "").strip() or None,
+                                    {"backfill": _checked(form, "backfill")})
     except CdcHooksError as exc:
-        return _listen_page(request, db, hook, rows, url=url, error=str(exc), status=422)
+        return _listen_page(request, db, hook, rows, url=url, backfill=_checked(form, "backfill"),
+                            error=str(exc), status=422)
     return render(request, "secret.html", listener=views.listener(db, created.id),
                   secret=created.secret, created=True)
 
 
 def _listen_page(request: Request, db: Any, hook: Any, rows: list[FilterRow], *, url: str = "",
-                 error: str | None = None, status: int = 200) -> Response:
+                 backfill: bool = True, error: str | None = None, status: int = 200) -> Response:
     form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
-    return render(request, "listen.html", http_status=status, hook=hook, rows=rows, url=url, error=error,
-                  **_preview(db, hook.name, hook.provides, form))
+    return render(request, "listen.html", http_status=status, hook=hook, rows=rows, url=url,
+                  backfill=backfill, error=error, **_preview(db, hook.name, hook.provides, form))
+
+
+def _checked(form: dict[str, str], name: str) -> bool:
+    """A checkbox: its field is sent only when it is ticked."""
+    return name in form
 
 
 def _preview(db: Any, hook: str, provides: list[str], form: dict[str, str]) -> dict[str, Any]:
@@ -247,20 +254,24 @@ def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     url = form.get("url", "").strip()
     try:
         match = match_from_form(provides, form)
-        core.update_listener(db, request.app.state.web.config, listener_id, url=url, match=match)
+        core.update_listener(db, request.app.state.web.config, listener_id, url=url, match=match,
+                             backfill=_checked(form, "backfill"))
     except CdcHooksError as exc:
-        return _edit_page(request, db, current, rows_from_form(provides, form), url, str(exc), 422)
+        return _edit_page(request, db, current, rows_from_form(provides, form), url, str(exc), 422,
+                          backfill=_checked(form, "backfill"))
     return redirect("/listeners", f"Listener {listener_id} saved.", request)
 
 
 def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | None = None,
-               url: str | None = None, error: str | None = None, status: int = 200) -> Response:
+               url: str | None = None, error: str | None = None, status: int = 200,
+               backfill: bool | None = None) -> Response:
     hook = views.hook(db, current.hook)
     rows = rows or rows_from_match(hook.provides, current.match)
     form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
     form |= {f"keep:{r.column}": r.keep for r in rows if r.keep}
     return render(request, "listen.html", http_status=status, hook=hook, rows=rows, listener=current,
                   url=current.url if url is None else url, error=error,
+                  backfill=current.backfill if backfill is None else backfill,
                   **_preview(db, hook.name, hook.provides, form))
 
 

@@ -78,7 +78,8 @@ def _listener_out(row: ListenerRow, counts: tuple[Any, ...]) -> ListenerOut:
                             finished_at=row.last_finished_at)
     return ListenerOut(
         id=row.id, hook=row.hook, url=row.url, match=json.loads(row.match), state=row.state,
-        disabled_reason=row.disabled_reason, created_at=row.created_at, updated_at=row.updated_at,
+        disabled_reason=row.disabled_reason, backfill=row.backfill, created_at=row.created_at,
+        updated_at=row.updated_at,
         last_delivery=last,
         stats=ListenerStats(delivered=delivered, dead=dead, retrying=retrying, queued=queued,
                             success_rate=delivered / tried if tried else None),
