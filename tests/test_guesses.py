@@ -33,6 +33,19 @@ def test_an_address_is_locked_out_after_the_limit_until_its_oldest_guess_ages_ou
     assert limit.check("10.0.0.1", TOKEN, TOKEN) is True
 
 
+def test_an_ipv6_client_is_its_64_network() -> None:
+    limit = GuessLimit(limit=2, clock=Clock())
+    limit.check("2001:db8:1:2::1", "wrong", TOKEN)
+    limit.check("2001:db8:1:2:ffff::9", "wrong", TOKEN)  # another address, same /64
+    with pytest.raises(TooManyGuesses):
+        limit.check("2001:db8:1:2::77", TOKEN, TOKEN)
+    assert limit.check("2001:db8:1:3::1", TOKEN, TOKEN) is True  # the next /64
+    assert limit.check("fe80::1%eth0", TOKEN, TOKEN) is True  # a scoped address parses
+    limit.check("::ffff:192.0.2.1", "wrong", TOKEN)  # IPv4-mapped: the IPv4 address
+    limit.check("192.0.2.1", "wrong", TOKEN)
+    assert limit.retry_after("192.0.2.1") > 0
+
+
 def test_a_missing_token_is_not_a_guess() -> None:
     limit = GuessLimit(limit=2, clock=Clock())
     for _ in range(5):
