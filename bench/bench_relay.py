@@ -732,7 +732,8 @@ def burst(bench: Bench, name: str, listeners: list[dict[str, Any]], events: int,
 def cpu_row(label: str, b: Burst) -> Row:
     ours = b.relay_cpu + b.backends_cpu + b.receiver_cpu
     return Row(f"  CPU during {label} (% of a core)",
-               f"relay {100 * b.relay_cpu / b.seconds:.0f}%, its PG backends "
+               f"relay {100 * b.relay_cpu / b.seconds:.0f}% "
+               f"({1e6 * b.relay_cpu / b.deliveries:.0f} us per delivery), its PG backends "
                f"{100 * b.backends_cpu / b.seconds:.0f}%, receiver {100 * b.receiver_cpu / b.seconds:.0f}%; "
                f"other processes {100 * max(0.0, b.machine_cpu - ours) / b.seconds:.0f}%")
 
@@ -754,7 +755,8 @@ def throughput_rows(bench: Bench, label: str, b: Burst, runs: tuple[BaselineRun,
                 f"relay's {float(relay_body):.0f} B)"),
             cpu_row("the burst", b),
             Row("  CPU during the baseline (% of a core)",
-                f"client {100 * statistics.mean(r.client_cpu for r in runs):.0f}%, receiver "
+                f"client {100 * statistics.mean(r.client_cpu for r in runs):.0f}% "
+                f"({1e6 * statistics.mean(r.client_cpu / r.rate for r in runs):.0f} us per POST), receiver "
                 f"{100 * statistics.mean(r.receiver_cpu for r in runs):.0f}%; other processes "
                 f"{100 * statistics.mean(r.others for r in runs):.0f}%")]
 
