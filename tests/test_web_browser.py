@@ -6,7 +6,9 @@ the matching deliveries appear in the live log, redeliver one.
 Everything is real: `cdc-hooks run --web` as a process (relay and web in one
 event loop), PostgreSQL, an aiohttp receiver on loopback, Debian's chromium
 driven by Playwright (never `playwright install`: it downloads a browser).
-Screenshots of each page go to docs/screenshots/ for the README.
+Screenshots of each page go to the test's temporary directory, or, with
+CDC_HOOKS_SCREENSHOTS=1, to docs/screenshots/ for the README (a plain test run
+leaves the work tree as it was).
 """
 
 from __future__ import annotations
@@ -101,12 +103,19 @@ def page(web: WebProcess) -> Iterator[Any]:
             browser.close()
 
 
-def shot(page: Any, name: str, full_page: bool = False) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
+@pytest.fixture
+def shot(page: Any, tmp_path: Path) -> Callable[..., None]:
+    """shot(name, full_page=False): a screenshot of the page as it is now."""
+    folder = SCREENSHOTS if os.environ.get("CDC_HOOKS_SCREENSHOTS") else tmp_path
+
+    def take(name: str, full_page: bool = False) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(folder / f"{name}.png"), full_page=full_page)
+
+    return take
 
 
-def test_durians_flow_in_chromium(page, web, conn, receiver):
+def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     # Some history, so the filter's preview has events to judge.
     conn.execute("INSERT INTO person (name, address) VALUES ('Joe', 'NYC'), ('Ann', 'LA'), "
                  "('Jane', 'SF')")
@@ -116,11 +125,11 @@ def test_durians_flow_in_chromium(page, web, conn, receiver):
     # Log in once: every page asks for it.
     page.goto(web.url + "/hooks")
     expect(page).to_have_url(web.url + "/login?next=%2Fhooks")
-    shot(page, "login")
+    shot("login")
     page.get_by_label("Token").fill(TOKEN)
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("heading", name="Select an event")).to_be_visible()
-    shot(page, "hooks")
+    shot("hooks")
 
     # Select the person event, fill the generated filter: name starts with "J".
     page.locator("tr", has_text="public.person").get_by_role("link", name="Create listener").click()
@@ -131,14 +140,14 @@ def test_durians_flow_in_chromium(page, web, conn, receiver):
     page.get_by_label("value for name").fill("J")
     expect(page.locator("#preview")).to_contain_text("2 of the last 3 events match")
     expect(page.locator("#preview tr.nomatch")).to_contain_text("Ann")
-    shot(page, "create-listener", full_page=True)
+    shot("create-listener", full_page=True)
     page.get_by_role("button", name="Create listener").click()
 
     # The secret, shown once.
     expect(page.get_by_role("heading", name="Listener 1 created")).to_be_visible()
     secret = page.locator("#secret").inner_text()
     assert secret.startswith("whsec_")
-    shot(page, "listener-created")
+    shot("listener-created")
 
     # Listed, without its secret.
     page.get_by_role("link", name="Listeners").first.click()
@@ -157,7 +166,7 @@ def test_durians_flow_in_chromium(page, web, conn, receiver):
     expect(page.locator("tr.delivery.delivered")).to_have_count(2)  # htmx refreshes: no reload
     received = receiver.wait_for(2, "/joe")
     assert sorted(r.json["data"]["name"] for r in received) == ["Jill", "Jim"]
-    shot(page, "deliveries")
+    shot("deliveries")
 
     # A delivery's attempts and response, then redeliver it: same webhook-id again.
     page.locator("tr.delivery").first.get_by_role("link").first.click()
@@ -174,15 +183,15 @@ def test_durians_flow_in_chromium(page, web, conn, receiver):
             break
         page.wait_for_timeout(200)
     expect(page.locator("table.attempts tbody tr")).to_have_count(2)
-    shot(page, "delivery", full_page=True)
+    shot("delivery", full_page=True)
 
     # Listeners show the outcome; the overview its figures and chart.
     page.get_by_role("link", name="Listeners").first.click()
     expect(page.locator("#listener-1")).to_contain_text("100%")
-    shot(page, "listeners")
+    shot("listeners")
     page.get_by_role("link", name="Overview").click()
     expect(page.locator("svg.chart rect.ok").first).to_be_visible()
-    shot(page, "overview")
+    shot("overview")
 
     assert web.terminate() == 0, web.log()
     assert "Traceback" not in web.log(), web.log()
