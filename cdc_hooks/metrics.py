@@ -68,6 +68,8 @@ class _Stats:
         self.events: dict[str, int] = {}
         self.listeners: dict[tuple[str, int], _ListenerStats] = {}
         self.reconnects = 0
+        # (hook, listener) whose circuit is open: 1 here; summed, how many workers'
+        self.open_circuits: dict[tuple[str, int], int] = {}
         self.connected: bool | None = None  # None: no relay in this process
         self.loop_lag: float | None = None
 
@@ -93,6 +95,8 @@ def _all_workers() -> _Stats:
             into.retries += stats.retries
             into.buckets = [a + b for a, b in zip(into.buckets, stats.buckets, strict=True)]
             into.seconds += stats.seconds
+        for key, count in list(part.open_circuits.items()):
+            total.open_circuits[key] = total.open_circuits.get(key, 0) + count
         total.reconnects += part.reconnects
     connected = [p.connected for p in parts if p.connected is not None]
     total.connected = all(connected) if connected else None
@@ -118,6 +122,14 @@ def attempt(hook: str, listener_id: int, attempt_number: int, status: str, durat
     seconds = duration_ms / 1000.0
     stats.buckets[bisect_left(BUCKETS, seconds)] += 1
     stats.seconds += seconds
+
+
+def circuit(hook: str, listener_id: int, is_open: bool) -> None:
+    """A listener's circuit opened, or closed again (relay/circuit.py)."""
+    if is_open:
+        STATS.open_circuits[(hook, listener_id)] = 1
+    else:
+        STATS.open_circuits.pop((hook, listener_id), None)
 
 
 def connection_lost() -> None:
@@ -180,6 +192,14 @@ class RelayCollector(Collector):
         yield _counter("dead_letters", "Deliveries that failed for good (dead letters)",
                        ["hook", "listener"], [(labels, s.outcomes["dead"]) for labels, s in listeners])
         yield _attempt_histogram(listeners)
+        circuits = GaugeMetricFamily(
+            "cdc_hooks_listener_circuit_open", "1 while the listener's circuit breaker is open: its "
+            "due deliveries fail without a request (with --workers: how many workers' are)",
+            labels=["hook", "listener"])
+        for (hook, listener_id) in sorted(totals.listeners.keys() | totals.open_circuits.keys()):
+            circuits.add_metric([hook, str(listener_id)],
+                                totals.open_circuits.get((hook, listener_id), 0))
+        yield circuits
         yield _counter("database_reconnects", "Relay database sessions lost, then reconnected with "
                        "backoff (each failed attempt counts)", [], [([], totals.reconnects)])
         yield from _relay_gauges(totals)

@@ -62,6 +62,10 @@ def test_scraped_counters_match_what_was_delivered_and_failed(conn, setup, cli, 
         assert value(samples, "cdc_hooks_deliveries_pending", **labels) == 0
         assert value(samples, "cdc_hooks_oldest_pending_age_seconds", **labels) == 0
         assert value(samples, "cdc_hooks_listener_state", state="active", **labels) == 1
+    # /bad's circuit opened (and stays open: nothing since has been answered), no other's.
+    assert value(samples, "cdc_hooks_listener_circuit_open", hook="person", listener=bad) == 1
+    for listener in (ok, flaky):
+        assert value(samples, "cdc_hooks_listener_circuit_open", hook="person", listener=listener) == 0
     assert value(samples, "cdc_hooks_database_reconnects_total") == 0
     assert value(samples, "cdc_hooks_relay_database_connected") == 1
     lag = wait_until(lambda: value(scrape(metrics_url(port)), "cdc_hooks_relay_loop_lag_seconds")

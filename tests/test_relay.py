@@ -39,6 +39,7 @@ from receivers import (
 )
 
 from cdc_hooks import install as installer
+from cdc_hooks import metrics
 from cdc_hooks.config import Config, load_config
 from cdc_hooks.hooks import Hook, Registry
 
@@ -382,6 +383,10 @@ def test_a_failing_receiver_opens_the_circuit(conn, setup, cli, receiver, relay_
     assert len(errors) == 80 and all(e == "HTTP 500" for e in errors if e not in skipped)
     assert "(last: HTTP 500)" in skipped[0]
     assert len(receiver.received()) == 80 - len(skipped) <= 10
+    circuit = ("person", listener_id)  # the in-process relay's /metrics gauge
+    assert metrics.STATS.open_circuits.get(circuit) == 1  # nothing answered since
+    assert cli(config, "listeners", "remove", str(listener_id)).exit_code == 0
+    wait_until(lambda: circuit not in metrics.STATS.open_circuits, message="gauge gone with it")
 
 
 def test_a_probe_that_is_answered_closes_the_circuit(conn, setup, cli, receiver, relay_for):
@@ -391,7 +396,10 @@ def test_a_probe_that_is_answered_closes_the_circuit(conn, setup, cli, receiver,
     receiver.plan("/hook", Reply(503), Reply(503), Reply(503))  # then 200s
     relay_for(config)
     conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 10) i")
+    circuit = ("person", listener_id)  # the in-process relay's /metrics gauge
+    wait_until(lambda: metrics.STATS.open_circuits.get(circuit) == 1, message="circuit open")
     wait_settled(conn)
+    assert circuit not in metrics.STATS.open_circuits
     rows = delivery_rows(conn, listener_id)
     assert {status for _, _, status, _, _, _ in rows} == {"delivered"}
     errors = [e for d_id, *_ in rows for _, e in attempt_rows(conn, d_id)]

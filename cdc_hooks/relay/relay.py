@@ -271,6 +271,9 @@ class Relay:
         if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
             self._claimable = True  # e.g. a resumed listener's held deliveries
             self._work_ready.set()
+        for listener_id in self._circuits.keys() - listeners.keys():  # removed or disabled since
+            del self._circuits[listener_id]
+            metrics.circuit(self.listeners[listener_id].hook, listener_id, False)
         self.listeners = listeners
 
     # Dispatch ----------------------------------------------------------------
@@ -511,7 +514,7 @@ class Relay:
                                retry_after=response.retry_after, retryable_error=response.retryable)
             if outcome.gone:
                 self._stop_sending(listener.id)
-            self._note_answer(listener.id, response)
+            self._note_answer(listener, response)
             metrics.attempt(listener.hook, listener.id, attempt, outcome.status, response.duration_ms)
             if outcome.status != "delivered":
                 log.warning("listener %s event %s attempt %s: %s -> %s", listener.id, event_id,
@@ -526,14 +529,16 @@ class Relay:
             self._pump()
             self._room.set()
 
-    def _note_answer(self, listener_id: int, response: Response) -> None:
+    def _note_answer(self, listener: Listener, response: Response) -> None:
         """Keeps the listener's circuit (circuit.py) in step with its receiver."""
         threshold = self.delivery.circuit_breaker
         if not threshold:
             return
+        listener_id = listener.id
         if counts_as_failure(response.code, response.retryable):
             circuit = self._circuits.setdefault(listener_id, Circuit())
             if circuit.failed(response.error or f"HTTP {response.code}", time.monotonic(), threshold):
+                metrics.circuit(listener.hook, listener_id, True)
                 log.warning("listener %s: the last %s requests failed (last: %s); due deliveries "
                             "are retried without a request for %g s, then one is sent as a probe",
                             listener_id, circuit.failures, circuit.last_error, circuit.pause,
@@ -541,6 +546,7 @@ class Relay:
         elif response.code is not None:
             closed = self._circuits.pop(listener_id, None)
             if closed is not None and closed.open_until:
+                metrics.circuit(listener.hook, listener_id, False)
                 log.info("listener %s answers again (HTTP %s): circuit closed", listener_id,
                          response.code, extra={"listener_id": listener_id, "status": "circuit-closed"})
 
