@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,20 +38,22 @@ class GuessLimit:
         self.window = window
         self.clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()  # the web app checks tokens on worker threads
 
     def check(self, address: str, given: str | None, token: str) -> bool:
         """True if given is the token (compared in constant time). Raises
         TooManyGuesses while the address is locked out, without comparing; a wrong
         token counts toward the limit, a missing one (None) does not."""
-        wait = self.retry_after(address)
-        if wait:
-            raise TooManyGuesses(address, wait)
-        if given is None:
+        with self._lock:
+            wait = self.retry_after(address)
+            if wait:
+                raise TooManyGuesses(address, wait)
+            if given is None:
+                return False
+            if hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8")):
+                return True
+            self.failed(address)
             return False
-        if hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8")):
-            return True
-        self.failed(address)
-        return False
 
     def retry_after(self, address: str) -> int:
         """Whole seconds until this address may try a token again; 0: now."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 
 from cdc_hooks import guesses
@@ -68,3 +71,30 @@ def test_memory_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         clock.now += 1  # older entries age out as newer ones come
     assert len(limit._failures) <= 100
     assert limit.retry_after("10.0.3.231") > 0  # the latest is still locked out
+
+
+def test_threads_may_check_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web app checks tokens on worker threads: forgetting stale addresses
+    while another thread adds one must not fail."""
+    monkeypatch.setattr(guesses, "MAX_ADDRESSES", 50)
+    limit = GuessLimit(limit=1, window=0.0)
+    errors: list[BaseException] = []
+
+    def guess(thread: int) -> None:
+        try:
+            for i in range(3000):
+                limit.check(f"10.{thread}.{i // 256}.{i % 256}", "wrong", TOKEN)
+        except BaseException as exc:  # what a thread raised, for the assert below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=guess, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
