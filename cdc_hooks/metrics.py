@@ -196,9 +196,10 @@ class RelayCollector(Collector):
             "cdc_hooks_listener_circuit_open", "1 while the listener's circuit breaker is open: its "
             "due deliveries fail without a request (with --workers: how many workers' are)",
             labels=["hook", "listener"])
-        for (hook, listener_id) in sorted(totals.listeners.keys() | totals.open_circuits.keys()):
-            circuits.add_metric([hook, str(listener_id)],
-                                totals.open_circuits.get((hook, listener_id), 0))
+        open_circuits = {(hook, str(lid)): n  # a C-level copy first, as the snapshots above
+                         for (hook, lid), n in list(totals.open_circuits.items())}
+        for hook, listener_id in sorted({(h, lid) for (h, lid), _ in listeners} | open_circuits.keys()):
+            circuits.add_metric([hook, listener_id], open_circuits.get((hook, listener_id), 0))
         yield circuits
         yield _counter("database_reconnects", "Relay database sessions lost, then reconnected with "
                        "backoff (each failed attempt counts)", [], [([], totals.reconnects)])
