@@ -124,12 +124,15 @@ def attempt(hook: str, listener_id: int, attempt_number: int, status: str, durat
     stats.seconds += seconds
 
 
-def circuit(hook: str, listener_id: int, is_open: bool) -> None:
-    """A listener's circuit opened, or closed again (relay/circuit.py)."""
-    if is_open:
-        STATS.open_circuits[(hook, listener_id)] = 1
-    else:
-        STATS.open_circuits.pop((hook, listener_id), None)
+def circuit_opened(hook: str, listener_id: int) -> None:
+    """A listener's circuit opened (relay/circuit.py)."""
+    STATS.open_circuits[(hook, listener_id)] = 1
+
+
+def circuit_closed(listener_id: int) -> None:
+    """A listener's circuit closed, or the listener is gone."""
+    for key in [k for k in STATS.open_circuits if k[1] == listener_id]:
+        del STATS.open_circuits[key]
 
 
 def connection_lost() -> None:

@@ -407,6 +407,23 @@ def test_a_probe_that_is_answered_closes_the_circuit(conn, setup, cli, receiver,
     assert len(ok(receiver.received())) == 10
 
 
+def test_a_request_that_fails_after_its_listener_was_removed(conn, config, cli, receiver, relay_for):
+    """Its circuit entry belongs to no listener the relay knows: the next reload
+    drops it (it looked the listener up, and the KeyError stopped the relay)."""
+    removed, _ = add_listener(cli, config, "person", receiver.url("/slow"))
+    add_listener(cli, config, "person", receiver.url("/ok"))
+    receiver.set_default("/slow", Reply(200, delay=3.0))  # times out (timeout = 2)
+    running = relay_for(config)
+    conn.execute("INSERT INTO person (name) VALUES ('first')")
+    receiver.wait_for(1, "/slow")
+    assert cli(config, "listeners", "remove", str(removed)).exit_code == 0
+    wait_until(lambda: removed not in running.relay.listeners, message="listener dropped")
+    wait_until(lambda: removed in running.relay._circuits, message="the timeout noted")
+    wait_until(lambda: removed not in running.relay._circuits, message="circuit dropped")
+    conn.execute("INSERT INTO person (name) VALUES ('second')")
+    assert [r.json["data"]["name"] for r in receiver.wait_for(2, "/ok")] == ["first", "second"]
+
+
 def test_queued_deliveries_keep_their_lease_while_they_wait(conn, setup, cli, receiver,
                                                             relay_for):
     """Deliveries that wait in the relay's queue longer than their lease are leased

@@ -273,7 +273,7 @@ class Relay:
             self._work_ready.set()
         for listener_id in self._circuits.keys() - listeners.keys():  # removed or disabled since
             del self._circuits[listener_id]
-            metrics.circuit(self.listeners[listener_id].hook, listener_id, False)
+            metrics.circuit_closed(listener_id)
         self.listeners = listeners
 
     # Dispatch ----------------------------------------------------------------
@@ -538,7 +538,7 @@ class Relay:
         if counts_as_failure(response.code, response.retryable):
             circuit = self._circuits.setdefault(listener_id, Circuit())
             if circuit.failed(response.error or f"HTTP {response.code}", time.monotonic(), threshold):
-                metrics.circuit(listener.hook, listener_id, True)
+                metrics.circuit_opened(listener.hook, listener_id)
                 log.warning("listener %s: the last %s requests failed (last: %s); due deliveries "
                             "are retried without a request for %g s, then one is sent as a probe",
                             listener_id, circuit.failures, circuit.last_error, circuit.pause,
@@ -546,7 +546,7 @@ class Relay:
         elif response.code is not None:
             closed = self._circuits.pop(listener_id, None)
             if closed is not None and closed.open_until:
-                metrics.circuit(listener.hook, listener_id, False)
+                metrics.circuit_closed(listener_id)
                 log.info("listener %s answers again (HTTP %s): circuit closed", listener_id,
                          response.code, extra={"listener_id": listener_id, "status": "circuit-closed"})
 
