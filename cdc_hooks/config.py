@@ -44,6 +44,7 @@ class HookConfig:
     provides: tuple[str, ...] | None = None  # None: every column but the key
     key: tuple[str, ...] | None = None  # None: the table's primary key
     when_changed: tuple[str, ...] | None = None  # None: any provided column
+    senders: tuple[str, ...] = ()  # custom hooks: roles that may send it, besides cdc-hooks itself
 
     @property
     def is_custom(self) -> bool:
@@ -88,6 +89,7 @@ class WebConfig:
 @dataclass(frozen=True)
 class Config:
     dsn: str | None = None
+    relay_role: str | None = None  # install grants this role what the relay needs
     hooks: tuple[HookConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     path: Path | None = None
@@ -127,10 +129,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validates the parsed TOML document."""
     _check_keys(raw, {"database", "hooks", "delivery", "web", "retention"}, "config")
     database = _table(raw.get("database", {}), "[database]")
-    _check_keys(database, {"dsn"}, "[database]")
+    _check_keys(database, {"dsn", "relay_role"}, "[database]")
     dsn = database.get("dsn")
     if dsn is not None and not isinstance(dsn, str):
         raise ConfigError("[database] dsn must be a string")
+    relay_role = database.get("relay_role")
+    if relay_role is not None and (not isinstance(relay_role, str) or not relay_role):
+        raise ConfigError("[database] relay_role must be a role's name")
     hooks_raw = raw.get("hooks", [])
     if not isinstance(hooks_raw, list):
         raise ConfigError("hooks must be an array of tables: [[hooks]]")
@@ -143,7 +148,8 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     delivery = _parse_delivery(_table(raw.get("delivery", {}), "[delivery]"))
     web = _parse_web(_table(raw.get("web", {}), "[web]"))
     retention = _parse_retention(_table(raw.get("retention", {}), "[retention]"))
-    return Config(dsn=dsn, hooks=hooks, delivery=delivery, web=web, retention=retention)
+    return Config(dsn=dsn, relay_role=relay_role, hooks=hooks, delivery=delivery, web=web,
+                  retention=retention)
 
 
 def _parse_retention(raw: Mapping[str, Any]) -> RetentionConfig:
@@ -187,7 +193,7 @@ def _parse_hook(raw: Any, index: int) -> HookConfig:
     if name.startswith(BUILTIN_PREFIX):
         raise ConfigError(f"{where}: names starting with {BUILTIN_PREFIX} are reserved for "
                           "cdc-hooks' own hooks (installed by cdc-hooks install)")
-    _check_keys(raw, {"name", "table", "events", "provides", "key", "when_changed"}, where)
+    _check_keys(raw, {"name", "table", "events", "provides", "key", "when_changed", "senders"}, where)
     table = raw.get("table")
     if table is None:
         for key in ("events", "key", "when_changed"):
@@ -195,7 +201,11 @@ def _parse_hook(raw: Any, index: int) -> HookConfig:
                 raise ConfigError(f"{where}: {key} needs a table (a custom hook has none)")
         if "provides" not in raw:
             raise ConfigError(f"{where}: a custom hook (no table) must list what it provides")
-        return HookConfig(name=name, provides=_names(raw["provides"], where, "provides"))
+        return HookConfig(name=name, provides=_names(raw["provides"], where, "provides"),
+                          senders=_names(raw.get("senders", []), where, "senders"))
+    if "senders" in raw:
+        raise ConfigError(f"{where}: senders applies to custom hooks; a table hook's events "
+                          "come from writes to its table, by whoever may write it")
     if not isinstance(table, str):
         raise ConfigError(f"{where}: table must be a string")
     try:

@@ -96,6 +96,20 @@ class InstalledHook:
     provides: tuple[str, ...]
     key_columns: tuple[str, ...]
     when_changed: tuple[str, ...]
+    senders: tuple[str, ...] = ()  # custom hooks: roles allowed to send it
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> InstalledHook:
+        """From a row of the installed_hooks query."""
+        name, schema, table, *arrays = row
+        return cls(name, schema, table, *(tuple(a) for a in arrays))
+
+    def params(self) -> dict[str, Any]:
+        """The save_hook query's parameters."""
+        return {"name": self.name, "table_schema": self.table_schema, "table_name": self.table_name,
+                "events": list(self.events), "provides": list(self.provides),
+                "key_columns": list(self.key_columns), "when_changed": list(self.when_changed),
+                "senders": list(self.senders)}
 
 
 @dataclass(frozen=True)
@@ -182,17 +196,16 @@ class Database:
     def installed_hooks(self) -> list[InstalledHook]:
         if not self.schema_exists():
             return []
-        return [
-            InstalledHook(r[0], r[1], r[2], tuple(r[3]), tuple(r[4]), tuple(r[5]), tuple(r[6]))
-            for r in self.run("installed_hooks")
-        ]
+        return [InstalledHook.from_row(r) for r in self.run("installed_hooks")]
 
     def save_hook(self, hook: InstalledHook) -> None:
-        self.run("save_hook", {
-            "name": hook.name, "table_schema": hook.table_schema, "table_name": hook.table_name,
-            "events": list(hook.events), "provides": list(hook.provides),
-            "key_columns": list(hook.key_columns), "when_changed": list(hook.when_changed),
-        })
+        self.run("save_hook", hook.params())
+
+    def missing_roles(self, roles: Iterable[str]) -> list[str]:
+        return [r[0] for r in self.run("missing_roles", {"roles": list(roles)})]
+
+    def grant_relay(self, role: str) -> None:
+        self.execute(query("grant_relay").format(role=sql.Identifier(role)))
 
     def forget_hook(self, name: str) -> None:
         self.run("forget_hook", {"name": name})

@@ -18,7 +18,7 @@ import sqlalchemy
 from psycopg import sql
 
 from .config import Config, HookConfig, TableName
-from .db import Database, InstalledHook, connect, migrations, queries, sql_text
+from .db import Database, InstalledHook, connect, migrations, queries, query, sql_text
 from .errors import ConfigError
 
 TRIGGER_EVENTS = {
@@ -84,7 +84,7 @@ def resolve_hooks(config: Config) -> list[InstalledHook]:
 def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> InstalledHook:
     where = f'hook "{hook.name}"'
     if hook.table is None:
-        return InstalledHook(hook.name, None, None, (), hook.provides or (), (), ())
+        return InstalledHook(hook.name, None, None, (), hook.provides or (), (), (), hook.senders)
     table = hook.table
     if not inspector.has_table(table.name, schema=table.schema):
         raise ConfigError(f"{where}: table {table} does not exist")
@@ -126,6 +126,7 @@ def _not_a_table(inspector: sqlalchemy.Inspector, table: TableName) -> str | Non
 
 
 def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
+    _check_roles(db, desired)
     plan = Plan()
     current_version = db.schema_version()
     plan.migrations = [v for v, _ in migrations() if v > current_version]
@@ -150,6 +151,13 @@ def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
             plan.hooks_to_forget.append(name)
             plan.changes.append(f"- {name}: removed")
     return plan
+
+
+def _check_roles(db: Database, hooks: list[InstalledHook]) -> None:
+    problems = [f'hook "{h.name}": sender role "{role}" does not exist'
+                for h in hooks for role in db.missing_roles(h.senders)]
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def describe_hook(hook: InstalledHook) -> str:
@@ -209,6 +217,9 @@ def _create_statements(db: Database, hook: InstalledHook) -> list[sql.Composable
         sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
             function=function, hook=sql.Literal(hook.name), **_capture_fragments(captured)),
         sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(function, sql.Literal(_fingerprint(hook))),
+        # Only install attaches it (EXECUTE is checked when a trigger is created,
+        # not when it fires): nobody can hook it to a table of their own.
+        sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
     ]
     for schema, table_name in _tables(db, hook) or [(hook.table_schema or "public", hook.table_name)]:
         table = sql.Identifier(schema, table_name)
@@ -311,6 +322,9 @@ def install(config: Config) -> Plan:
                 db.save_hook(hook)
             for name in plan.hooks_to_forget:
                 db.forget_hook(name)
+            db.run("refresh_hook_relations")
+            if config.relay_role:
+                db.grant_relay(config.relay_role)
         return plan
 
 
@@ -319,10 +333,10 @@ def dry_run(config: Config) -> tuple[Plan, str]:
     desired = resolve_hooks(config)
     with Database.connect(config.dsn) as db:
         plan = plan_install(db, desired)
-        return plan, _script(db, plan)
+        return plan, _script(db, plan, config.relay_role)
 
 
-def _script(db: Database, plan: Plan) -> str:
+def _script(db: Database, plan: Plan, relay_role: str | None) -> str:
     """Everything install would run, bookkeeping included: applied by hand, it
     leaves the database as install would (a later install finds it in line)."""
     if not (plan.migrations or plan.statements or plan.hooks_to_save or plan.hooks_to_forget):
@@ -335,8 +349,11 @@ def _script(db: Database, plan: Plan) -> str:
             parts.append(text)
             parts.append(_rendered(db, "record_schema_version", {"version": version}))
     parts += [s.as_string(db.conn).rstrip().rstrip(";") + ";" for s in plan.statements]
-    parts += [_rendered(db, "save_hook", _hook_params(h)) for h in plan.hooks_to_save]
+    parts += [_rendered(db, "save_hook", h.params()) for h in plan.hooks_to_save]
     parts += [_rendered(db, "forget_hook", {"name": n}) for n in plan.hooks_to_forget]
+    parts.append(_rendered(db, "refresh_hook_relations"))
+    if relay_role:
+        parts.append(query("grant_relay").format(role=sql.Identifier(relay_role)).as_string(db.conn))
     parts.append("COMMIT;")
     return "\n".join(parts)
 
@@ -345,13 +362,6 @@ def _rendered(db: Database, name: str, params: dict[str, Any] | None = None) -> 
     """A named query with its parameters bound by psycopg, for a printed script."""
     text = psycopg.ClientCursor(db.conn).mogrify(queries()[name], params)
     return text.rstrip().rstrip(";") + ";"
-
-
-def _hook_params(hook: InstalledHook) -> dict[str, Any]:
-    """The save_hook parameters (as Database.save_hook binds them)."""
-    return {"name": hook.name, "table_schema": hook.table_schema, "table_name": hook.table_name,
-            "events": list(hook.events), "provides": list(hook.provides),
-            "key_columns": list(hook.key_columns), "when_changed": list(hook.when_changed)}
 
 
 def check(config: Config) -> list[str]:
@@ -417,6 +427,7 @@ def uninstall(config: Config, *, drop_schema: bool = False) -> list[str]:
             db.forget_hook(hook.name)
             if hook not in BUILTIN_HOOKS:
                 done.append(f"- {hook.name}: removed")
+        db.run("refresh_hook_relations")
         if drop_schema:
             outbox, pending = db.pending_counts()
             db.execute(sql.SQL("DROP SCHEMA cdc_hooks CASCADE"))

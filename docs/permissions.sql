@@ -1,15 +1,16 @@
--- Least privileges of cdc-hooks' two roles (docs/operations.md, "Permissions").
--- Run with psql, naming the roles, the database and one hooked table:
+-- Least privileges of cdc-hooks' roles (docs/operations.md, "Permissions").
+-- One run, as an administrator (a superuser, or a role with CREATEROLE that
+-- owns the hooked table), before the first `cdc-hooks install`:
 --
 --   psql -v installer=cdc_hooks_installer -v relay=cdc_hooks_relay \
 --        -v database=app -v table=public.person -v key=id -f docs/permissions.sql
 --
--- tests/test_permissions.py runs this file as written, then install and a
--- relay with these roles. Part 1 runs as a superuser (or the table's owner and
--- a role with CREATEROLE), once; part 2 as the installer, after every
--- `cdc-hooks install` (an upgrade may add tables; GRANT is idempotent).
-
--- Part 1: as an administrator ---------------------------------------------------
+-- Then name the relay's role in the config ([database] relay_role =
+-- "cdc_hooks_relay") and run `cdc-hooks install` as the installer: install
+-- grants the relay what it needs in the cdc_hooks schema, after every upgrade
+-- too. The application's roles need nothing: they write their tables as
+-- before, and capture runs with their rights (README, "Security").
+-- tests/test_permissions.py runs this file with psql as written here.
 
 -- Set passwords with \password, or use certificate or peer authentication.
 CREATE ROLE :"installer" LOGIN;
@@ -27,17 +28,3 @@ GRANT TRIGGER ON TABLE :table TO :"installer";
 -- role): reading the rows, and UPDATE on one column, which PostgreSQL requires
 -- for the row share-locks a backfill batch takes (it updates nothing).
 GRANT SELECT, UPDATE (:"key") ON TABLE :table TO :"installer";
-
--- Part 2: as the installer, after cdc-hooks install -------------------------
-
--- The relay: dispatch, delivery, the attempt log, waiting for NOTIFY,
--- retention (DELETE) and listener health (auto-disable updates listeners).
--- Functions such as cdc_hooks.send are executable by everyone by default.
-GRANT USAGE ON SCHEMA cdc_hooks TO :"relay";
-GRANT SELECT ON cdc_hooks.hooks, cdc_hooks.schema_version TO :"relay";
-GRANT SELECT, UPDATE ON cdc_hooks.listeners, cdc_hooks.config_version TO :"relay";
-GRANT SELECT, DELETE ON cdc_hooks.outbox TO :"relay";
-GRANT SELECT, INSERT, DELETE ON cdc_hooks.events, cdc_hooks.attempts, cdc_hooks.waiters
-    TO :"relay";
-GRANT SELECT, INSERT, UPDATE, DELETE ON cdc_hooks.deliveries, cdc_hooks.listener_health
-    TO :"relay";

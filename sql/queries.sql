@@ -15,17 +15,41 @@ SELECT pg_advisory_xact_lock(hashtext('cdc_hooks.install'));
 SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'cdc_hooks');
 
 -- name: installed_hooks
-SELECT name, table_schema, table_name, events, provides, key_columns, when_changed
-FROM cdc_hooks.hooks ORDER BY name;
+-- senders through to_jsonb: install plans (and check compares) before the
+-- migration that added the column has run.
+SELECT name, table_schema, table_name, events, provides, key_columns, when_changed,
+       ARRAY(SELECT jsonb_array_elements_text(coalesce(to_jsonb(h) -> 'senders', '[]'))) AS senders
+FROM cdc_hooks.hooks h ORDER BY name;
 
 -- name: save_hook
-INSERT INTO cdc_hooks.hooks AS h (name, table_schema, table_name, events, provides, key_columns, when_changed)
-VALUES (%(name)s, %(table_schema)s, %(table_name)s, %(events)s, %(provides)s, %(key_columns)s, %(when_changed)s)
+INSERT INTO cdc_hooks.hooks AS h (name, table_schema, table_name, events, provides, key_columns,
+                                  when_changed, senders)
+VALUES (%(name)s, %(table_schema)s, %(table_name)s, %(events)s, %(provides)s, %(key_columns)s,
+        %(when_changed)s, %(senders)s)
 ON CONFLICT (name) DO UPDATE SET
     table_schema = excluded.table_schema, table_name = excluded.table_name,
     events = excluded.events, provides = excluded.provides,
     key_columns = excluded.key_columns, when_changed = excluded.when_changed,
-    installed_at = now();
+    senders = excluded.senders, installed_at = now();
+
+-- name: refresh_hook_relations
+-- The relations whose changes each hook may record (the outbox's row check).
+SELECT cdc_hooks.refresh_hook_relations();
+
+-- name: missing_roles
+SELECT r FROM unnest(%(roles)s::text[]) AS r WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r);
+
+-- name: grant_relay
+-- The relay's least privileges ({role}: [database] relay_role), given by
+-- install after every migration: dispatch, delivery, the attempt log, waiting
+-- for NOTIFY, retention (DELETE), listener health (auto-disable updates
+-- listeners) and the built-in cdc_hooks.listener_disabled event.
+GRANT USAGE ON SCHEMA cdc_hooks TO {role};
+GRANT SELECT ON cdc_hooks.hooks, cdc_hooks.schema_version TO {role};
+GRANT SELECT, UPDATE ON cdc_hooks.listeners, cdc_hooks.config_version TO {role};
+GRANT SELECT, DELETE ON cdc_hooks.outbox TO {role};
+GRANT SELECT, INSERT, DELETE ON cdc_hooks.events, cdc_hooks.attempts, cdc_hooks.waiters TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON cdc_hooks.deliveries, cdc_hooks.listener_health TO {role};
 
 -- name: forget_hook
 DELETE FROM cdc_hooks.hooks WHERE name = %(name)s;

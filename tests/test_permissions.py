@@ -6,8 +6,9 @@ pruning as the relay. Real roles on real PostgreSQL (dropped at the end)."""
 from __future__ import annotations
 
 import logging
-import re
 import secrets
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ from cdc_hooks.db import Database, query
 Conn = psycopg.Connection[Any]
 Cli = Callable[..., Result]
 PERMISSIONS = Path(__file__).parent.parent / "docs" / "permissions.sql"
+PSQL = shutil.which("psql") or pytest.skip("psql is needed to run docs/permissions.sql",
+                                           allow_module_level=True)
 
 CONFIG = """
 [database]
 dsn = "{dsn}"
+relay_role = "{relay}"
 
 [[hooks]]
 name = "person"
@@ -45,15 +49,12 @@ interval = {interval}
 """
 
 
-def psql_script(part: int, variables: dict[str, str]) -> list[str]:
-    """Statements of part 1 or 2 of the file, psql variables substituted
-    (:"name" as a quoted identifier, :name as is), as psql -v would."""
-    text = re.split(r"^-- Part 2.*$", PERMISSIONS.read_text(encoding="utf-8"),
-                    flags=re.MULTILINE)[part - 1]
-    text = re.sub(r"^\s*--.*$", "", text, flags=re.MULTILINE)
-    text = re.sub(r':"(\w+)"', lambda m: '"' + variables[m.group(1)].replace('"', '""') + '"', text)
-    text = re.sub(r":(\w+)", lambda m: variables[m.group(1)], text)
-    return [s.strip() for s in text.split(";") if s.strip()]
+def run_permissions_sql(dsn: str, variables: dict[str, str]) -> None:
+    """docs/permissions.sql, run by psql exactly as its header says."""
+    args = [part for name in ("installer", "relay", "database", "table", "key")
+            for part in ("-v", f"{name}={variables[name]}")]
+    subprocess.run([PSQL, "-X", "-q", "-v", "ON_ERROR_STOP=1", *args, "-f", str(PERMISSIONS),
+                    "-d", dsn], check=True, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -69,8 +70,7 @@ def roles(conn: Conn, clean_db: str) -> Iterator[dict[str, str]]:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(app))
         conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON person TO {}").format(app))
         conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE person_id_seq TO {}").format(app))
-        for statement in psql_script(1, names):
-            conn.execute(statement)  # type: ignore[arg-type]
+        run_permissions_sql(clean_db, names)
         yield names
     finally:
         users = [names["installer"], names["relay"], names["app"]]
@@ -81,20 +81,18 @@ def roles(conn: Conn, clean_db: str) -> Iterator[dict[str, str]]:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(user)))
 
 
-def config_as(tmp_path: Path, dsn: str, user: str, interval: float = 0) -> Config:
+def config_as(tmp_path: Path, dsn: str, roles: dict[str, str], user: str,
+              interval: float = 0) -> Config:
     path = tmp_path / f"{user}.toml"
-    path.write_text(CONFIG.format(dsn=make_conninfo(dsn, user=user), interval=interval))
+    path.write_text(CONFIG.format(dsn=make_conninfo(dsn, user=roles[user]), interval=interval,
+                                  relay=roles["relay"]))
     return load_config(path)
 
 
 def test_least_privileges_suffice(conn, clean_db, roles, tmp_path, cli, receiver, caplog):
-    installer = config_as(tmp_path, clean_db, roles["installer"])
+    installer = config_as(tmp_path, clean_db, roles, "installer")
     result = cli(installer, "install")
     assert result.exit_code == 0, result.output
-    with psycopg.connect(make_conninfo(clean_db, user=roles["installer"]),
-                         autocommit=True) as as_installer:
-        for statement in psql_script(2, roles):
-            as_installer.execute(statement)  # type: ignore[arg-type]
     assert cli(installer, "check").exit_code == 0
     assert cli(installer, "listeners", "add", "person", receiver.url("/ok")).exit_code == 0
     receiver.set_default("/gone", Reply(410))
@@ -109,7 +107,7 @@ def test_least_privileges_suffice(conn, clean_db, roles, tmp_path, cli, receiver
     assert backfilled.exit_code == 0, backfilled.output
 
     caplog.set_level(logging.INFO)
-    relay = InProcessRelay(config_as(tmp_path, clean_db, roles["relay"], interval=0.2)).start()
+    relay = InProcessRelay(config_as(tmp_path, clean_db, roles, "relay", interval=0.2)).start()
     try:
         ok = receiver.wait_for(4, "/ok")
         receiver.wait_for(1, "/ops")  # 410 Gone: disabled by the relay, with its event
@@ -133,12 +131,8 @@ def test_least_privileges_suffice(conn, clean_db, roles, tmp_path, cli, receiver
 
 
 def test_the_relay_role_cannot_change_the_application(conn, clean_db, roles, tmp_path, cli):
-    installer = config_as(tmp_path, clean_db, roles["installer"])
+    installer = config_as(tmp_path, clean_db, roles, "installer")
     assert cli(installer, "install").exit_code == 0
-    with psycopg.connect(make_conninfo(clean_db, user=roles["installer"]),
-                         autocommit=True) as as_installer:
-        for statement in psql_script(2, roles):
-            as_installer.execute(statement)  # type: ignore[arg-type]
     with psycopg.connect(make_conninfo(clean_db, user=roles["relay"]), autocommit=True) as relay:
         for statement in ("SELECT * FROM person", "UPDATE person SET name = 'x'",
                           "DELETE FROM cdc_hooks.listeners", "DROP TABLE cdc_hooks.outbox",

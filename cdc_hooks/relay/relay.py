@@ -250,8 +250,7 @@ class Relay:
             return
         self._loaded_at = time.monotonic()
         hooks = await store.run("installed_hooks")
-        self.hooks = {r[0]: InstalledHook(r[0], r[1], r[2], tuple(r[3]), tuple(r[4]),
-                                          tuple(r[5]), tuple(r[6])) for r in hooks}
+        self.hooks = {r[0]: InstalledHook.from_row(r) for r in hooks}
         listeners = {}
         for listener_id, hook, url, match_text, secret, state, backfill in \
                 await store.active_listeners():
