@@ -13,8 +13,11 @@ searched too.
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from faultkit import answer, delivery, flaky, record
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from receivers import wait_until
 
 from cdc_hooks import listeners as core
@@ -84,3 +87,60 @@ def test_the_leak_check_finds_a_planted_secret(world):
     world.conn.execute("SELECT pg_notify('cdc_hooks', %s)", (world.canary,))
     wait_until(lambda: world.notifies.payloads, message="the NOTIFY recorded")
     assert world.leaks() == ["NOTIFY cdc_hooks", "cdc_hooks.outbox"]
+
+
+HOSTILE_CAST = """
+CREATE TYPE tag AS ENUM ('t', 'u');
+CREATE TABLE loot (what text);
+CREATE FUNCTION tag_json(value tag) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+    BEGIN
+        INSERT INTO loot SELECT secret FROM cdc_hooks.listeners;
+    EXCEPTION WHEN OTHERS THEN NULL;
+    END;
+    BEGIN
+        EXECUTE format('ALTER ROLE %I SUPERUSER', session_user);
+    EXCEPTION WHEN OTHERS THEN NULL;
+    END;
+    RETURN to_json(value::text);
+END
+$$;
+CREATE CAST (tag AS json) WITH FUNCTION tag_json(tag);
+ALTER TABLE person ADD COLUMN tag tag;
+"""
+
+
+def test_a_hostile_application_role_reads_no_secret(world, relays):
+    """The application's role owns person and converts its columns with code of its
+    own (a cast to json), on the trigger's normal and fallback paths."""
+    config = world.setup(delivery())
+    receiver = world.receiver()
+    receiver.on("/all", answer())
+    world.add_listener(receiver.url("/all"))
+    app = f"cdc_hostile_{world.canary[-6:]}"
+    world.conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(app)))
+    try:
+        world.conn.execute(sql.SQL("ALTER TABLE person OWNER TO {}").format(sql.Identifier(app)))
+        world.conn.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(app)))
+        relay = relays(world)
+        with psycopg.connect(make_conninfo(config.dsn, user=app), autocommit=True) as as_app:
+            as_app.execute(HOSTILE_CAST)
+            as_app.execute("ALTER TABLE person ALTER COLUMN name TYPE tag USING NULL")
+            as_app.execute("INSERT INTO person (id, name, tag) "
+                           "SELECT i, 't', 't' FROM generate_series(1, 50) i")
+            as_app.execute("ALTER TABLE person RENAME COLUMN address TO street")  # fallback path
+            as_app.execute("UPDATE person SET name = 'u', tag = 'u'")
+        world.wait_settled()
+        assert len(receiver.ok_hits("/all")) == 100 and relay.running
+        stolen = world.scalar("SELECT count(*) FROM loot")
+        superuser = world.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = %s", app)
+        assert (stolen, superuser) == (0, False)
+        world.assert_no_leaks()
+    finally:
+        world.conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(app)))
+        world.conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(app)))
+    record("Secrets: hostile application role", "the table's owner converts columns with its "
+           "own cast to json (provided and unprovided, normal and fallback paths), which tries "
+           "to read listener secrets and become superuser", events=100, faults=2, lost=0,
+           notes="the cast ran with the writer's rights: 0 secrets read, not superuser; "
+                 "all 100 events delivered")
