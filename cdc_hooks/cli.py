@@ -17,6 +17,7 @@ from . import jsoncodec, logs
 from . import listeners as core
 from .config import Config, load_config
 from .db import Database
+from .dsn import check_dsn
 from .errors import CdcHooksError, ListenerError, NotFound
 from .hooks import send as send_event  # `from . import hooks` would be the registry
 from .match import match_options_to_json
@@ -356,6 +357,8 @@ def demo(ctx: Context, dsn: str | None, keep_running: bool) -> None:
     """See it work: durian's Person example on an embedded PostgreSQL, in seconds."""
     from .demo import run_demo
 
+    if dsn:
+        check_dsn(dsn, origin="--dsn")
     sys.exit(run_demo(dsn or ctx.config(required=False).dsn, keep_running=keep_running))
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from . import jsoncodec
+from .dsn import check_dsn, connect_error, describe_dsn
 from .errors import DatabaseUnavailable
 
 SCHEMA = "cdc_hooks"
@@ -56,35 +56,18 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def describe_dsn(dsn: str) -> str:
-    """host:port/dbname of a DSN, for messages: never its password."""
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(unparsable DSN)"
-    host = info.get("host") or "local socket"
-    port = info.get("port") or "5432"
-    return f"{host}:{port}/{info.get('dbname') or info.get('user') or ''}"
-
-
 def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     if not dsn:
         raise DatabaseUnavailable(
             "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN"
         )
+    check_dsn(dsn)
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
-    except psycopg.ProgrammingError as exc:
-        raise DatabaseUnavailable(f"invalid DSN: {_first_line(exc)}") from None
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {_first_line(exc)}"
+            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {connect_error(dsn, exc)}"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1].strip() if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
