@@ -72,10 +72,11 @@ def connect_error(dsn: str, exc: BaseException) -> str:
 
 def redact(dsn: str, text: str) -> str:
     """The text with the DSN's password masked (a defence in depth: libpq does not
-    quote the password, and a malformed DSN is never tried)."""
+    quote the password, and a malformed DSN is never tried). Not a password of
+    under 4 characters: masking would garble the message, not hide much."""
     params = parse_dsn(dsn)
     password = params.get("password") if params else None
-    return text.replace(password, "***") if password else text
+    return text.replace(password, "***") if password and len(password) >= 4 else text
 
 
 def without_password(dsn: str) -> str:
