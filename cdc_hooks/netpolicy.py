@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .errors import ListenerError
+from .urls import redact_url
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -59,29 +60,31 @@ class NetworkPolicy:
 
 
 def check_url(url: str, policy: NetworkPolicy) -> None:
-    """Validates a listener URL at creation: http(s), a host, allowed addresses."""
+    """Validates a listener URL at creation: http(s), a host, allowed addresses.
+    Errors quote it with its credentials masked."""
+    shown = redact_url(url)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise ListenerError(f"URL {url!r} must be http:// or https://")
+        raise ListenerError(f"URL {shown!r} must be http:// or https://")
     if not parts.hostname:
-        raise ListenerError(f"URL {url!r} has no host")
+        raise ListenerError(f"URL {shown!r} has no host")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise ListenerError(f"URL {url!r} has an invalid port") from None
+        raise ListenerError(f"URL {shown!r} has an invalid port") from None
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ListenerError(f"URL {url!r}: cannot resolve {parts.hostname}: {exc}") from None
+        raise ListenerError(f"URL {shown!r}: cannot resolve {parts.hostname}: {exc}") from None
     for info in infos:
         try:
             policy.check_address(parts.hostname, str(info[4][0]))
         except AddressRefused as exc:
-            raise ListenerError(f"URL {url!r}: {exc}") from None
+            raise ListenerError(f"URL {shown!r}: {exc}") from None
     if literal_address(parts.hostname) is None and _legacy_ipv4(parts.hostname):
         # getaddrinfo reads 2130706433 or 127.1 as IPv4, aiohttp refuses to send to
         # them: refuse now rather than fail every delivery.
-        raise ListenerError(f"URL {url!r}: write the IPv4 address {parts.hostname} in dotted "
+        raise ListenerError(f"URL {shown!r}: write the IPv4 address {parts.hostname} in dotted "
                             f"form ({infos[0][4][0]})")
 
 
