@@ -17,10 +17,12 @@ from . import jsoncodec, logs
 from . import listeners as core
 from .config import Config, load_config
 from .db import Database
+from .dsn import check_dsn
 from .errors import CdcHooksError, ListenerError, NotFound
 from .hooks import send as send_event  # `from . import hooks` would be the registry
 from .match import match_options_to_json
 from .relay.relay import SCHEMA_GONE, run_forever
+from .urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -178,7 +180,7 @@ def listeners_list(ctx: Context) -> None:
     with Database.connect(ctx.config().dsn) as db:
         rows = db.list_listeners()
     print_table(["ID", "HOOK", "URL", "MATCH", "STATE", "LAST DELIVERY"], [
-        [r.id, r.hook, r.url, r.match,
+        [r.id, r.hook, redact_url(r.url), r.match,
          r.state + (f" ({r.disabled_reason})" if r.disabled_reason else "")
          + ("" if r.backfill else ", no backfill"),
          describe_outcome(r.last_status, r.last_code, r.last_error)]
@@ -276,7 +278,8 @@ def status(ctx: Context, minutes: int) -> None:
     if failing:
         click.echo("\nfailing listeners:")
         print_table(["ID", "HOOK", "URL", "STATE", "DEAD", "RETRYING"], [
-            [r[0], r[1], r[2], r[3] + (f" ({r[4]})" if r[4] else ""), r[5], r[6]] for r in failing
+            [r[0], r[1], redact_url(r[2]), r[3] + (f" ({r[4]})" if r[4] else ""), r[5], r[6]]
+            for r in failing
         ])
 
 
@@ -356,6 +359,8 @@ def demo(ctx: Context, dsn: str | None, keep_running: bool) -> None:
     """See it work: durian's Person example on an embedded PostgreSQL, in seconds."""
     from .demo import run_demo
 
+    if dsn:
+        check_dsn(dsn, origin="--dsn")
     sys.exit(run_demo(dsn or ctx.config(required=False).dsn, keep_running=keep_running))
 
 

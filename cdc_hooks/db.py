@@ -18,10 +18,11 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from . import jsoncodec
+from .dsn import check_dsn, connect_error, describe_dsn
 from .errors import DatabaseUnavailable
+from .urls import redact_url
 
 SCHEMA = "cdc_hooks"
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -56,35 +57,25 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def describe_dsn(dsn: str) -> str:
-    """host:port/dbname of a DSN, for messages: never its password."""
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(unparsable DSN)"
-    host = info.get("host") or "local socket"
-    port = info.get("port") or "5432"
-    return f"{host}:{port}/{info.get('dbname') or info.get('user') or ''}"
-
-
 def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     if not dsn:
         raise DatabaseUnavailable(
             "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN"
         )
+    check_dsn(dsn)
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
-    except psycopg.ProgrammingError as exc:
-        raise DatabaseUnavailable(f"invalid DSN: {_first_line(exc)}") from None
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {_first_line(exc)}"
+            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {connect_error(dsn, exc)}"
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1].strip() if text else type(exc).__name__
+def disabled_event(row: Sequence[Any]) -> dict[str, Any]:
+    """The cdc_hooks.listener_disabled payload of a disabled listener's (id, hook,
+    url, reason): other receivers get its URL without credentials."""
+    listener_id, hook, url, reason = row
+    return {"id": listener_id, "hook": hook, "url": redact_url(url), "reason": reason}
 
 
 @dataclass(frozen=True)
@@ -365,8 +356,17 @@ class Database:
             self.run("check_listener_health")
 
     def disable_failing_listeners(self, seconds: float, reason: str) -> list[tuple[Any, ...]]:
-        """(id, hook, url, reason, event id or None) of each listener disabled."""
-        return self.run("disable_failing_listeners", {"seconds": seconds, "reason": reason})
+        """(id, hook, url as shown, reason, event id or None) of each listener disabled,
+        with its cdc_hooks.listener_disabled event."""
+        with self.transaction():
+            rows = sorted(self.run("disable_failing_listeners",
+                                   {"seconds": seconds, "reason": reason}))
+            disabled = []
+            for row in rows:
+                event = disabled_event(row)
+                sent = self.one("send_listener_disabled", event)
+                disabled.append((row[0], row[1], event["url"], row[3], sent[0] if sent else None))
+            return disabled
 
     def resume_listener_deliveries(self, listener_id: int) -> None:
         self.run("resume_listener_deliveries", {"id": listener_id})
@@ -482,7 +482,9 @@ class RelayStore:
         await self.run("release_deliveries", {"ids": list(ids)})
 
     async def disable_listener(self, listener_id: int, reason: str) -> None:
-        await self.run("disable_listener_gone", {"id": listener_id, "reason": reason})
+        async with self.conn.transaction():
+            for row in await self.run("disable_listener_gone", {"id": listener_id, "reason": reason}):
+                await self.run("send_listener_disabled", disabled_event(row))
 
     async def seconds_until_due(self, listener_ids: Sequence[int],
                                 within: float) -> tuple[float | None, bool]:

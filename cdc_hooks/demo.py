@@ -33,7 +33,8 @@ from psycopg import sql
 from . import install as installer
 from . import jsoncodec
 from .config import BUILTIN_PREFIX, Config, DeliveryConfig, HookConfig, TableName
-from .db import Database, InstalledHook, describe_dsn, query, sql_text
+from .db import Database, InstalledHook, query, sql_text
+from .dsn import describe_dsn, without_password
 from .errors import CdcHooksError
 from .listeners import add_listener, remove_listener
 from .receiver import Delivery, Receiver
@@ -406,7 +407,8 @@ def _json(value: Any) -> str:
 
 async def _keep_running(dsn: str, run: Run, receiver: Receiver) -> None:
     say("\nStill running (--keep-running): write to the table and watch deliveries arrive.")
-    say(f"  psql '{dsn}' -c \"INSERT INTO {SCHEMA}.person (name, address) VALUES ('Jill', '5 Bay Road')\"")
+    insert = f"INSERT INTO {SCHEMA}.person (name, address) VALUES ('Jill', '5 Bay Road')"
+    say(f"  psql '{without_password(dsn)}' -c \"{insert}\"")
     say("Ctrl-C to stop.\n")
     run.clock = True
     receiver.on_delivery = lambda delivery: _take(run, delivery)

@@ -31,3 +31,9 @@ class DatabaseUnavailable(CdcHooksError):
     """PostgreSQL cannot be reached; the message names host and port, never the password."""
 
     exit_code = 1
+
+
+class MalformedDsn(DatabaseUnavailable):
+    """A DSN that does not parse as meant; the message says where it came from, never what it is."""
+
+    exit_code = 2

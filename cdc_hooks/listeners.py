@@ -19,6 +19,7 @@ from .errors import ListenerError, NotFound
 from .match import rules_from_json
 from .netpolicy import NetworkPolicy, check_url
 from .signing import generate_secret, secret_key
+from .urls import same_shown_url
 
 # Options a listener may carry (listeners.config): name -> type.
 LISTENER_OPTIONS: dict[str, type] = {
@@ -120,6 +121,8 @@ def update_listener(db: Database, config: Config, listener_id: int, *, url: str 
     """Changes URL, match and/or whether it takes backfill events; returns the new
     secret when rotated."""
     current = get_listener(db, listener_id)
+    if url is not None and same_shown_url(url, current.url):
+        url = None  # as listed (credentials masked): the stored URL stays
     match_json = None
     if match is not None:
         match_json = validate_match(installed_hook(db, current.hook), dict(match))

@@ -298,17 +298,19 @@ SET next_attempt_at = now(), attempts = attempts - 1
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
 
 -- name: disable_listener_gone
--- With an event on the built-in hook cdc_hooks.listener_disabled, as when
--- disabled for failing too long (disable_failing_listeners).
-WITH disabled AS (
-    UPDATE cdc_hooks.listeners
-    SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
-    WHERE id = %(id)s AND state <> 'disabled'
-    RETURNING id, hook, url, disabled_reason
-)
+-- Followed by send_listener_disabled in the same transaction, as when disabled
+-- for failing too long (disable_failing_listeners).
+UPDATE cdc_hooks.listeners
+SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
+WHERE id = %(id)s AND state <> 'disabled'
+RETURNING id, hook, url, disabled_reason;
+
+-- name: send_listener_disabled
+-- The event on the built-in hook cdc_hooks.listener_disabled, when installed, of
+-- a listener just disabled; its URL with credentials masked (cdc_hooks/urls.py).
 SELECT cdc_hooks.send('cdc_hooks.listener_disabled', jsonb_build_object(
-           'listener_id', d.id, 'hook', d.hook, 'url', d.url, 'reason', d.disabled_reason))
-FROM disabled d
+           'listener_id', %(id)s::bigint, 'hook', %(hook)s::text, 'url', %(url)s::text,
+           'reason', %(reason)s::text))
 WHERE EXISTS (SELECT FROM cdc_hooks.hooks WHERE name = 'cdc_hooks.listener_disabled');
 
 -- name: next_due
@@ -624,24 +626,15 @@ WHERE NOT EXISTS (SELECT FROM cdc_hooks.listeners l WHERE l.id = h.listener_id);
 
 -- name: disable_failing_listeners
 -- Active listeners failing still, with no success for `seconds` and unchanged
--- (created, resumed, edited) for as long, are disabled, each with an event on
--- the built-in hook cdc_hooks.listener_disabled when it is installed.
-WITH disabled AS (
-    UPDATE cdc_hooks.listeners l
-    SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
-    FROM cdc_hooks.listener_health h
-    WHERE h.listener_id = l.id AND l.state = 'active' AND h.failing
-      AND h.failing_since < now() - make_interval(secs => %(seconds)s)
-      AND l.updated_at < now() - make_interval(secs => %(seconds)s)
-    RETURNING l.id, l.hook, l.url, l.disabled_reason
-)
-SELECT d.id, d.hook, d.url, d.disabled_reason,
-       CASE WHEN EXISTS (SELECT FROM cdc_hooks.hooks WHERE name = 'cdc_hooks.listener_disabled')
-            THEN cdc_hooks.send('cdc_hooks.listener_disabled', jsonb_build_object(
-                'listener_id', d.id, 'hook', d.hook, 'url', d.url, 'reason', d.disabled_reason))
-       END
-FROM disabled d
-ORDER BY d.id;
+-- (created, resumed, edited) for as long, are disabled; each gets its
+-- send_listener_disabled event in the same transaction.
+UPDATE cdc_hooks.listeners l
+SET state = 'disabled', disabled_reason = %(reason)s, updated_at = now()
+FROM cdc_hooks.listener_health h
+WHERE h.listener_id = l.id AND l.state = 'active' AND h.failing
+  AND h.failing_since < now() - make_interval(secs => %(seconds)s)
+  AND l.updated_at < now() - make_interval(secs => %(seconds)s)
+RETURNING l.id, l.hook, l.url, l.disabled_reason;
 
 -- name: resume_listener_deliveries
 -- On resume: pending deliveries waiting for a retry more than 20 minutes out

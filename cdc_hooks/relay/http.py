@@ -16,6 +16,7 @@ from yarl import URL
 
 from .. import signing
 from ..netpolicy import AddressRefused, NetworkPolicy, PolicyResolver, literal_address
+from ..urls import redact_url
 
 USER_AGENT = "cdc-hooks/0.1 (+https://www.standardwebhooks.com/)"
 
@@ -76,11 +77,11 @@ class Sender:
                 return Response(None, _ms(started), str(refused), retryable=False)
             return Response(None, _ms(started), f"connection failed: {_reason(exc)}")
         except aiohttp.InvalidURL as exc:  # e.g. a non-canonical IPv4 host: retrying cannot help
-            return Response(None, _ms(started), f"invalid URL: {exc}", retryable=False)
+            return Response(None, _ms(started), f"invalid URL: {_reason(exc)}", retryable=False)
         except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             return Response(None, _ms(started), f"{type(exc).__name__}: {_reason(exc)}")
         except ValueError as exc:  # e.g. an URL aiohttp cannot parse
-            return Response(None, _ms(started), f"invalid request: {exc}", retryable=False)
+            return Response(None, _ms(started), f"invalid request: {_reason(exc)}", retryable=False)
 
     def _checked(self, url: str) -> URL:
         """The URL, parsed, once its host passed the policy if it is an IP literal
@@ -130,7 +131,8 @@ def _policy_refusal(exc: BaseException) -> AddressRefused | None:
 
 
 def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    """The error's text; a URL it quotes (aiohttp's do) without its credentials."""
+    return redact_url(str(exc)) or type(exc).__name__
 
 
 def _ms(started: float) -> float:

@@ -29,7 +29,8 @@ import psycopg
 
 from .. import jsoncodec, logs, maintenance, metrics
 from ..config import Config
-from ..db import InstalledHook, RelayStore, describe_dsn, migrations
+from ..db import InstalledHook, RelayStore, migrations
+from ..dsn import check_dsn, describe_dsn, redact
 from ..errors import CdcHooksError, DatabaseUnavailable
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
@@ -87,6 +88,7 @@ class Relay:
         if not config.dsn:
             raise DatabaseUnavailable(
                 "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN")
+        check_dsn(config.dsn)  # a malformed DSN is not an outage to retry forever
         self.config = config
         self.dsn = config.dsn
         self.delivery = config.delivery
@@ -231,7 +233,7 @@ class Relay:
         if self._outage_since is None:  # log each outage once, not every retry
             self._outage_since = time.monotonic()
             log.warning("database at %s unavailable (%s); reconnecting with backoff",
-                        describe_dsn(self.dsn), _first_line(exc))
+                        describe_dsn(self.dsn), redact(self.dsn, _first_line(exc)))
 
     def _note_connected(self) -> None:
         metrics.connected()

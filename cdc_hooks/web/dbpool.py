@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..db import Database, connect, describe_dsn
+from ..db import Database, connect
+from ..dsn import check_dsn, describe_dsn
 from ..errors import DatabaseUnavailable
 
 POOL_SIZE = 8  # FastAPI's thread pool runs 40 sync endpoints at most; 8 keep up with a UI
@@ -32,6 +33,8 @@ class Connections:
             if self._pool is None:
                 if not self.dsn:
                     connect(self.dsn)  # raises the CLI's "no database configured"
+                # A malformed DSN is refused here: the pool would log libpq's words on it.
+                check_dsn(self.dsn)
                 self._pool = ConnectionPool(
                     self.dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
                     check=ConnectionPool.check_connection, name="cdc-hooks-web",

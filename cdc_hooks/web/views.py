@@ -14,6 +14,7 @@ from ..config import TableName
 from ..db import Database, InstalledHook, ListenerRow
 from ..errors import CdcHooksError, DatabaseUnavailable, ListenerError, NotFound
 from ..match import deepmatch, rules_from_json
+from ..urls import redact_url
 from .models import (
     AttemptOut,
     DeliveryDetail,
@@ -77,7 +78,7 @@ def _listener_out(row: ListenerRow, counts: tuple[Any, ...]) -> ListenerOut:
         last = LastDelivery(status=row.last_status, code=row.last_code, error=row.last_error,
                             finished_at=row.last_finished_at)
     return ListenerOut(
-        id=row.id, hook=row.hook, url=row.url, match=json.loads(row.match), state=row.state,
+        id=row.id, hook=row.hook, url=redact_url(row.url), match=json.loads(row.match), state=row.state,
         disabled_reason=row.disabled_reason, backfill=row.backfill, created_at=row.created_at,
         updated_at=row.updated_at,
         last_delivery=last,
@@ -108,7 +109,8 @@ def delivery(db: Database, delivery_id: int) -> DeliveryDetail:
     base = _delivery_out(row)
     attempts = [AttemptOut(attempted_at=a[0], status_code=a[1], duration_ms=float(a[2]), error=a[3],
                            response=a[4]) for a in db.delivery_attempts(delivery_id)]
-    return DeliveryDetail(**base.model_dump(), url=row[14], body=json.loads(row[15]),
+    url = None if row[14] is None else redact_url(row[14])
+    return DeliveryDetail(**base.model_dump(), url=url, body=json.loads(row[15]),
                           webhook_id=f"msg_{base.event_id}_{base.listener_id}", attempt_log=attempts)
 
 
@@ -129,7 +131,7 @@ def redeliver_failed(db: Database, listener_id: int) -> list[int]:
 
 def status(db: Database, minutes: int = 5) -> StatusOut:
     figures = db.status(minutes)
-    failing = [FailingListener(id=r[0], hook=r[1], url=r[2], state=r[3], disabled_reason=r[4],
+    failing = [FailingListener(id=r[0], hook=r[1], url=redact_url(r[2]), state=r[3], disabled_reason=r[4],
                                dead=r[5], retrying=r[6]) for r in db.failing_listeners()]
     delivered = int(figures["delivered"])
     return StatusOut(

@@ -4,7 +4,10 @@ tests/test_relay.py covers literal private addresses at creation and loopback
 literals at send time. Here: hostnames that resolve to non-public addresses
 (refused at creation and at send time), DNS rebinding (public when the
 listener is created, private when the relay sends), IPv4-mapped IPv6 and
-decimal, octal and hex IPv4 forms at send time.
+decimal, octal and hex IPv4 forms at send time, and IPv6 forms that carry an
+IPv4 address (NAT64, 6to4, IPv4-compatible and -translated, Teredo) or are
+site-local, as literals and as DNS answers, at creation (CLI and REST API)
+and at send time. tests/test_netpolicy.py has the table of forms as pure logic.
 
 No traffic leaves this machine: names are in the reserved .test domain and
 resolved by a fake resolver (socket.getaddrinfo patched, in-process relay),
@@ -22,8 +25,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from faultkit import FULL, FaultReceiver, World, answer, delivery, record
 from receivers import wait_until
+
+from cdc_hooks.web import create_app
 
 pytestmark = pytest.mark.faults
 
@@ -51,6 +57,25 @@ LITERAL_HOSTS = ["[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[0:0:0:0:0:ffff:127.0
                  "[::ffff:a9fe:a9fe]", "[::ffff:10.0.0.1]", "[::]", "[::1]", "2130706433",
                  "0177.0.0.1", "017700000001", "0x7f000001", "0x7f.1", "127.1", "0",
                  "0251.0376.0251.0376"]  # the last: 169.254.169.254 in octal
+
+# IPv6 forms that reach an IPv4 host through a translator or a tunnel (or are
+# site-local), of loopback, metadata and private addresses.
+EMBEDDED_ADDRESSES = {
+    "nat64-loopback": "64:ff9b::7f00:1",
+    "nat64-metadata": "64:ff9b::a9fe:a9fe",
+    "nat64-ten": "64:ff9b::a00:5",
+    "nat64-local-use": "64:ff9b:1::7f00:1",
+    "sixtofour-loopback": "2002:7f00:1::1",
+    "sixtofour-metadata": "2002:a9fe:a9fe::",
+    "compatible-dotted": "::127.0.0.1",
+    "compatible-hex": "::7f00:1",
+    "translated-loopback": "::ffff:0:7f00:1",
+    "teredo-loopback-client": "2001:0:4136:e378:8000:63bf:80ff:fffe",
+    "site-local": "fec0::1",
+}
+EMBEDDED_HOSTS = [f"[{address}]" for address in EMBEDDED_ADDRESSES.values()]
+EMBEDDED_NAMES = {f"{name}.test": [address] for name, address in EMBEDDED_ADDRESSES.items()}
+TOKEN = "ssrf-test-token-0123456789"
 
 
 class FakeDNS:
@@ -211,6 +236,48 @@ def test_address_forms_are_refused_at_send_time(world, in_process):
            "and short IPv4 forms of loopback, private and metadata addresses",
            events=len(LITERAL_HOSTS), faults=len(LITERAL_HOSTS), lost=0,
            notes="refused by `listeners add` and, stored anyway, by the relay (1 attempt each)")
+
+
+def test_ipv6_forms_embedding_ipv4_are_refused_at_creation(world, dns):
+    """By `listeners add` and by POST /api/listeners, as literals and as DNS answers."""
+    default_policy_world(world)
+    dns.names.update(EMBEDDED_NAMES)
+    hosts = EMBEDDED_HOSTS + list(EMBEDDED_NAMES)
+    with TestClient(create_app(world.config, token=TOKEN)) as api:
+        for host in hosts:
+            url = f"http://{host}/hook"
+            result = world.cli("listeners", "add", "person", url)
+            assert result.exit_code == 2, (host, result.output)
+            assert result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1
+            assert "refused by the delivery policy" in result.stderr, (host, result.stderr)
+            response = api.post("/api/listeners", json={"hook": "person", "url": url},
+                                headers={"Authorization": f"Bearer {TOKEN}"})
+            assert response.status_code == 422, (host, response.text)
+            assert "refused by the delivery policy" in response.json()["detail"], host
+    assert world.scalar("SELECT count(*) FROM cdc_hooks.listeners") == 0
+    record("SSRF: IPv6 forms embedding IPv4, at creation",
+           f"{len(EMBEDDED_HOSTS)} NAT64, 6to4, IPv4-compatible, -translated, Teredo and "
+           "site-local forms of loopback, metadata and private addresses, as literals and as "
+           "DNS answers", events=2 * len(hosts), faults=2 * len(hosts), lost=0,
+           notes="every one refused by `listeners add` and by POST /api/listeners, nothing stored")
+
+
+def test_ipv6_forms_embedding_ipv4_are_refused_at_send_time(world, dns, in_process):
+    """Listeners created while private networks were allowed; the relay then runs
+    with them refused: nothing may reach the receiver on 127.0.0.1."""
+    world.setup(delivery(timeout=0.5, retry_schedule=[0.2], allow_private=True))
+    receiver = world.receiver()
+    dns.names.update(EMBEDDED_NAMES)
+    hosts = EMBEDDED_HOSTS + list(EMBEDDED_NAMES)
+    listeners = {world.add_listener(f"http://{host}:{receiver.port}/hook"): host for host in hosts}
+    world.configure(delivery(timeout=0.5, retry_schedule=[0.2], allow_private=False))
+    errors = refused_at_send_time(world, in_process, receiver, listeners)
+    assert all("refused by the delivery policy" in e for e in errors.values()), errors
+    record("SSRF: IPv6 forms embedding IPv4, at send time",
+           f"{len(listeners)} listeners added while private networks were allowed, to the "
+           "forms above (literals and names), sent with them refused", events=len(listeners),
+           faults=len(listeners), lost=0, notes="each delivery refused before connecting, dead "
+           "after 1 attempt; nothing reached the receiver on 127.0.0.1")
 
 
 @pytest.mark.skipif(not FULL, reason="full run only (CDC_HOOKS_FAULTS=full): waits out the DNS cache")
