@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -20,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..config import Config
+from ..config import WEB_TOKEN_ENV, Config, web_token
 from ..db import Database
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
 from ..guesses import GuessLimit, TooManyGuesses
@@ -31,7 +30,6 @@ from .models import FieldProblem, Health, Problem, Readiness
 
 log = logging.getLogger("cdc_hooks.web")
 
-TOKEN_ENV = "CDC_HOOKS_WEB_TOKEN"
 DESCRIPTION = """Change-data-capture from PostgreSQL to signed webhooks.
 
 Every endpoint but /healthz and /readyz needs `Authorization: Bearer TOKEN`
@@ -50,19 +48,14 @@ class WebState:
     guesses: GuessLimit  # wrong tokens per client address
 
 
-def resolve_token(config: Config) -> str | None:
-    """CDC_HOOKS_WEB_TOKEN, else the config's [web] token."""
-    return os.environ.get(TOKEN_ENV) or config.web.token
-
-
 def create_app(config: Config, *, token: str | None = None, secure_cookies: bool = True,
                db_wait: float = 5.0, guesses: GuessLimit | None = None) -> FastAPI:
-    """The application; `token` defaults to resolve_token(config) and one is required.
+    """The application; `token` defaults to cdc_hooks.config.web_token(config) and one is required.
     `db_wait`: seconds a request waits for a database connection before answering 503.
     `guesses`: how many wrong tokens a client may send (default: guesses.LIMIT a minute)."""
-    token = token or resolve_token(config)
+    token = token or web_token(config)
     if not token:
-        raise ConfigError(f"the web interface needs a token: set [web] token or {TOKEN_ENV}")
+        raise ConfigError(f"the web interface needs a token: set [web] token or {WEB_TOKEN_ENV}")
     connections = Connections(config.dsn, wait=db_wait)
 
     @contextlib.asynccontextmanager
