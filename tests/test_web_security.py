@@ -12,15 +12,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Iterator
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
 
+import httpx
+import psycopg
 import pytest
-from receivers import free_port
+from receivers import RelayProcess, free_port, wait_until
 
 from cdc_hooks import install as installer
-from cdc_hooks.config import load_config
+from cdc_hooks.config import Config, load_config
 
 MAX_BODY = 1 << 20  # bytes of a request body, as README documents
 PAGE_TEXT = 64 << 10  # bytes of a value a page shows
@@ -37,6 +46,95 @@ allow_private_networks = true
 retry_schedule = [0.2]
 """
 CONFIG = HOOKS + f'\n[web]\ntoken = "{TOKEN}"\n'
+
+
+class WebProcess(RelayProcess):
+    """`cdc-hooks web --bind 127.0.0.1:PORT`, or with relay=True `run --web` (a relay beside it)."""
+
+    def __init__(self, config: Config, log_path: Path, *, relay: bool = False) -> None:
+        assert config.path is not None
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        bind = f"127.0.0.1:{self.port}"
+        if relay:
+            super().__init__(config.path, log_path, run_args=("--web", bind))
+        else:
+            super().__init__(config.path, log_path, command="web", run_args=("--bind", bind))
+        self.start()
+        wait_until(lambda: "web interface and REST API on" in self.log() or not self.running,
+                   message="web interface up")
+        assert self.running, self.log()
+
+
+@pytest.fixture
+def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
+    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text)")
+    config = make_config(CONFIG)
+    installer.install(config)
+    return config
+
+
+@pytest.fixture
+def start_web(config: Config, tmp_path: Path) -> Iterator[Callable[..., WebProcess]]:
+    started: list[WebProcess] = []
+
+    def start(relay: bool = False) -> WebProcess:
+        started.append(WebProcess(config, tmp_path / f"web-{len(started)}.log", relay=relay))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.cleanup()
+
+
+# HTTP as a browser (or an attacker replaying a saved cookie) sends it ---------
+
+
+def call(web: WebProcess, method: str, path: str, cookies: dict[str, str] | None = None,
+         **kwargs: Any) -> httpx.Response:
+    """One request with exactly these cookies (httpx would not send Secure ones over http)."""
+    headers = dict(kwargs.pop("headers", {}))
+    if cookies:
+        headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
+    return httpx.request(method, web.url + path, headers=headers, follow_redirects=False,
+                         timeout=60, **kwargs)
+
+
+def kept(cookies: dict[str, str], response: httpx.Response) -> dict[str, str]:
+    """The cookies a browser holds after this response (Max-Age=0 deletes one)."""
+    jar: SimpleCookie = SimpleCookie()
+    for header in response.headers.get_list("set-cookie"):
+        jar.load(header)
+    held = dict(cookies)
+    for name, morsel in jar.items():
+        if morsel["max-age"] == "0" or not morsel.value:
+            held.pop(name, None)
+        else:
+            held[name] = morsel.value
+    return held
+
+
+def csrf_in(page: httpx.Response) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+
+
+def log_in(web: WebProcess) -> dict[str, str]:
+    """Through the login form: the cookies held afterwards."""
+    form = call(web, "GET", "/login")
+    cookies = kept({}, form)
+    answer = call(web, "POST", "/login", cookies, data={"csrf": csrf_in(form), "token": TOKEN})
+    assert answer.status_code == 303 and answer.headers["location"] == "/", answer.text
+    return kept(cookies, answer)
+
+
+def to_login(response: httpx.Response) -> bool:
+    return response.status_code == 303 and response.headers["location"].startswith("/login")
+
+
+def add_listener(web: WebProcess, url: str = "http://127.0.0.1:9/a") -> int:
+    made = call(web, "POST", "/api/listeners", headers=AUTH, json={"hook": "person", "url": url})
+    assert made.status_code == 201, made.text
+    return made.json()["id"]  # type: ignore[no-any-return]
 
 
 # The token's minimum length, from every source (item 5) -------------------------
@@ -66,3 +164,71 @@ def test_a_short_token_is_refused_from_every_source(conn, make_config, command, 
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
         f"error: {source} must be a string of at least 16 characters"], result.stderr
+
+
+# Bodies (item 6) ----------------------------------------------------------------
+
+
+def raw_status(web: WebProcess, head: list[str], body: Iterable[bytes] = (b"{",)) -> int:
+    """Sends a request's head and these body bytes on a fresh connection, then reads
+    the answer's status: an answer only once the whole announced body was read never comes."""
+    with socket.create_connection(("127.0.0.1", web.port), timeout=60) as sock:
+        sock.sendall(("\r\n".join([*head, "Host: 127.0.0.1", "", ""])).encode())
+        for chunk in body:
+            sock.sendall(chunk)
+        status_line = sock.makefile("rb").readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    return int(status_line.split()[1])
+
+
+def chunked(size: int, piece: int = 64 * 1024) -> Iterator[bytes]:
+    """Chunks of a body of size bytes (JSON-ish text), without the last, empty one."""
+    sent = 0
+    while sent < size:
+        data = (b'{"url": "' if sent == 0 else b"") + b"a" * min(piece, size - sent)
+        data = data[:size - sent]
+        sent += len(data)
+        yield f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def test_the_token_is_checked_before_the_body_is_read(start_web):
+    web = start_web()
+    malformed = call(web, "POST", "/api/listeners", content=b'{"hook": ',
+                     headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 401 and malformed.headers["www-authenticate"] == "Bearer"
+    huge = f"Content-Length: {100 << 20}"  # announced, never sent
+    for path in ("/api/listeners", "/api/hooks/person/send"):
+        assert raw_status(web, [f"POST {path} HTTP/1.1", "Content-Type: application/json", huge]) == 401
+    form = "Content-Type: application/x-www-form-urlencoded"
+    assert raw_status(web, ["POST /hooks/person/listen HTTP/1.1", form, huge]) == 303  # to the login
+    assert raw_status(web, ["POST /login HTTP/1.1", form, huge]) == 413  # needs no session: limited
+
+
+def test_bodies_over_the_limit_are_refused_unread_on_api_and_page_routes(start_web):
+    web = start_web()
+    bearer = f"Authorization: Bearer {TOKEN}"
+    json_type = "Content-Type: application/json"
+    over = f"Content-Length: {MAX_BODY + 1}"
+    assert raw_status(web, ["POST /api/listeners HTTP/1.1", bearer, json_type, over]) == 413
+    assert raw_status(web, ["PATCH /api/listeners/1 HTTP/1.1", bearer, json_type, over]) == 413
+    refused = call(web, "POST", "/api/listeners", headers=AUTH,
+                   content=json.dumps({"hook": "person", "url": "x" * MAX_BODY}).encode())
+    assert refused.status_code == 413 and "1 MiB" in refused.json()["detail"]
+    at_limit = b'{"hook": "person", "url": "' + b"a" * (MAX_BODY - 29) + b'"}'
+    assert len(at_limit) == MAX_BODY
+    assert call(web, "POST", "/api/listeners", headers=AUTH, content=at_limit).status_code == 422
+
+    session = log_in(web)
+    cookie = "Cookie: " + "; ".join(f"{k}={v}" for k, v in session.items())
+    form = "Content-Type: application/x-www-form-urlencoded"
+    assert raw_status(web, ["POST /hooks/person/listen HTTP/1.1", cookie, form, over]) == 413
+    page = call(web, "POST", "/hooks/person/listen", session,
+                data={"csrf": csrf_in(call(web, "GET", "/listeners", session)), "url": "a" * MAX_BODY})
+    assert page.status_code == 413 and "1 MiB" in page.text and "<html" in page.text
+
+    stream = "Transfer-Encoding: chunked"
+    assert raw_status(web, ["POST /api/listeners HTTP/1.1", bearer, json_type, stream],
+                      chunked(MAX_BODY + 1)) == 413
+    assert raw_status(web, ["POST /hooks/person/listen HTTP/1.1", cookie, form, stream],
+                      chunked(MAX_BODY + 1)) == 413
+    assert call(web, "GET", "/healthz").status_code == 200  # and it still serves

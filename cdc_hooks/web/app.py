@@ -26,6 +26,7 @@ from ..guesses import GuessLimit, TooManyGuesses
 from . import api, metrics, pages, views
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, LoginRequired, require_token, session_key
 from .dbpool import Connections
+from .limits import BodyLimit
 from .models import FieldProblem, Health, Problem, Readiness
 
 log = logging.getLogger("cdc_hooks.web")
@@ -69,11 +70,13 @@ def create_app(config: Config, *, token: str | None = None, secure_cookies: bool
     app.add_middleware(SessionMiddleware, secret_key=session_key(token), session_cookie=SESSION_COOKIE,
                        max_age=SESSION_MAX_AGE, same_site="strict", https_only=secure_cookies)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimit)
     app.mount("/static", StaticFiles(packages=[("cdc_hooks.web", "static")]), name="static")
     _add_error_handlers(app)
     _add_health(app)
     app.include_router(api.router)
     app.include_router(metrics.router)
+    app.include_router(pages.public)
     app.include_router(pages.router)
     return app
 

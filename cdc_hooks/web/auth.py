@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import HTTPException, Request, Security
+from fastapi import HTTPException, Request, Response, Security
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .models import storable_text
@@ -62,6 +64,38 @@ def require_token(request: Request,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
     """API dependency: a valid Authorization: Bearer header, else 401."""
     require_bearer(request, credentials.credentials if credentials else None)
+
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class TokenFirst(APIRoute):
+    """An API route that checks the Bearer token before anything else. FastAPI reads
+    and parses a route's body before it runs the route's dependencies: without this,
+    a client without the token had its body read whole and parsed (a 422, not a 401)."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+
+        async def token_first(request: Request) -> Response:
+            credentials = await BEARER(request)
+            require_bearer(request, credentials.credentials if credentials else None)
+            return await handler(request)
+
+        return token_first
+
+
+class SessionFirst(APIRoute):
+    """A page route: a logged-in session before its form is read, else the login page."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+
+        async def session_first(request: Request) -> Response:
+            require_session(request)
+            return await handler(request)
+
+        return session_first
 
 
 def logged_in(request: Request) -> bool:
