@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -135,6 +138,85 @@ def add_listener(web: WebProcess, url: str = "http://127.0.0.1:9/a") -> int:
     made = call(web, "POST", "/api/listeners", headers=AUTH, json={"hook": "person", "url": url})
     assert made.status_code == 201, made.text
     return made.json()["id"]  # type: ignore[no-any-return]
+
+
+# Sessions (issue 12, items 4 and 11) ---------------------------------------
+
+
+def test_a_cookie_saved_before_logout_opens_nothing_after_it(start_web):
+    web = start_web()
+    listener = add_listener(web)
+    session = log_in(web)
+    page = call(web, "GET", "/listeners", session)
+    assert page.status_code == 200 and f"listener-{listener}" in page.text
+    csrf = csrf_in(page)
+    saved = dict(session)  # what an attacker copied, or a browser that ignores the deletion
+
+    out = call(web, "POST", "/logout", session, data={"csrf": csrf})
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    for path in ("/", "/listeners", "/deliveries", "/fragments/overview"):
+        assert to_login(call(web, "GET", path, saved)), path
+    refused = call(web, "POST", f"/listeners/{listener}/delete", saved, data={"csrf": csrf})
+    assert to_login(refused)
+    assert call(web, "GET", f"/api/listeners/{listener}", headers=AUTH).status_code == 200
+    assert to_login(call(web, "POST", "/logout", saved, data={"csrf": csrf}))
+    assert "cdc_hooks_session" not in kept(session, out)  # a browser forgets it too
+
+
+def _signed_under(value: str, key: str) -> bool:
+    """Whether value verifies as itsdangerous' TimestampSigner(key) signs (Starlette's
+    session cookie): the offline check an attacker ran for each token guess."""
+    data, _, signature = value.rpartition(".")
+    derived = hashlib.sha1(b"itsdangerous.Signer" + b"signer" + key.encode()).digest()
+    expected = base64.urlsafe_b64encode(hmac.new(derived, data.encode(), hashlib.sha1).digest())
+    return hmac.compare_digest(expected.rstrip(b"="), signature.encode())
+
+
+def _verifies_under_the_token(value: str, token: str) -> bool:
+    """Any HMAC keyed by the token (or by the key the old sessions derived from it)
+    that a part of the cookie would verify under."""
+    keys = [token, hmac.new(token.encode(), b"cdc-hooks web session", hashlib.sha256).hexdigest()]
+    parts = value.split(".")
+    for key in keys:
+        if _signed_under(value, key):
+            return True
+        for digest in (hashlib.sha1, hashlib.sha256):
+            for i, part in enumerate(parts[1:], 1):
+                mac = hmac.new(key.encode(), ".".join(parts[:i]).encode(), digest).digest()
+                if part.rstrip("=") == base64.urlsafe_b64encode(mac).decode().rstrip("="):
+                    return True
+    return False
+
+
+def test_no_cookie_lets_a_token_guess_be_checked_offline(start_web, conn):
+    first, second = start_web(), start_web()  # one token, two processes
+    issued = [kept({}, call(web, "GET", "/login")) for web in (first, second)]
+    values = [value for cookies in issued for value in cookies.values()]
+    assert values and len(set(values)) == len(values)  # unrelated, though the token is one
+    assert not [v for v in values if _verifies_under_the_token(v, TOKEN)]
+    assert to_login(call(first, "GET", "/", issued[0]))  # the login page's cookie is no session
+
+    session = log_in(first)
+    assert not [v for v in session.values() if _verifies_under_the_token(v, TOKEN)]
+    # Kept in the database: by the SHA-256 of the cookie's id, never the id itself.
+    stored = conn.execute("SELECT id_hash FROM cdc_hooks.web_sessions").fetchall()
+    assert stored == [(hashlib.sha256(session["cdc_hooks_session"].encode()).digest(),)]
+    # So one session works in every web process, and logging out in one ends it in all.
+    assert call(second, "GET", "/listeners", session).status_code == 200
+    csrf = csrf_in(call(second, "GET", "/listeners", session))
+    assert call(second, "POST", "/logout", session, data={"csrf": csrf}).status_code == 303
+    assert to_login(call(first, "GET", "/listeners", session))
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.web_sessions").fetchone() == (0,)
+
+
+def test_expired_sessions_are_refused_and_pruned_at_the_next_login(start_web, conn):
+    web = start_web()
+    old = log_in(web)
+    conn.execute("UPDATE cdc_hooks.web_sessions SET expires_at = now() - interval '1 second'")
+    assert to_login(call(web, "GET", "/listeners", old))
+    new = log_in(web)
+    assert call(web, "GET", "/listeners", new).status_code == 200
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.web_sessions").fetchone() == (1,)
 
 
 # The token's minimum length, from every source (item 5) -------------------------

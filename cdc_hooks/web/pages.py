@@ -23,9 +23,17 @@ from .. import jsoncodec
 from .. import listeners as core
 from ..errors import CdcHooksError
 from ..guesses import TooManyGuesses
-from . import chart, views
+from . import chart, sessions, views
 from .api import BIGINT, Db
-from .auth import SessionFirst, checked_form, csrf_token, is_token, log_in, logged_in
+from .auth import (
+    SessionFirst,
+    checked_form,
+    is_token,
+    logged_in,
+    login_csrf,
+    page_session,
+    remember_login_csrf,
+)
 from .forms import CONDITIONS, FilterRow, match_from_form, rows_from_form, rows_from_match
 
 PREVIEW_EVENTS = 10
@@ -52,14 +60,20 @@ def _environment() -> jinja2.Environment:
 
 
 def render(request: Request, name: str, http_status: int = 200, **context: Any) -> Response:
-    context.update(csrf=csrf_token(request), flash=request.session.pop("flash", None),
-                   logged_in=logged_in(request), path=request.url.path)
-    return templates().TemplateResponse(request, name, context, status_code=http_status)
+    """The page (blocking: it may look the session up, on a worker thread)."""
+    session = page_session(request)
+    csrf = session.csrf if session is not None else login_csrf(request)
+    context.update(csrf=csrf, flash=sessions.take_flash(request), logged_in=session is not None,
+                   path=request.url.path)
+    response = templates().TemplateResponse(request, name, context, status_code=http_status)
+    if session is None:
+        remember_login_csrf(request, response, csrf)
+    return response
 
 
 def redirect(url: str, flash: str | None = None, request: Request | None = None) -> Response:
     if flash and request is not None:
-        request.session["flash"] = flash
+        sessions.set_flash(request, flash)
     return RedirectResponse(url, status_code=303)
 
 
@@ -106,14 +120,16 @@ def login(request: Request, form: Form) -> Response:
     if not right:
         return render(request, "login.html", http_status=401, next=_safe_next(form.get("next")),
                       error="That is not the token: see [web] token in the config.")
-    log_in(request)
-    return redirect(_safe_next(form.get("next")))
+    answer = redirect(_safe_next(form.get("next")))
+    sessions.start(request, answer)
+    return answer
 
 
 @router.post("/logout")
 def logout(request: Request, form: Form) -> Response:
-    request.session.clear()
-    return redirect("/login")
+    answer = redirect("/login")
+    sessions.end(request, answer)
+    return answer
 
 
 # Overview ----------------------------------------------------------------------
