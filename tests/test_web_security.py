@@ -314,3 +314,29 @@ def test_bodies_over_the_limit_are_refused_unread_on_api_and_page_routes(start_w
     assert raw_status(web, ["POST /hooks/person/listen HTTP/1.1", cookie, form, stream],
                       chunked(MAX_BODY + 1)) == 413
     assert call(web, "GET", "/healthz").status_code == 200  # and it still serves
+
+
+# Huge values on pages (item 12, part) -------------------------------------------
+
+
+def test_pages_show_the_first_64_kib_of_a_huge_value_and_the_api_all_of_it(start_web, conn, receiver):
+    web = start_web(relay=True)
+    listener = add_listener(web, receiver.url())
+    huge = "é" + "x" * (3 << 20)  # 3 MiB in one column
+    conn.execute("INSERT INTO person (name) VALUES (%s)", (huge,))
+    items = wait_until(lambda: call(web, "GET", f"/api/deliveries?listener={listener}",
+                                    headers=AUTH).json()["items"], message="the delivery")
+    delivery = items[0]["id"]
+    assert call(web, "GET", f"/api/deliveries/{delivery}",
+                headers=AUTH).json()["body"]["data"]["name"] == huge
+
+    session = log_in(web)
+    for path in (f"/deliveries/{delivery}", "/hooks/person/listen", f"/listeners/{listener}/edit",
+                 "/hooks/person/preview?cond%3Aname=startswith&value%3Aname=%C3%A9"):
+        page = call(web, "GET", path, session)
+        assert page.status_code == 200, path
+        assert len(page.content) < PAGE_TEXT + 20_000, (path, len(page.content))
+        assert re.search(r"truncated: [\d,]+ bytes in all", page.text), path
+    for path in ("/deliveries", "/fragments/deliveries", "/listeners", "/"):
+        page = call(web, "GET", path, session)
+        assert page.status_code == 200 and len(page.content) < PAGE_TEXT, path

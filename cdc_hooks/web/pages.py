@@ -18,6 +18,7 @@ import jinja2
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 
 from .. import jsoncodec
 from .. import listeners as core
@@ -38,6 +39,7 @@ from .forms import CONDITIONS, FilterRow, match_from_form, rows_from_form, rows_
 
 PREVIEW_EVENTS = 10
 PAGE_SIZE = 50
+PAGE_TEXT = 64 * 1024  # bytes of one value a page shows (a body, an event's data): the API has all
 
 public = APIRouter(include_in_schema=False)  # the login page
 router = APIRouter(include_in_schema=False, route_class=SessionFirst)  # every other page
@@ -54,7 +56,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("cdc_hooks.web", "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(clock=_clock, ms=_ms, ago=_ago, pct=_pct, pretty=_pretty, seconds=_seconds,
-                       compact=jsoncodec.dumps)
+                       compact=jsoncodec.dumps, capped=capped)
     env.globals.update(conditions=CONDITIONS)
     return env
 
@@ -358,6 +360,17 @@ def _seconds(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def capped(text: str | None) -> str:
+    """At most PAGE_TEXT bytes of text, then a note of its whole size: a captured
+    value of megabytes would otherwise make every page showing it as big."""
+    data = (text or "").encode("utf-8", "replace")
+    if len(data) <= PAGE_TEXT:
+        return text or ""
+    shown = data[:PAGE_TEXT].decode("utf-8", "ignore")  # not half a character
+    return Markup(f'{escape(shown)}<span class="truncated">… truncated: {len(data):,} bytes in all '
+                  "(the API gives it whole)</span>")
 
 
 def _pretty(value: Any) -> str:
