@@ -3,7 +3,7 @@ clients and typed once into the login form by people (then a session kept in
 the database, see sessions.py; its cookie is HttpOnly, Secure, SameSite=Strict).
 Forms carry the session's CSRF token, the login form a random one its cookie repeats.
 
-Both are checked before a request's body is read (TokenFirst, SessionFirst).
+The token and the session are checked before a body is read (TokenFirst, SessionFirst).
 """
 
 from __future__ import annotations
