@@ -79,9 +79,13 @@ class RetentionConfig:
     batch: int = 5000  # rows deleted per statement, each its own transaction
 
 
+WEB_TOKEN_ENV = "CDC_HOOKS_WEB_TOKEN"
+MIN_TOKEN_LENGTH = 16  # characters of the web token, from any source
+
+
 @dataclass(frozen=True)
 class WebConfig:
-    token: str | None = None  # CDC_HOOKS_WEB_TOKEN overrides it (see cdc_hooks.web.serve)
+    token: str | None = None  # CDC_HOOKS_WEB_TOKEN overrides it (see web_token)
     bind: str = "127.0.0.1:8080"
     metrics_public: bool = False  # True: /metrics answers without the token
 
@@ -165,12 +169,27 @@ def _parse_retention(raw: Mapping[str, Any]) -> RetentionConfig:
     return RetentionConfig(**kept, interval=interval, batch=batch)
 
 
+def web_token(config: Config) -> str | None:
+    """The token of the web interface, the REST API and /metrics: CDC_HOOKS_WEB_TOKEN,
+    else [web] token; None if neither is set (an empty variable counts as unset)."""
+    from_environment = os.environ.get(WEB_TOKEN_ENV)
+    if from_environment:
+        return _checked_token(from_environment, WEB_TOKEN_ENV)
+    return config.web.token
+
+
+def _checked_token(token: Any, source: str) -> str:
+    # A short token could be guessed by trying: the web interface can change listeners.
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"{source} must be a string of at least {MIN_TOKEN_LENGTH} characters")
+    return token
+
+
 def _parse_web(raw: Mapping[str, Any]) -> WebConfig:
     _check_keys(raw, {"token", "bind", "metrics_public"}, "[web]")
     token = raw.get("token")
-    # A short token could be guessed by trying: the web interface can change listeners.
-    if token is not None and (not isinstance(token, str) or len(token) < 16):
-        raise ConfigError("[web] token must be a string of at least 16 characters")
+    if token is not None:
+        _checked_token(token, "[web] token")
     bind = raw.get("bind", WebConfig.bind)
     if not isinstance(bind, str) or ":" not in bind:
         raise ConfigError('[web] bind must be "HOST:PORT" (for example "127.0.0.1:8080")')

@@ -311,6 +311,25 @@ class Database:
         """(minute, delivered, failed attempts) for each of the last `minutes` minutes."""
         return self.run("web_timeline", {"minutes": minutes})
 
+    # Web sessions (cdc_hooks/web/sessions.py) ----------------------------
+
+    def web_session(self, id_hash: bytes, login: str) -> tuple[Any, ...] | None:
+        """(csrf, flash) of a live session logged in with this token's tag, else None."""
+        return self.one("web_session", {"id_hash": id_hash, "login": login})
+
+    def start_web_session(self, id_hash: bytes, login: str, csrf: str, seconds: int) -> None:
+        self.run("start_web_session", {"id_hash": id_hash, "login": login, "csrf": csrf,
+                                       "seconds": seconds})
+
+    def end_web_session(self, id_hash: bytes) -> None:
+        self.run("end_web_session", {"id_hash": id_hash})
+
+    def set_web_session_flash(self, id_hash: bytes, flash: str | None) -> None:
+        self.run("set_web_session_flash", {"id_hash": id_hash, "flash": flash})
+
+    def prune_web_sessions(self) -> None:
+        self.run("prune_web_sessions")
+
     # Metrics ------------------------------------------------------------
 
     def metrics_backlog(self) -> list[tuple[Any, ...]]:

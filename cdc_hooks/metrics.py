@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import threading
 from bisect import bisect_left
@@ -34,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from .config import Config
+from .config import WEB_TOKEN_ENV, Config, web_token
 from .db import Database
 from .errors import ConfigError, DatabaseUnavailable
 from .guesses import GuessLimit, TooManyGuesses
@@ -45,7 +44,6 @@ log = logging.getLogger("cdc_hooks.metrics")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OUTCOMES = {"delivered": "delivered", "pending": "retry", "dead": "dead"}  # relay status -> label
 LOOP_LAG_INTERVAL = 1.0  # seconds between loop lag samples
-TOKEN_ENV = "CDC_HOOKS_WEB_TOKEN"  # as cdc_hooks.web.app, which the relay alone does not import
 
 
 # In-process counters (the relay's hot path) --------------------------------------
@@ -344,7 +342,7 @@ def metrics_token(config: Config) -> str | None:
     """The token /metrics wants, or None when [web] metrics_public = true."""
     if config.web.metrics_public:
         return None
-    return os.environ.get(TOKEN_ENV) or config.web.token
+    return web_token(config)
 
 
 def bearer(header: str | None) -> str | None:
@@ -380,7 +378,7 @@ class MetricsServer:
         self.token = metrics_token(config)
         if self.token is None and not config.web.metrics_public and not _is_loopback(host):
             raise ConfigError(f"refusing to serve metrics on {host} without a token: set [web] token "
-                              f"or {TOKEN_ENV}, or [web] metrics_public = true (or bind to 127.0.0.1)")
+                              f"or {WEB_TOKEN_ENV}, or [web] metrics_public = true (or bind to 127.0.0.1)")
         self.sessions = OneConnection(config.dsn)
         self.collectors = registry(self.sessions.metrics_backlog)
         self.socket = _listen(host, port)

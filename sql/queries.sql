@@ -491,6 +491,27 @@ LEFT JOIN ok ON ok.minute = m.minute
 LEFT JOIN failed ON failed.minute = m.minute
 ORDER BY m.minute;
 
+-- Web sessions (cdc_hooks/web/sessions.py; schema version 5) ---------------------
+-- A session is found by the SHA-256 of its cookie's id, and only while it has not
+-- expired and the token is still the one it logged in with (login: its tag).
+
+-- name: web_session
+SELECT csrf, flash FROM cdc_hooks.web_sessions
+WHERE id_hash = %(id_hash)s AND login = %(login)s AND expires_at > now();
+
+-- name: start_web_session
+INSERT INTO cdc_hooks.web_sessions (id_hash, login, csrf, expires_at)
+VALUES (%(id_hash)s, %(login)s, %(csrf)s, now() + make_interval(secs => %(seconds)s));
+
+-- name: end_web_session
+DELETE FROM cdc_hooks.web_sessions WHERE id_hash = %(id_hash)s;
+
+-- name: set_web_session_flash
+UPDATE cdc_hooks.web_sessions SET flash = %(flash)s WHERE id_hash = %(id_hash)s;
+
+-- name: prune_web_sessions
+DELETE FROM cdc_hooks.web_sessions WHERE expires_at <= now();
+
 -- Metrics ----------------------------------------------------------------------
 -- Read at each /metrics scrape (cdc_hooks/metrics.py), so it must stay cheap.
 

@@ -11,8 +11,9 @@
     HTTP over real sockets.
 
 ``RelayProcess``
-    ``python -m cdc_hooks --config FILE run`` as a subprocess, its output in a
-    log file, so a test can SIGKILL or SIGTERM it like an operator would.
+    ``python -m cdc_hooks --config FILE run`` (or another command) as a
+    subprocess, its output in a log file, so a test can SIGKILL or SIGTERM it
+    like an operator would.
 
 ``InProcessRelay``
     ``Relay(config).run()`` on a thread with its own loop; ``stop()`` asks it
@@ -203,15 +204,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
 
 
 class RelayProcess:
-    """`python -m cdc_hooks [GLOBAL...] --config FILE run [RUN...]` as a child
-    process, killable like a real deployment; its output goes to a log file."""
+    """`python -m cdc_hooks [GLOBAL...] --config FILE run [RUN...]` (or `command`
+    instead of run) as a child process, killable like a real deployment; its
+    output goes to a log file."""
 
     def __init__(self, config_path: Path, log_path: Path, *, global_args: tuple[str, ...] = (),
-                 run_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+                 run_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 command: str = "run") -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.argv = [sys.executable, "-m", "cdc_hooks", *global_args, "--config", str(config_path),
-                     "run", *run_args]
+                     command, *run_args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 

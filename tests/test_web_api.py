@@ -168,6 +168,13 @@ def test_readyz_is_503_when_not_installed_or_unreachable(conn, make_config):
         assert api.status_code == 503 and "cannot connect" in api.json()["detail"]
 
 
+def test_logging_in_before_install_says_to_install(conn, make_config):
+    bare = make_config(WEB)  # no cdc_hooks schema: nowhere to keep the session
+    with TestClient(create_app(bare), base_url="https://testserver") as client:
+        response = login(client)
+    assert response.status_code == 503 and "run cdc-hooks install" in response.text
+
+
 def test_readyz_is_503_when_the_relay_lags(config, conn, client):
     conn.execute("INSERT INTO person (name) VALUES ('Old')")
     conn.execute("UPDATE cdc_hooks.outbox SET occurred_at = now() - interval '5 minutes'")
@@ -448,6 +455,14 @@ def test_pages_redirect_to_login_and_the_session_cookie_is_strict(client):
     assert client.get("/listeners", follow_redirects=False).status_code == 200
     page = client.get("/")
     assert "Content-Security-Policy" in page.headers and page.headers["cache-control"] == "no-store"
+
+
+def test_a_new_token_ends_the_sessions_of_the_old_one(config, client):
+    login(client)
+    assert client.get("/listeners", follow_redirects=False).status_code == 200
+    renewed = create_app(config, token="another-token-0123456789")
+    with TestClient(renewed, base_url="https://testserver", cookies=client.cookies) as other:
+        assert other.get("/listeners", follow_redirects=False).status_code == 303
 
 
 def test_login_next_is_only_a_local_path(client):

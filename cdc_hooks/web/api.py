@@ -16,7 +16,8 @@ from .. import listeners as core
 from ..db import Database
 from ..hooks import send as send_custom_event
 from . import views
-from .auth import require_token
+from .auth import TokenFirst, require_token
+from .limits import BodyTooLarge
 from .models import (
     DeliveryDetail,
     DeliveryPage,
@@ -61,6 +62,7 @@ DeliveryId = Annotated[int, Path(ge=1, le=BIGINT, description="A delivery's id")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "A body that cannot be read (not UTF-8 JSON)"},
     401: {"model": Problem, "description": "No valid Bearer token"},
+    413: {"model": Problem, "description": BodyTooLarge().detail},
     422: {"model": Problem, "description": "A bad request: the message names the field"},
     429: {"model": Problem, "description": "Too many wrong tokens from this address: "
                                            "wait Retry-After seconds"},
@@ -68,8 +70,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such thing"}}
 
+# The token is checked first (TokenFirst); the dependency declares it in the OpenAPI spec.
 router = APIRouter(prefix="/api", dependencies=[Depends(require_token), Depends(single_query_values)],
-                   responses=_ERRORS)
+                   responses=_ERRORS, route_class=TokenFirst)
 
 
 @router.get("/hooks", tags=["hooks"], summary="Installed hooks")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -12,26 +11,27 @@ from typing import Any
 
 import psycopg
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..config import Config
+from ..config import WEB_TOKEN_ENV, Config, web_token
 from ..db import Database
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
 from ..guesses import GuessLimit, TooManyGuesses
 from . import api, metrics, pages, views
-from .auth import SESSION_COOKIE, SESSION_MAX_AGE, LoginRequired, require_token, session_key
+from .auth import LoginRequired, require_token
 from .dbpool import Connections
+from .limits import BodyLimit
 from .models import FieldProblem, Health, Problem, Readiness
+from .sessions import login_tag
 
 log = logging.getLogger("cdc_hooks.web")
 
-TOKEN_ENV = "CDC_HOOKS_WEB_TOKEN"
 DESCRIPTION = """Change-data-capture from PostgreSQL to signed webhooks.
 
 Every endpoint but /healthz and /readyz needs `Authorization: Bearer TOKEN`
@@ -48,21 +48,18 @@ class WebState:
     token: str
     connections: Connections
     guesses: GuessLimit  # wrong tokens per client address
-
-
-def resolve_token(config: Config) -> str | None:
-    """CDC_HOOKS_WEB_TOKEN, else the config's [web] token."""
-    return os.environ.get(TOKEN_ENV) or config.web.token
+    login_tag: str  # what sessions store of the token (sessions.login_tag)
+    secure_cookies: bool  # Secure cookies (browsers send those to http://localhost too)
 
 
 def create_app(config: Config, *, token: str | None = None, secure_cookies: bool = True,
                db_wait: float = 5.0, guesses: GuessLimit | None = None) -> FastAPI:
-    """The application; `token` defaults to resolve_token(config) and one is required.
+    """The application; `token` defaults to cdc_hooks.config.web_token(config) and one is required.
     `db_wait`: seconds a request waits for a database connection before answering 503.
     `guesses`: how many wrong tokens a client may send (default: guesses.LIMIT a minute)."""
-    token = token or resolve_token(config)
+    token = token or web_token(config)
     if not token:
-        raise ConfigError(f"the web interface needs a token: set [web] token or {TOKEN_ENV}")
+        raise ConfigError(f"the web interface needs a token: set [web] token or {WEB_TOKEN_ENV}")
     connections = Connections(config.dsn, wait=db_wait)
 
     @contextlib.asynccontextmanager
@@ -72,15 +69,16 @@ def create_app(config: Config, *, token: str | None = None, secure_cookies: bool
 
     app = FastAPI(title="cdc-hooks", version=_version(), description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.web = WebState(config, token, connections, guesses or GuessLimit())
-    app.add_middleware(SessionMiddleware, secret_key=session_key(token), session_cookie=SESSION_COOKIE,
-                       max_age=SESSION_MAX_AGE, same_site="strict", https_only=secure_cookies)
+    app.state.web = WebState(config, token, connections, guesses or GuessLimit(), login_tag(token),
+                             secure_cookies)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimit)
     app.mount("/static", StaticFiles(packages=[("cdc_hooks.web", "static")]), name="static")
     _add_error_handlers(app)
     _add_health(app)
     app.include_router(api.router)
     app.include_router(metrics.router)
+    app.include_router(pages.public)
     app.include_router(pages.router)
     return app
 
@@ -130,32 +128,33 @@ def _problem(status: int, detail: str, errors: list[FieldProblem] | None = None,
                         status_code=status, headers=headers)
 
 
-def _answer(request: Request, status: int, detail: str, errors: list[FieldProblem] | None = None,
-            headers: dict[str, str] | None = None) -> Response:
+async def _answer(request: Request, status: int, detail: str, errors: list[FieldProblem] | None = None,
+                  headers: dict[str, str] | None = None) -> Response:
     if _wants_json(request):
         return _problem(status, detail, errors, headers)
-    return pages.error_page(request, status, detail)
+    # On a worker thread: drawing a page may look its session up in the database.
+    return await run_in_threadpool(pages.error_page, request, status, detail)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CdcHooksError)
     async def core_error(request: Request, exc: CdcHooksError) -> Response:
-        return _answer(request, views.status_code_of(exc), str(exc))
+        return await _answer(request, views.status_code_of(exc), str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:
         errors = [FieldProblem(field=".".join(str(p) for p in e["loc"]), message=e["msg"])
                   for e in exc.errors()]
         detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or "invalid request"
-        return _answer(request, 422, detail, errors)
+        return await _answer(request, 422, detail, errors)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return _answer(request, exc.status_code, str(exc.detail), headers=exc.headers)
+        return await _answer(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(TooManyGuesses)
     async def too_many_guesses(request: Request, exc: TooManyGuesses) -> Response:
-        return _answer(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
+        return await _answer(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:
@@ -163,13 +162,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(psycopg.OperationalError)
     async def connection_lost(request: Request, exc: psycopg.OperationalError) -> Response:
-        return _answer(request, 503, f"the database connection failed: {_first_line(exc)}")
+        return await _answer(request, 503, f"the database connection failed: {_first_line(exc)}")
 
     @app.exception_handler(psycopg.DataError)
     async def unstorable(request: Request, exc: psycopg.DataError) -> Response:
         # A value the checks above let through but PostgreSQL refuses: still the caller's.
         message = exc.diag.message_primary or str(exc)
-        return _answer(request, 422, f"a value cannot be stored: {message}")
+        return await _answer(request, 422, f"a value cannot be stored: {message}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,26 +1,30 @@
 """Who may use the web interface: one token, sent as a Bearer header by API
-clients and typed once into the login form by people (then a signed session
-cookie: HttpOnly, Secure, SameSite=Strict). Forms carry a per-session CSRF token.
+clients and typed once into the login form by people (then a session kept in
+the database, see sessions.py; its cookie is HttpOnly, Secure, SameSite=Strict).
+Forms carry the session's CSRF token, the login form a random one its cookie repeats.
 
-The session signing key is derived from the token, so changing the token logs
-every browser out, and several processes with one token share sessions.
+The token and the session are checked before a body is read (TokenFirst, SessionFirst).
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import HTTPException, Request, Security
+import psycopg
+from fastapi import Depends, HTTPException, Request, Response, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from ..errors import CdcHooksError
+from . import sessions
 from .models import storable_text
 
 BEARER = HTTPBearer(auto_error=False, description="The [web] token (or CDC_HOOKS_WEB_TOKEN)")
-SESSION_COOKIE = "cdc_hooks_session"
-SESSION_MAX_AGE = 12 * 3600  # seconds: a day's work, then log in again
+LOGIN_COOKIE = "cdc_hooks_login"  # the login form's CSRF token, before there is a session
 
 
 class LoginRequired(Exception):
@@ -32,17 +36,8 @@ def same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
 
 
-def session_key(token: str) -> str:
-    return hmac.new(token.encode(), b"cdc-hooks web session", hashlib.sha256).hexdigest()
-
-
 def token_of(request: Request) -> str:
     return request.app.state.web.token  # type: ignore[no-any-return]
-
-
-def fingerprint(token: str) -> str:
-    """What a session stores to say it logged in with this token (never the token)."""
-    return hmac.new(token.encode(), b"cdc-hooks web login", hashlib.sha256).hexdigest()[:32]
 
 
 def is_token(request: Request, given: str | None) -> bool:
@@ -64,41 +59,82 @@ def require_token(request: Request,
     require_bearer(request, credentials.credentials if credentials else None)
 
 
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class TokenFirst(APIRoute):
+    """An API route that checks the Bearer token before anything else. FastAPI reads
+    and parses a route's body before it runs the route's dependencies: without this,
+    a client without the token had its body read whole and parsed (a 422, not a 401)."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+
+        async def token_first(request: Request) -> Response:
+            credentials = await BEARER(request)
+            require_bearer(request, credentials.credentials if credentials else None)
+            return await handler(request)
+
+        return token_first
+
+
+class SessionFirst(APIRoute):
+    """A page route: a logged-in session before its form is read, else the login page."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+
+        async def session_first(request: Request) -> Response:
+            await run_in_threadpool(require_session, request)  # a database lookup
+            return await handler(request)
+
+        return session_first
+
+
 def logged_in(request: Request) -> bool:
-    stored = request.session.get("login")
-    return isinstance(stored, str) and same(stored, fingerprint(token_of(request)))
+    """A live session (blocking: a worker thread's call)."""
+    return sessions.session_of(request) is not None
+
+
+def page_session(request: Request) -> sessions.Session | None:
+    """The session, for drawing a page: None if the database cannot say (the error
+    page of a database that is down must not fail in turn)."""
+    try:
+        return sessions.session_of(request)
+    except (CdcHooksError, psycopg.Error):
+        return None
 
 
 def require_session(request: Request) -> None:
-    """Page dependency: a logged-in session, else a redirect to the login page."""
+    """A logged-in session, else a redirect to the login page."""
     if not logged_in(request):
         raise LoginRequired
 
 
-def log_in(request: Request) -> None:
-    request.session.clear()  # a fresh session (and CSRF token) on login: no fixation
-    request.session["login"] = fingerprint(token_of(request))
-    new_csrf_token(request)
+def login_csrf(request: Request) -> str:
+    """The login form's CSRF token (before any session): its cookie's, else a new one."""
+    return request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(32)
 
 
-def csrf_token(request: Request) -> str:
-    token = request.session.get("csrf")
-    return token if isinstance(token, str) else new_csrf_token(request)
+def remember_login_csrf(request: Request, response: Response, csrf: str) -> None:
+    """Double submit for the login form, which comes before any session: another
+    site can neither read this cookie nor make a browser send it (SameSite=Strict)."""
+    response.set_cookie(LOGIN_COOKIE, csrf, **sessions.cookie_flags(request))
 
 
-def new_csrf_token(request: Request) -> str:
-    token = secrets.token_urlsafe(24)
-    request.session["csrf"] = token
-    return token
-
-
-async def checked_form(request: Request) -> dict[str, Any]:
-    """Page dependency for POSTs: the form's fields, after its CSRF token is checked."""
+async def form_fields(request: Request) -> dict[str, str]:
     form = await request.form()
-    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-    expected = request.session.get("csrf")
+    return {k: v for k, v in form.multi_items() if isinstance(v, str)}
+
+
+def checked_form(request: Request, fields: Annotated[dict[str, str], Depends(form_fields)]
+                 ) -> dict[str, Any]:
+    """Page dependency for POSTs: the form's fields, after its CSRF token is checked
+    (a sync function: FastAPI runs it on a worker thread, where the session lookup may block)."""
+    session = sessions.session_of(request)
+    expected = session.csrf if session is not None else request.cookies.get(LOGIN_COOKIE)
     given = fields.get("csrf") or request.headers.get("x-csrf-token", "")
-    if not isinstance(expected, str) or not same(given, expected):
+    if not expected or not same(given, expected):
         raise HTTPException(403, "this form expired or did not come from this site: "
                                  "reload the page and try again")
     for name, value in fields.items():

@@ -18,23 +18,33 @@ import jinja2
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 
 from .. import jsoncodec
 from .. import listeners as core
 from ..errors import CdcHooksError
 from ..guesses import TooManyGuesses
-from . import chart, views
+from . import chart, sessions, views
 from .api import BIGINT, Db
-from .auth import checked_form, csrf_token, is_token, log_in, logged_in, require_session
+from .auth import (
+    SessionFirst,
+    checked_form,
+    is_token,
+    logged_in,
+    login_csrf,
+    page_session,
+    remember_login_csrf,
+)
 from .forms import CONDITIONS, FilterRow, match_from_form, rows_from_form, rows_from_match
 
 PREVIEW_EVENTS = 10
 PAGE_SIZE = 50
+PAGE_TEXT = 64 * 1024  # bytes of one value a page shows (a body, an event's data): the API has all
 
-router = APIRouter(include_in_schema=False)
+public = APIRouter(include_in_schema=False)  # the login page
+router = APIRouter(include_in_schema=False, route_class=SessionFirst)  # every other page
 Form = Annotated[dict[str, Any], Depends(checked_form)]
 Id = Annotated[int, Path(ge=1, le=BIGINT)]
-_session = [Depends(require_session)]
 
 
 @functools.cache
@@ -46,20 +56,26 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("cdc_hooks.web", "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(clock=_clock, ms=_ms, ago=_ago, pct=_pct, pretty=_pretty, seconds=_seconds,
-                       compact=jsoncodec.dumps)
+                       compact=jsoncodec.dumps, capped=capped)
     env.globals.update(conditions=CONDITIONS)
     return env
 
 
 def render(request: Request, name: str, http_status: int = 200, **context: Any) -> Response:
-    context.update(csrf=csrf_token(request), flash=request.session.pop("flash", None),
-                   logged_in=logged_in(request), path=request.url.path)
-    return templates().TemplateResponse(request, name, context, status_code=http_status)
+    """The page (blocking: it may look the session up, on a worker thread)."""
+    session = page_session(request)
+    csrf = session.csrf if session is not None else login_csrf(request)
+    context.update(csrf=csrf, flash=sessions.take_flash(request), logged_in=session is not None,
+                   path=request.url.path)
+    response = templates().TemplateResponse(request, name, context, status_code=http_status)
+    if session is None:
+        remember_login_csrf(request, response, csrf)
+    return response
 
 
 def redirect(url: str, flash: str | None = None, request: Request | None = None) -> Response:
     if flash and request is not None:
-        request.session["flash"] = flash
+        sessions.set_flash(request, flash)
     return RedirectResponse(url, status_code=303)
 
 
@@ -87,14 +103,14 @@ def _safe_next(target: str | None) -> str:
 # Login -------------------------------------------------------------------------
 
 
-@router.get("/login")
+@public.get("/login")
 def login_form(request: Request, next: str = "/") -> Response:
     if logged_in(request):
         return redirect(_safe_next(next))
     return render(request, "login.html", next=_safe_next(next))
 
 
-@router.post("/login")
+@public.post("/login")
 def login(request: Request, form: Form) -> Response:
     try:
         right = is_token(request, form.get("token", ""))
@@ -106,25 +122,27 @@ def login(request: Request, form: Form) -> Response:
     if not right:
         return render(request, "login.html", http_status=401, next=_safe_next(form.get("next")),
                       error="That is not the token: see [web] token in the config.")
-    log_in(request)
-    return redirect(_safe_next(form.get("next")))
+    answer = redirect(_safe_next(form.get("next")))
+    sessions.start(request, answer)
+    return answer
 
 
 @router.post("/logout")
 def logout(request: Request, form: Form) -> Response:
-    request.session.clear()
-    return redirect("/login")
+    answer = redirect("/login")
+    sessions.end(request, answer)
+    return answer
 
 
 # Overview ----------------------------------------------------------------------
 
 
-@router.get("/", dependencies=_session)
+@router.get("/")
 def overview(request: Request, db: Db) -> Response:
     return render(request, "overview.html", **_overview(db))
 
 
-@router.get("/fragments/overview", dependencies=_session)
+@router.get("/fragments/overview")
 def overview_fragment(request: Request, db: Db) -> Response:
     return render(request, "_overview.html", **_overview(db))
 
@@ -141,25 +159,25 @@ def _overview(db: Any) -> dict[str, Any]:
 # Hooks and new listeners -------------------------------------------------------
 
 
-@router.get("/hooks", dependencies=_session)
+@router.get("/hooks")
 def hooks(request: Request, db: Db) -> Response:
     return render(request, "hooks.html", hooks=views.hooks(db))
 
 
-@router.get("/hooks/{name}/listen", dependencies=_session)
+@router.get("/hooks/{name}/listen")
 def listen_form(request: Request, db: Db, name: str) -> Response:
     hook = views.hook(db, name)
     return _listen_page(request, db, hook, [FilterRow(c) for c in hook.provides])
 
 
-@router.get("/hooks/{name}/preview", dependencies=_session)
+@router.get("/hooks/{name}/preview")
 def preview_fragment(request: Request, db: Db, name: str) -> Response:
     hook = views.hook(db, name)
     return render(request, "_preview.html", **_preview(db, hook.name, hook.provides,
                                                         dict(request.query_params)))
 
 
-@router.post("/hooks/{name}/listen", dependencies=_session)
+@router.post("/hooks/{name}/listen")
 def create_listener(request: Request, db: Db, name: str, form: Form) -> Response:
     hook = views.hook(db, name)
     rows = rows_from_form(hook.provides, form)
@@ -200,25 +218,25 @@ def _preview(db: Any, hook: str, provides: list[str], form: dict[str, str]) -> d
 # Listeners ---------------------------------------------------------------------
 
 
-@router.get("/listeners", dependencies=_session)
+@router.get("/listeners")
 def listeners(request: Request, db: Db, hook: str | None = None) -> Response:
     return render(request, "listeners.html", listeners=views.listeners(db, hook=hook or None),
                   hook=hook)
 
 
-@router.post("/listeners/{listener_id}/pause", dependencies=_session)
+@router.post("/listeners/{listener_id}/pause")
 def pause(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     core.set_state(db, listener_id, "paused")
     return redirect("/listeners", f"Listener {listener_id} paused: deliveries wait for resume.", request)
 
 
-@router.post("/listeners/{listener_id}/resume", dependencies=_session)
+@router.post("/listeners/{listener_id}/resume")
 def resume(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     core.set_state(db, listener_id, "active")
     return redirect("/listeners", f"Listener {listener_id} resumed.", request)
 
 
-@router.get("/listeners/{listener_id}/{action}", dependencies=_session)
+@router.get("/listeners/{listener_id}/{action}")
 def confirm(request: Request, db: Db, listener_id: Id, action: str) -> Response:
     if action == "edit":
         return _edit_page(request, db, views.listener(db, listener_id))
@@ -227,27 +245,27 @@ def confirm(request: Request, db: Db, listener_id: Id, action: str) -> Response:
     return render(request, "confirm.html", listener=views.listener(db, listener_id), action=action)
 
 
-@router.post("/listeners/{listener_id}/delete", dependencies=_session)
+@router.post("/listeners/{listener_id}/delete")
 def delete(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     core.remove_listener(db, listener_id)
     return redirect("/listeners", f"Listener {listener_id} deleted.", request)
 
 
-@router.post("/listeners/{listener_id}/rotate", dependencies=_session)
+@router.post("/listeners/{listener_id}/rotate")
 def rotate(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     secret = core.update_listener(db, request.app.state.web.config, listener_id, rotate_secret=True)
     return render(request, "secret.html", listener=views.listener(db, listener_id), secret=secret,
                   created=False)
 
 
-@router.post("/listeners/{listener_id}/redeliver", dependencies=_session)
+@router.post("/listeners/{listener_id}/redeliver")
 def redeliver_failed(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     queued = views.redeliver_failed(db, listener_id)
     return redirect(f"/deliveries?listener={listener_id}",
                     f"{len(queued)} failed deliveries of listener {listener_id} queued again.", request)
 
 
-@router.post("/listeners/{listener_id}/edit", dependencies=_session)
+@router.post("/listeners/{listener_id}/edit")
 def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     current = views.listener(db, listener_id)
     provides = views.hook(db, current.hook).provides
@@ -278,12 +296,12 @@ def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | 
 # Deliveries --------------------------------------------------------------------
 
 
-@router.get("/deliveries", dependencies=_session)
+@router.get("/deliveries")
 def deliveries(request: Request, db: Db) -> Response:
     return render(request, "deliveries.html", listeners=views.listeners(db), **_deliveries(request, db))
 
 
-@router.get("/fragments/deliveries", dependencies=_session)
+@router.get("/fragments/deliveries")
 def delivery_rows(request: Request, db: Db) -> Response:
     return render(request, "_delivery_rows.html", **_deliveries(request, db))
 
@@ -300,12 +318,12 @@ def _deliveries(request: Request, db: Any) -> dict[str, Any]:
             "older": f"/deliveries?{urlencode(keep | {'before': next_before})}" if next_before else None}
 
 
-@router.get("/deliveries/{delivery_id}", dependencies=_session)
+@router.get("/deliveries/{delivery_id}")
 def delivery(request: Request, db: Db, delivery_id: Id) -> Response:
     return render(request, "delivery.html", d=views.delivery(db, delivery_id))
 
 
-@router.post("/deliveries/{delivery_id}/redeliver", dependencies=_session)
+@router.post("/deliveries/{delivery_id}/redeliver")
 def redeliver(request: Request, db: Db, delivery_id: Id, form: Form) -> Response:
     views.redeliver(db, delivery_id)
     return redirect(f"/deliveries/{delivery_id}", f"Delivery {delivery_id} queued again.", request)
@@ -342,6 +360,17 @@ def _seconds(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def capped(text: str | None) -> str:
+    """At most PAGE_TEXT bytes of text, then a note of its whole size: a captured
+    value of megabytes would otherwise make every page showing it as big."""
+    data = (text or "").encode("utf-8", "replace")
+    if len(data) <= PAGE_TEXT:
+        return text or ""
+    shown = data[:PAGE_TEXT].decode("utf-8", "ignore")  # not half a character
+    return Markup(f'{escape(shown)}<span class="truncated">… truncated: {len(data):,} bytes in all '
+                  "(the API gives it whole)</span>")
 
 
 def _pretty(value: Any) -> str:

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from ..config import Config
+from ..config import WEB_TOKEN_ENV, Config, web_token
 from ..errors import ConfigError
-from .app import TOKEN_ENV, create_app, resolve_token
+from .app import create_app
 
 log = logging.getLogger("cdc_hooks.web")
 
@@ -44,14 +44,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def web_token(config: Config, host: str) -> str:
+def token_to_serve(config: Config, host: str) -> str:
     """The token; off loopback one must be configured, on loopback one is made up if not."""
-    token = resolve_token(config)
+    token = web_token(config)
     if token:
         return token
     if not is_loopback(host):
         raise ConfigError(f"refusing to serve the web interface on {host} without a token: "
-                          f"set [web] token or {TOKEN_ENV} (or bind to 127.0.0.1)")
+                          f"set [web] token or {WEB_TOKEN_ENV} (or bind to 127.0.0.1)")
     token = secrets.token_urlsafe(24)
     # Like Jupyter: usable at once on this machine, never open to other local users.
     log.warning("no [web] token set: log in with this one-time token: %s", token)
@@ -69,7 +69,7 @@ class WebServer:
 
     def __init__(self, config: Config, bind: str | None = None) -> None:
         host, port = parse_bind(bind or config.web.bind)
-        app = create_app(config, token=web_token(config, host))
+        app = create_app(config, token=token_to_serve(config, host))
         self.socket = _listen(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         self.server = _Server(uvicorn.Config(app, lifespan="on", log_config=None, access_log=False,
