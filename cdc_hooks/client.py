@@ -127,7 +127,7 @@ class _Endpoints:
     def remove_listener(self, listener_id: int) -> Answer[None]:
         return self._call("DELETE", f"/api/listeners/{int(listener_id)}")
 
-    def send(self, hook: str, **values: Any) -> Answer[Record]:
+    def send(self, hook: str, /, **values: Any) -> Answer[Record]:
         """Sends a custom hook's event; the answer has its ``id`` (evt_...) and ``event_id``."""
         return self._call("POST", f"/api/hooks/{quote(hook, safe='')}/send", body=values)
 

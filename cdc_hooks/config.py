@@ -137,7 +137,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, required: bool = 
         config = replace(parse_config(raw), path=file)
     dsn = os.environ.get("CDC_HOOKS_DSN") or config.dsn
     modules = os.environ.get(MODULES_ENV)
-    if modules is not None:
+    if modules:
         config = replace(config, modules=_module_names(
             [m.strip() for m in modules.split(",") if m.strip()], MODULES_ENV))
     return with_python_hooks(replace(config, dsn=dsn))

@@ -181,7 +181,7 @@ def test_a_hook_on_a_table_name_and_the_model_kinds(conn, make_config, tmp_path,
     conn.execute('CREATE TABLE "Orders" (id int PRIMARY KEY, total numeric, note text)')
     module = write_module(tmp_path, monkeypatch, "declared_kinds", """
         import sqlalchemy
-        from cdc_hooks import ModelHook, hooks
+        from cdc_hooks import Hook, ModelHook, hooks
 
         orders = sqlalchemy.Table("Orders", sqlalchemy.MetaData(),
                                   sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True),
@@ -200,9 +200,12 @@ def test_a_hook_on_a_table_name_and_the_model_kinds(conn, make_config, tmp_path,
 
         hooks.register(OrderTable)
         hooks.register(OrderName)
+        hooks.register(Hook(name="notify", provides_args=["order"], senders=["shop"]))
     """)
     config = make_config(f'[python]\nmodules = ["{module}"]\n')
-    by_table, by_name = config.hooks
+    by_table, by_name, notify = config.hooks
+    assert (notify.provides, notify.senders, notify.origin) == (
+        ("order",), ("shop",), "Hook('notify') in declared_kinds")
     assert (str(by_table.table), by_table.key, by_table.provides, by_table.when_changed) == \
         ('public."Orders"', ("id",), ("total",), ("total",))
     assert by_table.origin == "declared_kinds.OrderTable"
