@@ -94,12 +94,12 @@ class ModelHook(Hook):
     key: ClassVar[Sequence[str] | None] = None  # default: the model's (table's) primary key
     when_changed: ClassVar[Sequence[str] | None] = None
 
-    def model_table(self) -> ModelTable | None:
+    def _model_table(self) -> ModelTable | None:
         model = type(self).model
         return None if model is None else model_table(model)
 
     def column(self, name: str) -> str:
-        found = self.model_table()
+        found = self._model_table()
         return name if found is None else found.columns.get(name, name)
 
     def declaration(self) -> dict[str, Any]:
@@ -107,11 +107,11 @@ class ModelHook(Hook):
         if (cls.model is None) == (cls.table is None):
             raise ConfigError("a ModelHook needs a model or a table" if cls.model is None
                               else "give a model or a table, not both")
-        table, key, found = cls.table, cls.key, self.model_table()
+        table, key, found = cls.table, self._columns(cls.key), self._model_table()
         if found is not None:
             table, key = found.table, key if key is not None else found.key
         return _given(name=self.name, table=table, events=cls.events,
-                      provides=self._columns(self.provides_args), key=self._columns(key),
+                      provides=self._columns(self.provides_args), key=key,
                       when_changed=self._columns(cls.when_changed), senders=self.senders)
 
     def _columns(self, names: Any) -> Any:
