@@ -24,6 +24,7 @@ DEFAULT_EVENTS = ("insert", "update")  # durian's post_save
 # About a day in all: quick retries for blips, then hourly for outages.
 DEFAULT_RETRY_SCHEDULE = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)
 HOOK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,39}$")
+MODULES_ENV = "CDC_HOOKS_MODULES"  # comma-separated; overrides [python] modules
 BUILTIN_PREFIX = "cdc_hooks."  # built-in hooks, such as cdc_hooks.listener_disabled
 
 
@@ -45,10 +46,21 @@ class HookConfig:
     key: tuple[str, ...] | None = None  # None: the table's primary key
     when_changed: tuple[str, ...] | None = None  # None: any provided column
     senders: tuple[str, ...] = ()  # custom hooks: roles that may send it, besides cdc-hooks itself
+    # A hook declared in Python ([python] modules): its module and class, for messages.
+    origin: str | None = field(default=None, compare=False)
 
     @property
     def is_custom(self) -> bool:
         return self.table is None
+
+    @property
+    def where(self) -> str:
+        """How messages name the hook: 'hook "person"', with its module and class if declared in Python."""
+        return hook_label(self.name, self.origin)
+
+
+def hook_label(name: str, origin: str | None = None) -> str:
+    return f'hook "{name}"' + (f" ({origin})" if origin else "")
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,7 @@ class Config:
     path: Path | None = None
     web: WebConfig = field(default_factory=WebConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    modules: tuple[str, ...] = ()  # [python] modules, imported for the hooks they register
 
     def hook(self, name: str) -> HookConfig:
         for hook in self.hooks:
@@ -119,19 +132,37 @@ def load_config(path: str | os.PathLike[str] | None = None, *, required: bool = 
     if not file.exists():
         if required or path is not None:
             raise ConfigError(f"{file}: no such config file")
-        return Config(dsn=os.environ.get("CDC_HOOKS_DSN"))
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    config = parse_config(raw)
+        config = Config()
+    else:
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        config = replace(parse_config(raw), path=file)
     dsn = os.environ.get("CDC_HOOKS_DSN") or config.dsn
-    return replace(config, dsn=dsn, path=file)
+    modules = os.environ.get(MODULES_ENV)
+    if modules:
+        config = replace(config, modules=_module_names(
+            [m.strip() for m in modules.split(",") if m.strip()], MODULES_ENV))
+    return with_python_hooks(replace(config, dsn=dsn))
+
+
+def with_python_hooks(config: Config) -> Config:
+    """The config plus the hooks its [python] modules register, each parsed as a
+    [[hooks]] entry; a name declared twice is refused."""
+    if not config.modules:
+        return config
+    from .hooks import declarations  # hooks.py imports this module: imported when needed
+
+    declared = tuple(parse_hook(raw, origin, origin) for origin, raw in declarations(config.modules))
+    hooks = (*config.hooks, *declared)
+    _refuse_duplicates(hooks)
+    return replace(config, hooks=hooks)
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validates the parsed TOML document."""
-    _check_keys(raw, {"database", "hooks", "delivery", "web", "retention"}, "config")
+    _check_keys(raw, {"database", "hooks", "delivery", "web", "retention", "python"}, "config")
     database = _table(raw.get("database", {}), "[database]")
     _check_keys(database, {"dsn", "relay_role"}, "[database]")
     dsn = database.get("dsn")
@@ -143,17 +174,34 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     hooks_raw = raw.get("hooks", [])
     if not isinstance(hooks_raw, list):
         raise ConfigError("hooks must be an array of tables: [[hooks]]")
-    hooks = tuple(_parse_hook(h, i) for i, h in enumerate(hooks_raw))
-    seen: set[str] = set()
-    for hook in hooks:
-        if hook.name in seen:
-            raise ConfigError(f'hook "{hook.name}": duplicate hook name')
-        seen.add(hook.name)
+    hooks = tuple(parse_hook(h, f"hooks[{i}]") for i, h in enumerate(hooks_raw))
+    _refuse_duplicates(hooks)
+    python = _table(raw.get("python", {}), "[python]")
+    _check_keys(python, {"modules"}, "[python]")
+    modules = _module_names(python.get("modules", []), "[python] modules")
     delivery = _parse_delivery(_table(raw.get("delivery", {}), "[delivery]"))
     web = _parse_web(_table(raw.get("web", {}), "[web]"))
     retention = _parse_retention(_table(raw.get("retention", {}), "[retention]"))
     return Config(dsn=dsn, relay_role=relay_role, hooks=hooks, delivery=delivery, web=web,
-                  retention=retention)
+                  retention=retention, modules=modules)
+
+
+def _refuse_duplicates(hooks: Sequence[HookConfig]) -> None:
+    first: dict[str, HookConfig] = {}
+    for hook in hooks:
+        before = first.setdefault(hook.name, hook)
+        if before is not hook:
+            also = f" (also declared in {before.origin or '[[hooks]]'})" if hook.origin else ""
+            raise ConfigError(f"{hook.where}: duplicate hook name{also}")
+
+
+def _module_names(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+        raise ConfigError(f'{where} must be an array of module names, such as ["myapp.webhooks"]')
+    for module in raw:
+        if not all(part.isidentifier() for part in module.split(".")):
+            raise ConfigError(f'{where}: "{module}" is not a module name (such as myapp.webhooks)')
+    return tuple(dict.fromkeys(raw))
 
 
 def _parse_retention(raw: Mapping[str, Any]) -> RetentionConfig:
@@ -199,16 +247,18 @@ def _parse_web(raw: Mapping[str, Any]) -> WebConfig:
     return WebConfig(token, bind, metrics_public)
 
 
-def _parse_hook(raw: Any, index: int) -> HookConfig:
+def parse_hook(raw: Any, position: str, origin: str | None = None) -> HookConfig:
+    """One [[hooks]] entry; a hook declared in Python comes as the same dict, with
+    its module and class as position and origin. Raises ConfigError naming the hook."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"hooks[{index}] must be a table")
+        raise ConfigError(f"{position} must be a table")
     name = raw.get("name")
     if not isinstance(name, str) or not HOOK_NAME.match(name):
         raise ConfigError(
-            f"hooks[{index}]: name must be a string of letters, digits, _ . - "
+            f"{position}: name must be a string of letters, digits, _ . - "
             f"starting with a letter or _, at most 40 characters (got {name!r})"
         )
-    where = f'hook "{name}"'
+    where = hook_label(name, origin)
     if name.startswith(BUILTIN_PREFIX):
         raise ConfigError(f"{where}: names starting with {BUILTIN_PREFIX} are reserved for "
                           "cdc-hooks' own hooks (installed by cdc-hooks install)")
@@ -221,7 +271,7 @@ def _parse_hook(raw: Any, index: int) -> HookConfig:
         if "provides" not in raw:
             raise ConfigError(f"{where}: a custom hook (no table) must list what it provides")
         return HookConfig(name=name, provides=_names(raw["provides"], where, "provides"),
-                          senders=_names(raw.get("senders", []), where, "senders"))
+                          senders=_names(raw.get("senders", []), where, "senders"), origin=origin)
     if "senders" in raw:
         raise ConfigError(f"{where}: senders applies to custom hooks; a table hook's events "
                           "come from writes to its table, by whoever may write it")
@@ -250,7 +300,7 @@ def _parse_hook(raw: Any, index: int) -> HookConfig:
             for column in when_changed:
                 if column not in provides:
                     raise ConfigError(f'{where}: when_changed column "{column}" is not provided')
-    return HookConfig(name, table_name, events, provides, key, when_changed)
+    return HookConfig(name, table_name, events, provides, key, when_changed, origin=origin)
 
 
 def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:

@@ -82,7 +82,7 @@ def resolve_hooks(config: Config) -> list[InstalledHook]:
 
 
 def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> InstalledHook:
-    where = f'hook "{hook.name}"'
+    where = hook.where
     if hook.table is None:
         return InstalledHook(hook.name, None, None, (), hook.provides or (), (), (), hook.senders)
     table = hook.table
