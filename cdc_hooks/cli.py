@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 import psycopg
+import sqlalchemy
 
 from . import install as installer
 from . import jsoncodec, logs
@@ -43,6 +44,10 @@ def friendly_errors(func: F) -> F:
                            err=True)
                 sys.exit(1)
             click.echo(f"error: PostgreSQL: {message or str(exc).strip()}", err=True)
+            sys.exit(1)
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # install.py unwraps PostgreSQL's errors
+            click.echo(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
+                       err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..db import Database, connect, describe_dsn
+from ..db import Database, connect, describe_dsn, session_options
 from ..errors import DatabaseUnavailable
 
 POOL_SIZE = 8  # FastAPI's thread pool runs 40 sync endpoints at most; 8 keep up with a UI
@@ -35,7 +35,7 @@ class Connections:
                 self._pool = ConnectionPool(
                     self.dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
                     check=ConnectionPool.check_connection, name="cdc-hooks-web",
-                    kwargs={"autocommit": True, "connect_timeout": 10})
+                    kwargs=session_options())
                 self._pool.open(wait=False)
             return self._pool
 
