@@ -156,7 +156,8 @@ def listeners() -> None:
 @click.argument("hook")
 @click.argument("url")
 @click.option("--match", "matches", multiple=True, metavar="FIELD=VALUE|FIELD=OP:VALUE|FIELD:=JSON",
-              help="Filter (repeatable). OP: any, is, startswith, endswith, contains, like.")
+              help="Filter (repeatable). OP: any, is, startswith, endswith, contains, like; "
+                   "another WORD: is refused (is:WORD:... matches that text).")
 @click.option("--secret", metavar="whsec_...", help="Signing secret (default: generated).")
 @click.option("--backfill/--no-backfill", default=None,
               help="Take backfill ('read') events of cdc-hooks backfill (default: yes).")

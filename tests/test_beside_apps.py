@@ -272,3 +272,27 @@ def test_a_database_error_while_install_inspects_tables_is_one_line(conn, clean_
                      (role,))
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
+
+# --match: a word before a colon is an operator or refused -----------------------
+
+
+def test_an_operator_that_is_no_near_miss_is_refused_not_matched_as_text(conn, make_config, cli):
+    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text, address text)")
+    config = make_config('[[hooks]]\nname = "person"\ntable = "person"\n\n'
+                         "[delivery]\nallow_private_networks = true\n")
+    succeeds(cli, config, "install")
+    url = "http://127.0.0.1:9/hook"
+    for option in ("name=regex:^J", "name=prefix:J", "name=eq:Joe", "name=sounds_like:x"):
+        result = cli(config, "listeners", "add", "person", url, "--match", option)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.splitlines()
+        word = option.split("=")[1].split(":")[0]
+        assert line.startswith(f"error: --match '{option}': unknown operator \"{word}\"")
+        assert "operators: any, is, startswith, endswith, contains, like" in line
+        assert f"to match the text itself: name=is:{option.split('=')[1]}" in line
+    assert "(none)" in succeeds(cli, config, "listeners", "list")
+    # The text itself stays reachable, and a URL's scheme is no operator.
+    succeeds(cli, config, "listeners", "add", "person", url, "--match", "name=is:regex:^J",
+             "--match", "address=http://x")
+    (match,) = [row[0] for row in conn.execute("SELECT match FROM cdc_hooks.listeners")]
+    assert match == {"name": {"$is": "regex:^J"}, "address": "http://x"}

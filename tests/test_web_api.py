@@ -492,6 +492,30 @@ def test_page_forms_use_the_core_and_show_its_errors(client):
     assert "shown this once" in rotated.text and secret not in rotated.text
 
 
+def test_an_unknown_condition_is_refused_and_exact_text_stays_literal(client):
+    login(client)
+    csrf = csrf_of(client, "/hooks/person/listen")
+    form = {"csrf": csrf, "url": "http://127.0.0.1:9/a", "value:name": "^J"}
+    for condition, near in (("regex", "like"), ("prefix", "startswith"), ("sounds_like", None)):
+        refused = client.post("/hooks/person/listen", data={**form, "cond:name": condition})
+        assert refused.status_code == 422
+        assert f'unknown condition &#34;{condition}&#34;' in refused.text
+        assert "operators: any, is, startswith, endswith, contains, like" in refused.text
+        assert (f"did you mean &#34;{near}&#34;" in refused.text) is (near is not None)
+    assert client.get("/api/listeners", headers=AUTH).json() == []
+    made = client.post("/hooks/person/listen", data={
+        **form, "cond:name": "is", "value:name": "regex:^J", "cond:address": "is",
+        "value:address": "http://x"})
+    assert made.status_code == 200, made.text
+    (listener,) = client.get("/api/listeners", headers=AUTH).json()
+    assert listener["match"] == {"name": "regex:^J", "address": "http://x"}
+    # The API's unknown $-operators stay a 422 naming the field.
+    refused = client.post("/api/listeners", headers=AUTH, json={
+        "hook": "person", "url": "http://127.0.0.1:9/b", "match": {"name": {"$regex": "^J"}}})
+    assert refused.status_code == 422
+    assert 'match field "name": unknown operator "regex"' in refused.json()["detail"]
+
+
 def test_backfill_opt_out_through_the_api_and_the_pages(client, cli, config):
     assert add(client, "http://127.0.0.1:9/a")["backfill"] is True  # the default
     opted_out = add(client, "http://127.0.0.1:9/b", backfill=False)
