@@ -376,6 +376,24 @@ def test_deliveries_list_filter_page_detail_and_redeliver(client, conn, receiver
     assert [r.webhook_id for r in arrived].count(detail["webhook_id"]) == 2
 
 
+def test_only_a_pending_delivery_has_a_next_attempt(client, conn, receiver, relay):
+    # A claim leases a delivery by moving its next attempt ahead; once it is
+    # delivered (or dead) that time in the future meant nothing.
+    receiver.set_default("/bad", Reply(400))
+    delivered = add(client, receiver.url("/ok"), {})
+    dead = add(client, receiver.url("/bad"), {})
+    held = add(client, "http://127.0.0.1:9/never", {})
+    client.patch(f"/api/listeners/{held['id']}", headers=AUTH, json={"state": "paused"})
+    conn.execute("INSERT INTO person (name) VALUES ('Joe')")
+    for listener, status in ((delivered, "delivered"), (dead, "dead")):
+        (finished,) = settled(client, 1, listener=listener["id"])
+        assert finished["status"] == status and finished["next_attempt_at"] is None
+        detail = client.get(f"/api/deliveries/{finished['id']}", headers=AUTH).json()
+        assert detail["next_attempt_at"] is None
+    (waiting,) = deliveries(client, listener=held["id"])
+    assert waiting["status"] == "pending" and waiting["next_attempt_at"] is not None
+
+
 def test_redeliver_of_a_pending_delivery_is_409(client, conn, relay):
     listener = add(client, "http://127.0.0.1:9/never", {})
     client.patch(f"/api/listeners/{listener['id']}", headers=AUTH, json={"state": "paused"})
