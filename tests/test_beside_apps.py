@@ -296,3 +296,29 @@ def test_an_operator_that_is_no_near_miss_is_refused_not_matched_as_text(conn, m
              "--match", "address=http://x")
     (match,) = [row[0] for row in conn.execute("SELECT match FROM cdc_hooks.listeners")]
     assert match == {"name": {"$is": "regex:^J"}, "address": "http://x"}
+
+
+# The Python API's database, as README says ------------------------------------
+
+
+def test_the_python_api_finds_its_database_as_the_readme_says(make_config, clean_db, tmp_path,
+                                                              monkeypatch):
+    config = make_config('[[hooks]]\nname = "myhook"\nprovides = ["message"]\n')
+    installer.install(config)
+
+    def sent() -> int:
+        registry = Registry()  # a fresh one: the config is read on first use
+        return registry.register(Hook("myhook", ["message"], registry=registry)).send(message="hi")
+
+    monkeypatch.setenv("CDC_HOOKS_CONFIG", str(config.path))
+    assert sent() > 0
+    monkeypatch.delenv("CDC_HOOKS_CONFIG")
+    monkeypatch.chdir(config.path.parent)  # ./cdc_hooks.toml
+    assert sent() > 0
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.setenv("CDC_HOOKS_DSN", clean_db)  # no file: the DSN alone
+    assert sent() > 0
+    monkeypatch.delenv("CDC_HOOKS_DSN")
+    registry = Registry()
+    registry.load(config)  # or in code
+    assert registry.get("myhook").send(message="hi") > 0
