@@ -242,10 +242,31 @@ def deliveries(ctx: Context, failed: bool, listener_id: int | None, limit: int) 
     ])
 
 
+class Moment(click.ParamType):
+    """An ISO 8601 date or time; one without an offset is in the local time zone."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            moment = value
+        else:
+            try:
+                moment = datetime.fromisoformat(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not an ISO 8601 time, such as 2026-12-03 14:00 "
+                          "(local time) or 2026-12-03T13:00Z", param, ctx)
+        return moment if moment.tzinfo else moment.astimezone()  # naive: local time
+
+
 @main.command()
 @click.argument("delivery_id", type=int, required=False)
 @click.option("--listener", "listener_id", type=int, help="Every dead letter of this listener.")
-@click.option("--since", type=click.DateTime(), help="Dead letters created since this time.")
+@click.option("--since", type=Moment(), metavar="TIME",
+              help="Dead letters created since this time, ISO 8601: 2026-12-03T14:00+01:00, "
+                   "2026-12-03T13:00Z, or without an offset (2026-12-03 14:00) in this "
+                   "machine's local time zone (TZ).")
 @pass_context
 @friendly_errors
 def redeliver(ctx: Context, delivery_id: int | None, listener_id: int | None,

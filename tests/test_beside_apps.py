@@ -19,6 +19,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -322,3 +323,43 @@ def test_the_python_api_finds_its_database_as_the_readme_says(make_config, clean
     registry = Registry()
     registry.load(config)  # or in code
     assert registry.get("myhook").send(message="hi") > 0
+
+
+# redeliver --since: a bare time is local, an offset is honoured ------------------
+
+
+@pytest.fixture
+def tokyo_time() -> Iterator[None]:
+    """This process in Asia/Tokyo (UTC+9 all year), as a user's TZ would put it."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+def test_redeliver_since_reads_a_bare_time_as_local_and_honours_an_offset(conn, make_config, cli,
+                                                                         tokyo_time):
+    config = make_config('[[hooks]]\nname = "myhook"\nprovides = ["message"]\n\n'
+                         "[delivery]\nallow_private_networks = true\n")
+    succeeds(cli, config, "install")
+    succeeds(cli, config, "listeners", "add", "myhook", "http://127.0.0.1:9/hook")
+    # Dead letters created at 00:30 and 02:00 UTC: 09:30 and 11:00 in Tokyo.
+    for event_id, created in ((1, "2026-01-01T00:30Z"), (2, "2026-01-01T02:00Z")):
+        conn.execute("INSERT INTO cdc_hooks.events (id, hook, kind, body, occurred_at) "
+                     "VALUES (%s, 'myhook', 'myhook', '{}', %s)", (event_id, created))
+        conn.execute("INSERT INTO cdc_hooks.deliveries (event_id, listener_id, status, created_at, "
+                     "finished_at) SELECT %s, id, 'dead', %s, %s FROM cdc_hooks.listeners",
+                     (event_id, created, created))
+    for since, queued in (("2026-01-01 10:00:00", 1), ("2026-01-01 10:00", 1),
+                          ("2026-01-01T10:00+09:00", 1), ("2026-01-01T01:00:00+00:00", 1),
+                          ("2026-01-01T00:00Z", 2), ("2026-01-01", 2)):
+        conn.execute("UPDATE cdc_hooks.deliveries SET status = 'dead'")
+        out = succeeds(cli, config, "redeliver", "--since", since)
+        assert out.startswith(f"{queued} deliver"), (since, out)
+    result = cli(config, "redeliver", "--since", "yesterday")
+    assert result.exit_code == 2 and "is not an ISO 8601 time" in result.stderr
