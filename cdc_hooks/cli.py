@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 import psycopg
+import sqlalchemy
 
 from . import install as installer
 from . import jsoncodec, logs
@@ -45,6 +46,10 @@ def friendly_errors(func: F) -> F:
                            err=True)
                 sys.exit(1)
             click.echo(f"error: PostgreSQL: {message or str(exc).strip()}", err=True)
+            sys.exit(1)
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # install.py unwraps PostgreSQL's errors
+            click.echo(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
+                       err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -153,7 +158,8 @@ def listeners() -> None:
 @click.argument("hook")
 @click.argument("url")
 @click.option("--match", "matches", multiple=True, metavar="FIELD=VALUE|FIELD=OP:VALUE|FIELD:=JSON",
-              help="Filter (repeatable). OP: any, is, startswith, endswith, contains, like.")
+              help="Filter (repeatable). OP: any, is, startswith, endswith, contains, like; "
+                   "another WORD: is refused (is:WORD:... matches that text).")
 @click.option("--secret", metavar="whsec_...", help="Signing secret (default: generated).")
 @click.option("--backfill/--no-backfill", default=None,
               help="Take backfill ('read') events of cdc-hooks backfill (default: yes).")
@@ -238,10 +244,31 @@ def deliveries(ctx: Context, failed: bool, listener_id: int | None, limit: int) 
     ])
 
 
+class Moment(click.ParamType):
+    """An ISO 8601 date or time; one without an offset is in the local time zone."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            moment = value
+        else:
+            try:
+                moment = datetime.fromisoformat(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not an ISO 8601 time, such as 2026-12-03 14:00 "
+                          "(local time) or 2026-12-03T13:00Z", param, ctx)
+        return moment if moment.tzinfo else moment.astimezone()  # naive: local time
+
+
 @main.command()
 @click.argument("delivery_id", type=int, required=False)
 @click.option("--listener", "listener_id", type=int, help="Every dead letter of this listener.")
-@click.option("--since", type=click.DateTime(), help="Dead letters created since this time.")
+@click.option("--since", type=Moment(), metavar="TIME",
+              help="Dead letters created since this time, ISO 8601: 2026-12-03T14:00+01:00, "
+                   "2026-12-03T13:00Z, or without an offset (2026-12-03 14:00) in this "
+                   "machine's local time zone (TZ).")
 @pass_context
 @friendly_errors
 def redeliver(ctx: Context, delivery_id: int | None, listener_id: int | None,

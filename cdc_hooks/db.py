@@ -57,6 +57,16 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def session_options(*, autocommit: bool = True) -> dict[str, Any]:
+    """psycopg's connection options for every connection but the relay's.
+
+    No server-side prepared statements (psycopg prepares a query run 5 times):
+    behind a transaction-mode pooler (PgBouncer before 1.21) each transaction
+    may run on another server session, where the statement is missing or another
+    client's of the same name exists (DuplicatePreparedStatement)."""
+    return {"autocommit": autocommit, "connect_timeout": 10, "prepare_threshold": None}
+
+
 def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     if not dsn:
         raise DatabaseUnavailable(
@@ -64,7 +74,7 @@ def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[A
         )
     check_dsn(dsn)
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
+        return psycopg.connect(dsn, **session_options(autocommit=autocommit))
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {connect_error(dsn, exc)}"
@@ -428,15 +438,26 @@ class RelayStore:
 
     @classmethod
     async def connect(cls, dsn: str, *, autocommit: bool = True) -> RelayStore:
-        # synchronous_commit off: a commit lost in a server crash is redone (outbox
-        # rows come back and dispatch again under the same event ids; leases lapse;
-        # results are attempted again), so at-least-once holds without a WAL flush
-        # per claim and per batch.
+        """A connection whose statements are prepared at once: the relay runs few, often.
+        The relay calls backend_pid to know it has a session of its own, then tune_session."""
         conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=autocommit, connect_timeout=10, prepare_threshold=0,
-            options="-c synchronous_commit=off -c plan_cache_mode=force_custom_plan",
-        )
+            dsn, autocommit=autocommit, connect_timeout=10, prepare_threshold=0)
         return cls(conn)
+
+    async def backend_pid(self) -> int:
+        """pg_backend_pid(), never prepared: asked before the relay knows that each of
+        its connections keeps one server session."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(query("backend_pid"), prepare=False)
+            return int((await cur.fetchone())[0])  # type: ignore[index]
+
+    async def tune_session(self) -> None:
+        """synchronous_commit off: a commit lost in a server crash is redone (outbox
+        rows come back and dispatch again under the same event ids; leases lapse;
+        results are attempted again), so at-least-once holds without a WAL flush per
+        claim and per batch. Set here, not as the startup parameter "options", which
+        PgBouncer refuses."""
+        await self.run("relay_session_settings")
 
     async def close(self) -> None:
         await self.conn.close()

@@ -68,7 +68,7 @@ LISTENERS = (
                  (("insert", "Joe"), ("insert", "Jane"), ("insert", "Bob"), ("update", "Joe"),
                   ("delete", "Bob"))),
     DemoListener("/myhook", "myhook", "everything (no filter)", {},
-                 (("myhook", "George Constanza"),)),
+                 (("myhook", "George Costanza"),)),
 )
 
 # (query in sql/demo.sql or "send", what it shows, the events it should make)
@@ -77,7 +77,7 @@ WRITES = (
     ("move_joe", "UPDATE Joe's address", "1 update event"),
     ("change_jane_secret", "UPDATE Jane's secret only", "no event: secret is not provided"),
     ("delete_bob", "DELETE Bob", "1 delete event"),
-    ("send", "cdc_hooks.send('myhook', George Constanza)", "1 custom event"),
+    ("send", "cdc_hooks.send('myhook', George Costanza)", "1 custom event"),
 )
 
 
@@ -290,7 +290,7 @@ async def _write(dsn: str, run: Run) -> None:
         "insert_people": {k: run.hidden[k] for k in ("joe", "jane", "bob")},
         "change_jane_secret": {"secret": run.hidden["jane2"]},
         "send": {"hook": MYHOOK.name,
-                 "payload": jsoncodec.dumps({"name": "George Constanza", "address": "New York City"})},
+                 "payload": jsoncodec.dumps({"name": "George Costanza", "address": "New York City"})},
     }
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         run.first_write = time.monotonic()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,18 +69,34 @@ def resolve_hooks(config: Config) -> list[InstalledHook]:
     )
     resolved, problems = [], []
     try:
-        with engine.connect() as connection:
+        with engine.connect() as connection, _quiet_inspector():
             inspector = sqlalchemy.inspect(connection)
             for hook in config.hooks:
                 try:
                     resolved.append(_resolve_hook(hook, inspector))
                 except ConfigError as exc:
                     problems.append(str(exc))
+    except sqlalchemy.exc.DBAPIError as exc:
+        # PostgreSQL's own error, as every other statement raises it (the CLI prints it).
+        if isinstance(exc.orig, psycopg.Error):
+            raise exc.orig from None
+        raise
     finally:
         engine.dispose()
     if problems:
         raise ConfigError("\n".join(problems))
     return [*resolved, *BUILTIN_HOOKS]
+
+
+@contextmanager
+def _quiet_inspector() -> Iterator[None]:
+    """Without SQLAlchemy's warning about column types it has no class for (point,
+    xml, ...): install only needs the columns' names, and a user's terminal no
+    library warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Did not recognize type ",
+                                category=sqlalchemy.exc.SAWarning)
+        yield
 
 
 def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> InstalledHook:

@@ -13,6 +13,7 @@ pattern cannot stall the relay.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any as AnyValue
@@ -239,7 +240,8 @@ def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
     """Parses one CLI ``--match``: FIELD=VALUE, FIELD=OP:VALUE or FIELD:=JSON.
 
     Values are strings unless given as JSON with ``:=`` (``age:=30``); a dotted
-    FIELD reaches into a json column. Returns (path, JSON-form rule).
+    FIELD reaches into a json column. A VALUE that starts with a word and a colon
+    must name an operator (``is:`` makes the rest text). Returns (path, JSON-form rule).
     """
     if ":=" in option and ("=" not in option or option.index(":=") < option.index("=")):
         field, _, text = option.partition(":=")
@@ -258,7 +260,8 @@ def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
             if op == "any" and rest:
                 raise MatchError(f"--match {option!r}: any takes no value")
         else:
-            _refuse_misspelt_operator(option, field, op if sep else "", text)
+            if sep:
+                _refuse_unknown_operator(option, field, op, rest, text)
             rule = text
     else:
         raise MatchError(f"--match {option!r}: expected FIELD=VALUE, FIELD=OP:VALUE or FIELD:=JSON")
@@ -268,13 +271,29 @@ def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
     return path, rule
 
 
-def _refuse_misspelt_operator(option: str, field: str, op: str, text: str) -> None:
-    """FIELD=OP:VALUE with OP misspelt (startwith, StartsWith) would match the text
-    "startwith:J" itself, silently: refuse it. Other prefixes (http:, 10:) are text."""
-    near = difflib.get_close_matches(op.lower(), list(MATCHERS), n=1, cutoff=0.8)
-    if len(op) >= 4 and near:
-        raise MatchError(f'--match {option!r}: unknown operator "{op}" (did you mean '
-                         f'"{near[0]}"? to match the text itself: {field}=is:{text})')
+# Words people try for an operator this module names otherwise.
+_SYNONYMS = {"regex": "like", "regexp": "like", "re": "like", "match": "like",
+             "prefix": "startswith", "starts": "startswith", "suffix": "endswith",
+             "ends": "endswith", "has": "contains", "includes": "contains", "in": "contains",
+             "eq": "is", "equals": "is", "exact": "is"}
+_OPERATOR_WORD = re.compile(r"[A-Za-z_]+")
+
+
+def _refuse_unknown_operator(option: str, field: str, op: str, rest: str, text: str) -> None:
+    """FIELD=WORD:VALUE with WORD not an operator (regex, startwith, eq) would match the
+    text "regex:..." itself, silently: refuse it. Text whose prefix is no word (10:30,
+    a.b:c) or a URL scheme followed by // (http://x) is the text itself."""
+    if not _OPERATOR_WORD.fullmatch(op) or rest.startswith("//"):
+        return
+    raise MatchError(f'--match {option!r}: unknown operator "{op}" ({operators_hint(op)}; '
+                     f"to match the text itself: {field}=is:{text})")
+
+
+def operators_hint(word: str) -> str:
+    """'did you mean "like"? operators: any, is, ...' for a word that is not an operator."""
+    near = _SYNONYMS.get(word.lower()) or next(
+        iter(difflib.get_close_matches(word.lower(), list(MATCHERS), n=1, cutoff=0.8)), None)
+    return (f'did you mean "{near}"? ' if near else "") + f"operators: {', '.join(MATCHERS)}"
 
 
 def match_options_to_json(options: list[str]) -> dict[str, AnyValue]:

@@ -8,4 +8,4 @@ UPDATE person SET address = '1 River Lane' WHERE name = 'Joe';
 -- secret is not provided: this update sends nothing.
 UPDATE person SET secret = 'jane-new-secret' WHERE name = 'Jane';
 DELETE FROM person WHERE name = 'Bob';
-SELECT cdc_hooks.send('myhook', '{"name": "George Constanza", "address": "New York City"}');
+SELECT cdc_hooks.send('myhook', '{"name": "George Costanza", "address": "New York City"}');

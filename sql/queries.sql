@@ -200,6 +200,14 @@ WHERE c.oid = 'cdc_hooks.deliveries'::regclass;
 -- name: analyze_deliveries
 ANALYZE cdc_hooks.deliveries;
 
+-- name: backend_pid
+SELECT pg_backend_pid();
+
+-- name: relay_session_settings
+-- The relay's session (db.py RelayStore.tune_session says why).
+SELECT pg_catalog.set_config('synchronous_commit', 'off', false),
+       pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', false);
+
 -- name: listen_events
 LISTEN cdc_hooks;
 
@@ -338,8 +346,10 @@ LEFT JOIN LATERAL (
 -- Deliveries: inspection and redelivery --------------------------------------
 
 -- name: list_deliveries
+-- next_attempt_at only while pending: a finished delivery keeps its last lease's.
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
-       d.last_status, d.last_error, d.created_at, d.finished_at, d.next_attempt_at
+       d.last_status, d.last_error, d.created_at, d.finished_at,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id
 WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
@@ -425,9 +435,11 @@ ORDER BY l.id;
 
 -- name: web_deliveries
 -- A page of deliveries, newest first; `before` (a delivery id) is the cursor.
--- latency_ms: from the change's commit to the delivery's end.
+-- latency_ms: from the change's commit to the delivery's end; next_attempt_at only
+-- while pending (a finished delivery keeps its last lease's).
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
-       d.last_status, d.last_error, d.created_at, d.finished_at, d.next_attempt_at,
+       d.last_status, d.last_error, d.created_at, d.finished_at,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END,
        a.duration_ms, extract(epoch FROM d.finished_at - ev.occurred_at) * 1000 AS latency_ms
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id
@@ -447,7 +459,8 @@ LIMIT %(limit)s;
 -- name: web_delivery
 -- One delivery with what web_deliveries shows, plus its listener's URL and the body.
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
-       d.last_status, d.last_error, d.created_at, d.finished_at, d.next_attempt_at,
+       d.last_status, d.last_error, d.created_at, d.finished_at,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END,
        a.duration_ms, extract(epoch FROM d.finished_at - ev.occurred_at) * 1000 AS latency_ms,
        l.url, ev.body::text
 FROM cdc_hooks.deliveries d

@@ -33,7 +33,7 @@ def assert_succeeded(result: subprocess.CompletedProcess[str]) -> None:
     assert re.search(r'name is "Joe"\s+2 of 2: insert Joe, update Joe\n', out)
     assert re.search(r'name starts with "J"\s+3 of 3: insert Joe, insert Jane, update Joe\n', out)
     assert "5 of 5: insert Joe, insert Jane, insert Bob, update Joe, delete Bob" in out
-    assert "1 of 1: myhook George Constanza" in out
+    assert "1 of 1: myhook George Costanza" in out
 
 
 def test_demo_on_a_given_database_succeeds_and_leaves_it_as_found(clean_db, tmp_path):

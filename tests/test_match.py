@@ -280,6 +280,10 @@ def test_matcher_objects_parse_or_raise_match_error(raw: dict[str, object]) -> N
     ("name=is:like:x", ["name"], {"$is": "like:x"}),
     ("name=any:", ["name"], {"$any": None}),
     ("url=http://x/y", ["url"], "http://x/y"),  # not an operator: the plain string
+    ("name=is:regex:^J", ["name"], {"$is": "regex:^J"}),
+    ("at=10:30", ["at"], "10:30"),  # no word before the colon: text
+    ("name=a.b:c", ["name"], "a.b:c"),
+    ("name=:x", ["name"], ":x"),
     ("expr=a=b", ["expr"], "a=b"),
     ("age:=30", ["age"], {"$is": 30}),
     ("price:=1.10", ["price"], {"$is": Decimal("1.10")}),
@@ -304,6 +308,16 @@ def test_parse_match_option(option: str, path: list[str], rule: object) -> None:
     ("age:=", "not JSON"),
     ("p:={\"city\": \"NYC\"}", "FIELD.SUBFIELD"),
     ("name=any:x", "any takes no value"),
+    # A word before the colon that is no operator would match the text, silently.
+    ("name=regex:^J", r'unknown operator "regex" \(did you mean "like"\? operators: any, is, '
+                      r"startswith, endswith, contains, like; to match the text itself: "
+                      r"name=is:regex:\^J\)"),
+    ("name=prefix:J", 'did you mean "startswith"'),
+    ("name=eq:Joe", 'unknown operator "eq" .*did you mean "is"'),
+    ("name=sounds_like:x", r'unknown operator "sounds_like" \(operators: '),
+    ("name=startwith:J", 'did you mean "startswith"'),
+    ("name=StartsWith:J", 'did you mean "startswith"'),
+    ("link=mailto:joe@x", r"link=is:mailto:joe@x\)"),  # a scheme without //: is: says text
 ])
 def test_parse_match_option_errors(option: str, message: str) -> None:
     with pytest.raises(MatchError, match=message):

@@ -383,6 +383,24 @@ def test_deliveries_list_filter_page_detail_and_redeliver(client, conn, receiver
     assert [r.webhook_id for r in arrived].count(detail["webhook_id"]) == 2
 
 
+def test_only_a_pending_delivery_has_a_next_attempt(client, conn, receiver, relay):
+    # A claim leases a delivery by moving its next attempt ahead; once it is
+    # delivered (or dead) that time in the future meant nothing.
+    receiver.set_default("/bad", Reply(400))
+    delivered = add(client, receiver.url("/ok"), {})
+    dead = add(client, receiver.url("/bad"), {})
+    held = add(client, "http://127.0.0.1:9/never", {})
+    client.patch(f"/api/listeners/{held['id']}", headers=AUTH, json={"state": "paused"})
+    conn.execute("INSERT INTO person (name) VALUES ('Joe')")
+    for listener, status in ((delivered, "delivered"), (dead, "dead")):
+        (finished,) = settled(client, 1, listener=listener["id"])
+        assert finished["status"] == status and finished["next_attempt_at"] is None
+        detail = client.get(f"/api/deliveries/{finished['id']}", headers=AUTH).json()
+        assert detail["next_attempt_at"] is None
+    (waiting,) = deliveries(client, listener=held["id"])
+    assert waiting["status"] == "pending" and waiting["next_attempt_at"] is not None
+
+
 def test_redeliver_of_a_pending_delivery_is_409(client, conn, relay):
     listener = add(client, "http://127.0.0.1:9/never", {})
     client.patch(f"/api/listeners/{listener['id']}", headers=AUTH, json={"state": "paused"})
@@ -505,6 +523,30 @@ def test_page_forms_use_the_core_and_show_its_errors(client):
     assert 'value="J"' in edit and 'value="42"' in edit
     rotated = client.post(f"/listeners/{listener['id']}/rotate", data={"csrf": csrf})
     assert "shown this once" in rotated.text and secret not in rotated.text
+
+
+def test_an_unknown_condition_is_refused_and_exact_text_stays_literal(client):
+    login(client)
+    csrf = csrf_of(client, "/hooks/person/listen")
+    form = {"csrf": csrf, "url": "http://127.0.0.1:9/a", "value:name": "^J"}
+    for condition, near in (("regex", "like"), ("prefix", "startswith"), ("sounds_like", None)):
+        refused = client.post("/hooks/person/listen", data={**form, "cond:name": condition})
+        assert refused.status_code == 422
+        assert f'unknown condition &#34;{condition}&#34;' in refused.text
+        assert "operators: any, is, startswith, endswith, contains, like" in refused.text
+        assert (f"did you mean &#34;{near}&#34;" in refused.text) is (near is not None)
+    assert client.get("/api/listeners", headers=AUTH).json() == []
+    made = client.post("/hooks/person/listen", data={
+        **form, "cond:name": "is", "value:name": "regex:^J", "cond:address": "is",
+        "value:address": "http://x"})
+    assert made.status_code == 200, made.text
+    (listener,) = client.get("/api/listeners", headers=AUTH).json()
+    assert listener["match"] == {"name": "regex:^J", "address": "http://x"}
+    # The API's unknown $-operators stay a 422 naming the field.
+    refused = client.post("/api/listeners", headers=AUTH, json={
+        "hook": "person", "url": "http://127.0.0.1:9/b", "match": {"name": {"$regex": "^J"}}})
+    assert refused.status_code == 422
+    assert 'match field "name": unknown operator "regex"' in refused.json()["detail"]
 
 
 def test_backfill_opt_out_through_the_api_and_the_pages(client, cli, config):

@@ -31,7 +31,7 @@ from .. import jsoncodec, logs, maintenance, metrics
 from ..config import Config
 from ..db import InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
-from ..errors import CdcHooksError, DatabaseUnavailable
+from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
@@ -179,6 +179,9 @@ class Relay:
         stores = [await RelayStore.connect(self.dsn) for _ in range(4)]
         listen, dispatch, claim, record = stores
         try:
+            await _require_own_sessions(self.dsn, listen, dispatch)
+            for store in stores:
+                await store.tune_session()
             await listen.run("listen_events")
             await listen.run("listen_listeners")
             if not (await dispatch.run("schema_exists"))[0][0]:
@@ -615,6 +618,28 @@ class Relay:
             await _wait(self._room, deadline - time.monotonic())
         for task in self._senders:  # a request still under way: its lease will lapse
             task.cancel()
+
+
+async def _require_own_sessions(dsn: str, first: RelayStore, second: RelayStore) -> None:
+    """Refuses a transaction-mode pooler (PgBouncer's pool_mode = transaction): the
+    relay's LISTEN, advisory locks and prepared statements live in server sessions.
+
+    Direct or session-pooled, each connection keeps its own server session: the
+    first's backend stays the same while the second holds a transaction on another.
+    A transaction-mode pooler hands each transaction any free server session: the
+    second gets the one the first just used (PgBouncer reuses the last one freed),
+    or the first a new one."""
+    before = await first.backend_pid()
+    async with second.conn.transaction():
+        held = await second.backend_pid()
+        after = await first.backend_pid()
+    if held == before or after != before:
+        raise ConfigError(
+            "the relay needs a direct or session-pooled connection: "
+            f"{describe_dsn(dsn)} gives each transaction another server session (a "
+            "transaction-mode pooler such as PgBouncer's pool_mode = transaction), where its "
+            "LISTEN and advisory locks would be lost; point the relay's dsn at PostgreSQL "
+            "itself or at a session-mode pool")
 
 
 def _takes_backfill(listener: Listener, event: Any) -> bool:

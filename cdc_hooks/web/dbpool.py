@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..db import Database, connect
+from ..db import Database, connect, session_options
 from ..dsn import check_dsn, describe_dsn
 from ..errors import DatabaseUnavailable
 
@@ -38,7 +38,7 @@ class Connections:
                 self._pool = ConnectionPool(
                     self.dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
                     check=ConnectionPool.check_connection, name="cdc-hooks-web",
-                    kwargs={"autocommit": True, "connect_timeout": 10})
+                    kwargs=session_options())
                 self._pool.open(wait=False)
             return self._pool
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import jsoncodec
 from ..errors import MatchError
+from ..match import operators_hint
 
 # (operator, label); "any" leaves the column out of the match.
 CONDITIONS = (
@@ -43,8 +44,9 @@ def match_from_form(provides: Sequence[str], form: Mapping[str, str]) -> dict[st
             match[column] = _json(kept, column)
             continue
         condition = form.get(f"cond:{column}", "any")
-        if condition not in _OPERATORS:
-            raise MatchError(f'match field "{column}": unknown condition "{condition}"')
+        if condition not in _OPERATORS:  # a script's post: the page offers only these
+            raise MatchError(f'match field "{column}": unknown condition "{condition}" '
+                             f"({operators_hint(condition)}; is: the value exactly)")
         if condition == "any":
             continue
         value = form.get(f"value:{column}", "")

@@ -165,7 +165,8 @@ class DeliveryOut(BaseModel):
     last_error: str | None
     created_at: datetime
     finished_at: datetime | None
-    next_attempt_at: datetime
+    next_attempt_at: datetime | None = Field(
+        description="When a pending delivery is next due; null once delivered or dead")
     duration_ms: float | None = Field(description="Duration of the last attempt")
     latency_ms: float | None = Field(description="From the change's commit to the delivery's end")
 
