@@ -23,7 +23,7 @@ EVENT_KINDS = ("insert", "update", "delete")
 DEFAULT_EVENTS = ("insert", "update")  # durian's post_save
 # About a day in all: quick retries for blips, then hourly for outages.
 DEFAULT_RETRY_SCHEDULE = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)
-HOOK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,39}$")
+HOOK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")  # fullmatch: "$" would let "x\n" in
 BUILTIN_PREFIX = "cdc_hooks."  # built-in hooks, such as cdc_hooks.listener_disabled
 
 
@@ -178,7 +178,7 @@ def _parse_hook(raw: Any, index: int) -> HookConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"hooks[{index}] must be a table")
     name = raw.get("name")
-    if not isinstance(name, str) or not HOOK_NAME.match(name):
+    if not isinstance(name, str) or not HOOK_NAME.fullmatch(name):
         raise ConfigError(
             f"hooks[{index}]: name must be a string of letters, digits, _ . - "
             f"starting with a letter or _, at most 40 characters (got {name!r})"

@@ -166,6 +166,9 @@ def test_table_name_round_trip(parts: tuple[str, str]) -> None:
     ('name = "9lives"', "name must be"),
     ('name = 5', "name must be"),
     ('name = "' + "x" * 41 + '"', "at most 40"),
+    # "$" in the pattern matched before a trailing newline: the whole name must match.
+    ('name = "person\\n"\ntable = "p"', "name must be"),
+    ('name = "person\\nx"\ntable = "p"', "name must be"),
 ])
 def test_hook_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
