@@ -63,6 +63,8 @@ class DeliveryConfig:
     disable_after_days: float = 5.0
     # Failed requests in a row that open a listener's circuit (relay/circuit.py); 0: never.
     circuit_breaker: int = 5
+    # An event body (UTF-8 JSON) larger than this is sent without its data (relay/events.py).
+    max_event_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
         raw,
         {"timeout", "retry_schedule", "concurrency", "listener_concurrency",
          "max_response_bytes", "allow_private_networks", "allowed_networks",
-         "disable_after_days", "circuit_breaker"},
+         "disable_after_days", "circuit_breaker", "max_event_bytes"},
         "[delivery]",
     )
     defaults = DeliveryConfig()
@@ -262,8 +264,11 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
                             "[delivery] disable_after_days", 0, 3650)
     breaker = int(_number(raw.get("circuit_breaker", defaults.circuit_breaker),
                           "[delivery] circuit_breaker", 0, 1_000_000, integer=True))
+    max_event = int(_number(raw.get("max_event_bytes", defaults.max_event_bytes),
+                            "[delivery] max_event_bytes", 1, 1 << 30, integer=True))
     return DeliveryConfig(timeout, schedule, concurrency, per_listener, max_bytes,
-                          allow_private, tuple(networks), disable_after, breaker)
+                          allow_private, tuple(networks), disable_after, breaker,
+                          max_event_bytes=max_event)
 
 
 def parse_table_name(text: str) -> TableName:

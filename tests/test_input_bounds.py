@@ -5,6 +5,8 @@ PostgreSQL, the web server as a real process on loopback and real receivers.
   interface (CLI, REST API, Python API, web form); a send payload at most 32 levels.
 - A listener stored with a match beyond the limits (by SQL, or before them) cannot
   break a listing (it shows with the reason) nor the relay (which skips it).
+- An event body over [delivery] max_event_bytes, or nested too deeply to encode,
+  arrives as a marker without data, with its key.
 """
 
 from __future__ import annotations
@@ -270,3 +272,83 @@ def test_send_payloads_are_bounded_in_every_interface(config, cli, web, conn):
         send_event("myhook", {"n": nested(5000)}, config=config)
     assert conn.execute("SELECT count(*) FROM cdc_hooks.outbox").fetchone() == (0,)
     assert cli(config, "send", "myhook", "n:=" + nested_text(31)).exit_code == 0  # 32 levels
+
+
+# Events: size and depth --------------------------------------------------------------
+
+
+def test_an_event_over_max_event_bytes_arrives_without_its_data(config, conn, cli, receiver, caplog):
+    """A 2 MB value (default limit 1 MiB) is captured (the write never fails) and sent as a
+    marker with its key; a normal row arrives whole; listeners still match on the data."""
+    cli(config, "listeners", "add", "person", receiver.url("/all"))
+    cli(config, "listeners", "add", "person", receiver.url("/big"), "--match", "name=startswith:xx")
+    huge = "x" * 2_000_000
+    caplog.set_level(logging.WARNING, logger="cdc_hooks.relay")
+    relay = InProcessRelay(config).start()
+    try:
+        conn.execute("INSERT INTO person (id, name) VALUES (1, 'Joe')")
+        conn.execute("INSERT INTO person (id, name) VALUES (2, %s)", (huge,))
+        conn.execute("UPDATE person SET name = %s || 'y' WHERE id = 2", (huge,))
+        received = receiver.wait_for(3, "/all")
+        assert [r.json for r in receiver.wait_for(2, "/big")] == [r.json for r in received[1:]]
+    finally:
+        relay.stop()
+    whole, inserted, updated = (r.json for r in received)
+    assert whole["data"] == {"name": "Joe", "profile": None} and "truncated" not in whole
+    for marker, kind in ((inserted, "insert"), (updated, "update")):
+        assert marker["key"] == {"id": 2} and marker["event"] == kind and marker["data"] is None
+        assert marker["truncated"]["reason"] == "size" and marker["truncated"]["bytes"] > 2_000_000
+        assert marker["id"].startswith("evt_") and marker["occurred_at"]
+    assert updated["changes"] is None
+    assert all(len(r.body) < 1000 for r in received[1:])
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 2 and all('hook person, key {"id":2}' in w for w in warnings)
+    assert not any("xxxx" in r.getMessage() for r in caplog.records)  # never the values
+    stored = conn.execute("SELECT max(length(body::text)) FROM cdc_hooks.events").fetchone()
+    assert stored[0] < 1000  # type: ignore[index]
+
+
+def test_max_event_bytes_counts_utf8_bytes_and_applies_to_custom_events(
+        conn, make_config, cli, receiver):
+    config = make_config(CONFIG.replace("retry_schedule = [0.2]",
+                                        "retry_schedule = [0.2]\nmax_event_bytes = 2000"))
+    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text, profile jsonb)")
+    installer.install(config)
+    cli(config, "listeners", "add", "person", receiver.url("/person"))
+    cli(config, "listeners", "add", "myhook", receiver.url("/custom"))
+    relay = InProcessRelay(config).start()
+    try:
+        conn.execute("INSERT INTO person (id, name) VALUES (1, %s)", ("é" * 1500,))  # 3000 bytes
+        conn.execute("INSERT INTO person (id, name) VALUES (2, %s)", ("é" * 800,))  # 1600 bytes
+        assert cli(config, "send", "myhook", "message=" + "m" * 3000).exit_code == 0
+        people = receiver.wait_for(2, "/person")
+        (custom,) = receiver.wait_for(1, "/custom")
+    finally:
+        relay.stop()
+    assert people[0].json["data"] is None and people[0].json["truncated"]["bytes"] > 3000
+    assert people[1].json["data"]["name"] == "é" * 800
+    assert custom.json["data"] is None and custom.json["key"] is None
+    assert custom.json["truncated"]["reason"] == "size" and custom.json["truncated"]["bytes"] > 3000
+
+
+def test_an_event_nested_too_deeply_arrives_without_its_data(config, conn, cli, receiver, web):
+    """A json column nested 300 levels deep (beyond what the API can show) arrives as a
+    marker with its key; one nested 5000 levels (beyond what the relay can even read)
+    as a marker without key; the relay goes on."""
+    cli(config, "listeners", "add", "person", receiver.url())
+    relay = InProcessRelay(config).start()
+    try:
+        conn.execute("INSERT INTO person (id, profile) VALUES (1, %s::jsonb)", (nested_text(300),))
+        conn.execute("INSERT INTO person (id, profile) VALUES (2, %s::jsonb)", (nested_text(5000),))
+        conn.execute("INSERT INTO person (id, name) VALUES (3, 'Joe')")
+        deep, deeper, whole = (r.json for r in receiver.wait_for(3))
+    finally:
+        relay.stop()
+    assert deep["key"] == {"id": 1} and deep["data"] is None
+    assert deep["truncated"] == {"reason": "depth", "bytes": None}
+    assert deeper["key"] is None and deeper["data"] is None and deeper["event"] == "insert"
+    assert deeper["truncated"] == {"reason": "depth", "bytes": None}
+    assert whole["data"]["name"] == "Joe"
+    items = web.get("/api/deliveries", headers=AUTH).json()["items"]
+    for item in items:  # each delivery and its body can be shown
+        assert web.get(f"/api/deliveries/{item['id']}", headers=AUTH).status_code == 200
