@@ -146,10 +146,13 @@ def _marker(body: dict[str, Any], reason: str, size: int | None) -> str:
 
 
 def _unreadable(outbox_id: int, hook: str, kind: str, stamp: Stamp) -> Event:
-    """One marker for an outbox row too deeply nested to decode at all (no key known)."""
+    """One marker for an outbox row too deeply nested to decode at all (no key known;
+    its data is empty to matching, so only listeners without a filter get it)."""
     log.error("outbox row %s of hook %s is nested too deeply to read: one event without "
               "key or data sent for it", outbox_id, hook)
     body = {"id": f"evt_{outbox_id * CHUNK}", "hook": hook, "event": kind,
             "created": kind == "insert", "key": None, "data": None, "occurred_at": stamp.text,
             "truncated": {"reason": "depth", "bytes": None}}
+    if kind == "update":
+        body["changes"] = None
     return Event(outbox_id * CHUNK, hook, kind, None, {}, jsoncodec.dumps_decoded(body), stamp.at)
