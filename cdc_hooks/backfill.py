@@ -15,9 +15,17 @@ opted out or not (the operator asked for it).
 
 ``--where`` is the one place where SQL from outside is pasted into a
 statement: it is trusted input from the operator, who runs this with their
-own database role. It is checked first in a read-only transaction: it must
-parse as a boolean condition over the table in two differently shaped
-statements, so it cannot close the parenthesis and add clauses of its own.
+own database role. PostgreSQL's own parser (libpg_query, through pglast)
+first checks that it is exactly one expression: an unbalanced parenthesis
+(``id = 1) OR (true``), a second statement or an unterminated comment is
+refused, so it cannot close the parenthesis around it and change what the
+batch statement means. Then PostgreSQL checks, in a read-only transaction,
+that it is a boolean condition over the table's columns.
+
+A run is bounded however its condition behaves: a batch that reads a key at
+or before the last one reached, or a run that queues more rows than the table
+holds (counted at the start, and again when reached), stops with an error and
+queues nothing of that batch.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pglast
 import psycopg
 from psycopg import sql
 
@@ -92,19 +101,51 @@ def _check_listener(db: Database, hook: str, listener_id: int) -> None:
 
 
 def validate_condition(db: Database, hook: InstalledHook, condition: str) -> None:
-    """Raises BackfillError unless condition is a boolean expression over the table."""
+    """Raises BackfillError unless condition is one boolean expression over the table."""
     if not condition.strip():
         raise BackfillError("--where is empty")
+    problem = _not_one_expression(condition)
+    if problem:
+        raise BackfillError(f"--where {condition!r}: {problem}")
     try:
         with db.transaction():
             db.run("read_only_transaction")
             db.run("probe_timeout")
-            for name in ("probe_where", "probe"):
-                db.fetch(_statement(name, hook, condition), {})
+            db.fetch(_statement("probe", hook, condition), {})
             raise psycopg.Rollback
     except psycopg.Error as exc:
         message = exc.diag.message_primary if exc.diag else None
         raise BackfillError(f"--where {condition!r}: {message or str(exc).strip()}") from None
+
+
+_SELECT = "SELECT "
+
+
+def _not_one_expression(condition: str) -> str | None:
+    """Why condition is not exactly one SQL expression, or None: it is parsed as
+    ``SELECT <condition>``, which must be one statement with one unnamed column and
+    no clause (FROM, ORDER BY, UNION, ...) of its own."""
+    try:
+        statements = pglast.parse_sql(_SELECT + condition)
+    except pglast.parser.ParseError as exc:
+        message, index = exc.args[0], exc.args[1] - len(_SELECT)
+        return f"not one SQL condition: {message} (at character {index + 1})"
+    if len(statements) != 1 or statements[0].stmt_len:  # a length: the text goes on after a ;
+        return "not one SQL condition: it holds a statement separator (;)"
+    select = statements[0].stmt
+    columns = getattr(select, "targetList", None) or ()
+    if len(columns) != 1 or columns[0].name is not None or _clauses(select) != _clauses(
+            pglast.parse_sql(_SELECT + "true")[0].stmt):
+        return "not one SQL condition: it adds clauses of its own"
+    return None
+
+
+def _clauses(select: Any) -> dict[str, Any]:
+    return {k: v for k, v in select(skip_none=True).items() if k != "targetList"}
+
+
+def _row_count(db: Database, backfill: Backfill) -> int:
+    return int(db.fetch(_statement("count", backfill.hook, None), {})[0][0])
 
 
 def estimate(db: Database, backfill: Backfill) -> int:
@@ -121,11 +162,21 @@ def batches(db: Database, backfill: Backfill, size: int = DEFAULT_BATCH) -> Iter
     later = _statement("batch", backfill.hook, backfill.condition, after=True)
     params: dict[str, Any] = {"hook": backfill.hook.name, "batch": size,
                               "listener_id": backfill.listener_id}
+    table_rows, run_rows = _row_count(db, backfill), 0
     while True:
         after = backfill.last_key
         with db.transaction():
             key_params = {f"k{i}": v for i, v in enumerate(after or [])}
-            rows, last = db.fetch(later if after else first, {**params, **key_params})[0]
+            rows, last, revisited = db.fetch(later if after else first, {**params, **key_params})[0]
+            if revisited:  # raised inside the transaction: nothing of this batch is queued
+                raise BackfillError(f"backfill {backfill.id} stopped: a batch read {revisited} rows "
+                                    f"at or before the last key reached ({', '.join(after or [])})")
+            run_rows += rows
+            if run_rows > table_rows:  # inserts since the start may account for it: count again
+                table_rows = max(table_rows, _row_count(db, backfill))
+                if run_rows > table_rows:
+                    raise BackfillError(f"backfill {backfill.id} stopped: this run read {run_rows} "
+                                        f"rows, more than the table holds ({table_rows})")
             if rows:
                 db.backfill_progress(backfill.id, last, rows)
                 db.wake_relay()
@@ -144,6 +195,7 @@ def _statement(name: str, hook: InstalledHook, condition: str | None, *,
     captured = list(dict.fromkeys([*hook.key_columns, *hook.provides]))
     # The operator's condition, % doubled: statements run with parameters.
     where = sql.SQL(condition.replace("%", "%%")) if condition else sql.SQL("true")  # type: ignore[arg-type]
+    last_key = sql.SQL(", ").join(sql.Placeholder(f"k{i}") for i in range(len(key)))
     fragments = {
         "table": sql.Identifier(hook.table_schema or "public", hook.table_name or ""),
         "condition": where,
@@ -155,9 +207,9 @@ def _statement(name: str, hook: InstalledHook, condition: str | None, *,
             sql.SQL("{}::text, json_agg({} ORDER BY cdc_hooks_n)").format(
                 sql.Literal(c), sql.Identifier(c)) for c in captured),
         "after": sql.SQL("AND ({}) > ({})").format(
-            sql.SQL(", ").join(key),
-            sql.SQL(", ").join(sql.Placeholder(f"k{i}") for i in range(len(key)))
-        ) if after else sql.SQL(""),
+            sql.SQL(", ").join(key), last_key) if after else sql.SQL(""),
+        "revisited": sql.SQL("({}) <= ({})").format(
+            sql.SQL(", ").join(key), last_key) if after else sql.SQL("false"),
     }
     return sql.SQL(_templates()[name]).format(**fragments)  # type: ignore[arg-type]
 

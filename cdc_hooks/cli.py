@@ -140,7 +140,9 @@ def parse_fields(fields: tuple[str, ...]) -> dict[str, Any]:
         if key.endswith(":"):
             key, text = key[:-1], value
             try:
-                value = jsoncodec.loads(text)
+                value = jsoncodec.loads_given(text)
+            except jsoncodec.TooDeep as exc:
+                raise ListenerError(f"{key}: the JSON is {exc}") from None
             except ValueError:
                 raise ListenerError(f"{field!r}: {text!r} is not JSON") from None
         if not key:
@@ -186,12 +188,17 @@ def listeners_list(ctx: Context) -> None:
     with Database.connect(ctx.config().dsn) as db:
         rows = db.list_listeners()
     print_table(["ID", "HOOK", "URL", "MATCH", "STATE", "LAST DELIVERY"], [
-        [r.id, r.hook, redact_url(r.url), r.match,
+        [r.id, r.hook, redact_url(r.url), _match_column(r.match),
          r.state + (f" ({r.disabled_reason})" if r.disabled_reason else "")
          + ("" if r.backfill else ", no backfill"),
          describe_outcome(r.last_status, r.last_code, r.last_error)]
         for r in rows
     ])
+
+
+def _match_column(match_text: str) -> str:
+    error = core.stored_match(match_text)[1]
+    return match_text if error is None else f"unusable: {error}"
 
 
 def describe_outcome(status: str | None, code: int | None, error: str | None) -> str:

@@ -23,7 +23,7 @@ EVENT_KINDS = ("insert", "update", "delete")
 DEFAULT_EVENTS = ("insert", "update")  # durian's post_save
 # About a day in all: quick retries for blips, then hourly for outages.
 DEFAULT_RETRY_SCHEDULE = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)
-HOOK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,39}$")
+HOOK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")  # fullmatch: "$" would let "x\n" in
 MODULES_ENV = "CDC_HOOKS_MODULES"  # comma-separated; overrides [python] modules
 BUILTIN_PREFIX = "cdc_hooks."  # built-in hooks, such as cdc_hooks.listener_disabled
 
@@ -76,6 +76,8 @@ class DeliveryConfig:
     disable_after_days: float = 5.0
     # Failed requests in a row that open a listener's circuit (relay/circuit.py); 0: never.
     circuit_breaker: int = 5
+    # An event body (UTF-8 JSON) larger than this is sent without its data (relay/events.py).
+    max_event_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def parse_hook(raw: Any, position: str, origin: str | None = None) -> HookConfig
     if not isinstance(raw, dict):
         raise ConfigError(f"{position} must be a table")
     name = raw.get("name")
-    if not isinstance(name, str) or not HOOK_NAME.match(name):
+    if not isinstance(name, str) or not HOOK_NAME.fullmatch(name):
         raise ConfigError(
             f"{position}: name must be a string of letters, digits, _ . - "
             f"starting with a letter or _, at most 40 characters (got {name!r})"
@@ -308,7 +310,7 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
         raw,
         {"timeout", "retry_schedule", "concurrency", "listener_concurrency",
          "max_response_bytes", "allow_private_networks", "allowed_networks",
-         "disable_after_days", "circuit_breaker"},
+         "disable_after_days", "circuit_breaker", "max_event_bytes"},
         "[delivery]",
     )
     defaults = DeliveryConfig()
@@ -341,8 +343,11 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
                             "[delivery] disable_after_days", 0, 3650)
     breaker = int(_number(raw.get("circuit_breaker", defaults.circuit_breaker),
                           "[delivery] circuit_breaker", 0, 1_000_000, integer=True))
+    max_event = int(_number(raw.get("max_event_bytes", defaults.max_event_bytes),
+                            "[delivery] max_event_bytes", 1, 1 << 30, integer=True))
     return DeliveryConfig(timeout, schedule, concurrency, per_listener, max_bytes,
-                          allow_private, tuple(networks), disable_after, breaker)
+                          allow_private, tuple(networks), disable_after, breaker,
+                          max_event_bytes=max_event)
 
 
 def parse_table_name(text: str) -> TableName:

@@ -51,7 +51,7 @@ def migrations() -> list[tuple[int, str]]:
     folder = resources.files("cdc_hooks.sql").joinpath("migrations")
     found = []
     for entry in folder.iterdir():
-        match = re.match(r"^(\d+)_\w+\.sql$", entry.name)
+        match = re.fullmatch(r"(\d+)_\w+\.sql", entry.name)
         if match:
             found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
     return sorted(found)

@@ -239,6 +239,8 @@ hooks = Registry()
 def send(hook: str, payload: Mapping[str, Any], *,
          connection: psycopg.Connection[Any] | None = None, config: Config | None = None) -> int:
     """Records a custom hook's event (cdc_hooks.send) and returns its id."""
+    if jsoncodec.deeper_than(dict(payload), jsoncodec.MAX_DEPTH):
+        raise ListenerError(f'send "{hook}": the payload is {jsoncodec.TOO_DEEP}')
     try:
         payload_json = jsoncodec.dumps(dict(payload))
     except (TypeError, ValueError) as exc:

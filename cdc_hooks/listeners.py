@@ -8,6 +8,7 @@ allows, and a given secret must be a whsec_ secret.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,17 @@ def validate_match(hook: InstalledHook, match: Any) -> str:
         return jsoncodec.dumps(match)
     except (TypeError, ValueError) as exc:
         raise ListenerError(f"match values must be JSON-encodable: {exc}") from None
+
+
+def stored_match(match_text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A stored match and None, or None and why it is unusable: one stored before the
+    limits of match.py, or written with SQL. Listings show the reason instead of
+    failing; the relay skips such a listener (with an error log) until it is replaced."""
+    try:
+        rules_from_json(jsoncodec.loads(match_text))
+    except ValueError as exc:  # MatchError, TooDeep
+        return None, str(exc)
+    return json.loads(match_text), None  # plain floats, as the API has always shown them
 
 
 def validate_config(listener_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,11 @@ String matchers (Startswith, Endswith, Contains, Like) match strings only: a
 number, null, list or object never matches them. Like is a regular-expression
 *search* run by RE2, in time linear in the input, so a subscriber's hostile
 pattern cannot stall the relay.
+
+A match is bounded (rules_from_json checks it, so every interface and the relay
+do): at most MAX_DEPTH levels of JSON objects and arrays, MAX_MATCHERS field
+rules and MAX_BYTES encoded. Evaluating it for every event stays cheap, and a
+listing can always show it.
 """
 
 from __future__ import annotations
@@ -140,6 +145,10 @@ MATCHERS: dict[str, type[Matcher]] = {
 
 Rules = Mapping[str, AnyValue]
 
+MAX_DEPTH = jsoncodec.MAX_DEPTH  # levels of JSON objects and arrays in a match
+MAX_MATCHERS = 256  # field rules (matchers and plain values) in a match
+MAX_BYTES = 64 * 1024  # a match's JSON, UTF-8 encoded
+
 
 def strict_equal(expected: AnyValue, actual: AnyValue) -> bool:
     """Equality without Python's cross-type leniency (True == 1, 1 == "1" is already False)."""
@@ -175,8 +184,35 @@ def deepmatch(rules: Rules, data: Mapping[str, AnyValue]) -> bool:
     return True
 
 
-def rules_from_json(raw: AnyValue, *, path: str = "") -> dict[str, AnyValue]:
-    """Parses the JSON form into rules of Matchers; raises MatchError naming the field."""
+def rules_from_json(raw: AnyValue) -> dict[str, AnyValue]:
+    """Parses the JSON form into rules of Matchers; raises MatchError naming the field
+    or the limit exceeded."""
+    check_bounds(raw)
+    rules = _rules_from_json(raw, "")
+    matchers = _count_matchers(rules)
+    if matchers > MAX_MATCHERS:
+        raise MatchError(f"match has {matchers} field rules, more than the limit of {MAX_MATCHERS}")
+    return rules
+
+
+def check_bounds(raw: AnyValue) -> None:
+    """Refuses a match nested more than MAX_DEPTH levels deep or over MAX_BYTES encoded
+    (before anything recurses into it)."""
+    if jsoncodec.deeper_than(raw, MAX_DEPTH):
+        raise MatchError(f"match is {jsoncodec.TOO_DEEP}")
+    try:
+        size = len(jsoncodec.dumps(raw).encode())
+    except (TypeError, ValueError) as exc:
+        raise MatchError(f"match values must be JSON-encodable: {exc}") from None
+    if size > MAX_BYTES:
+        raise MatchError(f"match is {size} bytes as JSON, more than the limit of {MAX_BYTES}")
+
+
+def _count_matchers(rules: Rules) -> int:
+    return sum(_count_matchers(rule) if isinstance(rule, Mapping) else 1 for rule in rules.values())
+
+
+def _rules_from_json(raw: AnyValue, path: str) -> dict[str, AnyValue]:
     if not isinstance(raw, Mapping):
         raise MatchError(f"match{' at ' + path if path else ''} must be an object")
     rules: dict[str, AnyValue] = {}
@@ -195,7 +231,7 @@ def _rule_from_json(value: AnyValue, field: str) -> AnyValue:
             return matcher_from_json(keys[0][1:], value[keys[0]], field)
         if any(isinstance(k, str) and k.startswith("$") for k in keys):
             raise MatchError(f'match field "{field}": a matcher object has exactly one $ key')
-        return rules_from_json(value, path=field)
+        return _rules_from_json(value, field)
     return Is(value)
 
 
@@ -230,10 +266,11 @@ def rules_to_json(rules: Rules) -> dict[str, AnyValue]:
 
 def rules_from_python(rules: Mapping[str, AnyValue]) -> dict[str, AnyValue]:
     """Normalises rules given in Python (plain values, Matchers, dicts) via the JSON form."""
-    try:
-        return rules_from_json(jsoncodec.loads(jsoncodec.dumps(rules_to_json(rules))))
-    except TypeError as exc:
-        raise MatchError(f"match values must be JSON-encodable: {exc}") from None
+    if jsoncodec.deeper_than(rules, MAX_DEPTH):  # before rules_to_json recurses into it
+        raise MatchError(f"match is {jsoncodec.TOO_DEEP}")
+    raw = rules_to_json(rules)
+    check_bounds(raw)  # also the patterns' depth, before encoding them
+    return rules_from_json(jsoncodec.loads(jsoncodec.dumps(raw)))
 
 
 def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
@@ -246,7 +283,9 @@ def parse_match_option(option: str) -> tuple[list[str], AnyValue]:
     if ":=" in option and ("=" not in option or option.index(":=") < option.index("=")):
         field, _, text = option.partition(":=")
         try:
-            value: AnyValue = jsoncodec.loads(text)
+            value: AnyValue = jsoncodec.loads_given(text)
+        except jsoncodec.TooDeep as exc:
+            raise MatchError(f"--match {option!r}: the JSON is {exc}") from None
         except ValueError:
             raise MatchError(f"--match {option!r}: {text!r} is not JSON") from None
         if isinstance(value, Mapping):

@@ -173,16 +173,77 @@ def test_a_concurrent_update_waits_for_the_batch_that_read_the_row(conn, config,
     ("nme = 'x'", 'column "nme" does not exist'),
     ("id + 1", "argument of WHERE must be type boolean"),
     ("true) UNION SELECT 1 FROM pg_class WHERE (true", "syntax error"),
-    ("true; DELETE FROM person", "syntax error"),
+    ("true; DELETE FROM person", "statement separator"),
     ("   ", "--where is empty"),
+    # Escapes of the parenthesis around the condition (issue 12): refused before anything runs.
+    ("id = 1) OR (true", 'syntax error at or near ")"'),
+    ("1=1) --", 'syntax error at or near ")"'),
+    ("id = 1) OR (true -- ", 'syntax error at or near ")"'),
+    ("true /* the rest", "unterminated /* comment"),
+    ("true;", "statement separator"),
+    ("true FROM person", "clauses of its own"),
+    ("true ORDER BY 1", "clauses of its own"),
+    ("true UNION SELECT true", "clauses of its own"),
+    ("true AS x", "clauses of its own"),
 ])
+@pytest.mark.timeout(60)  # before the fix, "id = 1) OR (true" looped for ever
 def test_a_where_condition_is_checked_before_it_runs(conn, config, cli, condition, message):
-    result = cli(config, "backfill", "person", "--where", condition)
-    assert result.exit_code == 2
+    result = cli(config, "backfill", "person", "--where", condition, "--batch", "1")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: --where {condition!r}" if condition.strip()
+                                    else "error: --where is empty"), result.stderr
     assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1
     assert conn.execute("SELECT count(*) FROM person").fetchone() == (ROWS,)
     assert queued_keys(conn) == []
     assert conn.execute("SELECT count(*) FROM cdc_hooks.backfills").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("condition", [
+    "id IN (SELECT id FROM person WHERE name LIKE 'P1%') AND org = 1",
+    "name = ')' -- a parenthesis in a string and a comment",
+    "(id < 5) /* a closed comment */",
+    "name = $$a) OR (true$$ OR id < 5",
+])
+def test_a_valid_condition_with_parentheses_strings_and_comments_still_works(conn, config, cli,
+                                                                              condition):
+    expected = {(r[0], r[1]) for r in conn.execute(
+        f"SELECT org, id FROM person WHERE ({condition}\n)")}  # the test's own, trusted SQL
+    result = cli(config, "backfill", "person", "--where", condition, "--batch", "2")
+    assert result.exit_code == 0, result.output
+    keys = queued_keys(conn)
+    assert keys == sorted(keys) and set(keys) == expected and len(keys) == len(expected)
+
+
+def test_even_a_bug_in_the_guard_cannot_make_a_backfill_loop(conn, config, monkeypatch):
+    """An escaping condition that got past the guard (built here without it) is
+    stopped by the key order; with that check gone too, by the table's row count."""
+    def escaped(db: Database) -> backfill.Backfill:
+        condition, hook = "id = 3) OR (true", backfill._table_hook(db, "person")
+        backfill_id = db.backfill_start(hook.name, condition, None, hook.key_columns)
+        return backfill.Backfill(backfill_id, hook, condition, None, None, 0, False)
+
+    with Database.connect(config.dsn) as db, \
+            pytest.raises(backfill.BackfillError, match="at or before the last key reached"):
+        list(backfill.batches(db, escaped(db), 1))
+    assert queued_keys(conn) == [(0, 3)]  # the first batch; the one that went back is not queued
+
+    conn.execute("DELETE FROM cdc_hooks.outbox")
+    conn.execute("DELETE FROM cdc_hooks.backfills")
+    monkeypatch.setattr(backfill, "_statement", _without_key_order(backfill._statement))
+    with Database.connect(config.dsn) as db, \
+            pytest.raises(backfill.BackfillError, match=f"more than the table holds \\({ROWS}\\)"):
+        list(backfill.batches(db, escaped(db), 1))
+    assert len(queued_keys(conn)) == ROWS  # the same row over and over, but no more than that
+
+
+def _without_key_order(statement: Callable[..., Any]) -> Callable[..., Any]:
+    """The batch statement with its key order check turned off (a simulated bug)."""
+    def patched(name: str, hook: Any, condition: str | None, *, after: bool = False) -> Any:
+        composed = statement(name, hook, condition, after=after)
+        return psycopg.sql.SQL(composed.as_string(None).replace(  # type: ignore[arg-type]
+            "(SELECT count(*) FROM numbered WHERE", "(SELECT 0 * count(*) FROM numbered WHERE"))
+    return patched
 
 
 def test_refusals(conn, config, cli, receiver):

@@ -166,6 +166,9 @@ def test_table_name_round_trip(parts: tuple[str, str]) -> None:
     ('name = "9lives"', "name must be"),
     ('name = 5', "name must be"),
     ('name = "' + "x" * 41 + '"', "at most 40"),
+    # "$" in the pattern matched before a trailing newline: the whole name must match.
+    ('name = "person\\n"\ntable = "p"', "name must be"),
+    ('name = "person\\nx"\ntable = "p"', "name must be"),
 ])
 def test_hook_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -216,6 +219,8 @@ def test_delivery_section() -> None:
     assert parse("[delivery]\nretry_schedule = []").delivery.retry_schedule == ()
     assert parse("[delivery]\ncircuit_breaker = 0").delivery.circuit_breaker == 0
     assert parse("").delivery.circuit_breaker == 5
+    assert parse("").delivery.max_event_bytes == 1 << 20
+    assert parse("[delivery]\nmax_event_bytes = 1").delivery.max_event_bytes == 1
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -235,6 +240,9 @@ def test_delivery_section() -> None:
     ("circuit_breaker = -1", "circuit_breaker must be between 0 and"),
     ("circuit_breaker = 2.5", "circuit_breaker must be an integer"),
     ("max_response_bytes = -1", "max_response_bytes must be between"),
+    ("max_event_bytes = 0", "\\[delivery\\] max_event_bytes must be between 1 and"),
+    ("max_event_bytes = 1.5", "\\[delivery\\] max_event_bytes must be an integer"),
+    ('max_event_bytes = "1MB"', "\\[delivery\\] max_event_bytes must be an integer"),
     ('allow_private_networks = "yes"', "allow_private_networks must be true or false"),
     ('allowed_networks = ["10.0.0.0/33"]', "is not a network"),
     ('allowed_networks = ["localhost"]', "is not a network"),

@@ -318,7 +318,8 @@ class Relay:
                 self._config_version = rows[0][5]
             events = []
             for outbox_id, hook, kind, payload, occurred_at, _ in sorted(rows):
-                events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at))
+                events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at,
+                                     self.delivery.max_event_bytes))
             if events:
                 await store.insert_events(
                     (e.id, e.hook, e.kind, e.row_key, e.body, e.occurred_at) for e in events)

@@ -107,6 +107,8 @@ def _reads_as_json(text: str) -> bool:
 
 def _json(text: str, column: str) -> Any:
     try:
-        return jsoncodec.loads(text)
+        return jsoncodec.loads_given(text)
+    except jsoncodec.TooDeep as exc:
+        raise MatchError(f'match field "{column}": the kept nested match is {exc}') from None
     except ValueError:
         raise MatchError(f'match field "{column}": the kept nested match is not JSON') from None

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from .. import jsoncodec
+
 DeliveryStatus = Literal["pending", "delivered", "dead"]
 ListenerState = Literal["active", "paused", "disabled"]
 
@@ -28,16 +30,23 @@ def storable_text(value: str) -> str:
 
 
 def storable_json(value: Any) -> Any:
-    """A JSON value whose keys and strings are storable_text, at any depth."""
+    """A JSON value nested at most jsoncodec.MAX_DEPTH levels deep (checked first: the
+    walk below recurses), whose keys and strings are storable_text."""
+    if jsoncodec.deeper_than(value, jsoncodec.MAX_DEPTH):
+        raise ValueError(jsoncodec.TOO_DEEP)
+    return _storable(value)
+
+
+def _storable(value: Any) -> Any:
     if isinstance(value, str):
         return storable_text(value)
     if isinstance(value, dict):
         for key, item in value.items():
             storable_text(key)
-            storable_json(item)
+            _storable(item)
     elif isinstance(value, list):
         for item in value:
-            storable_json(item)
+            _storable(item)
     return value
 
 
@@ -109,8 +118,12 @@ class ListenerOut(BaseModel):
     id: int
     hook: str
     url: str
-    match: dict[str, Any] = Field(
-        description='The filter in $-operator JSON form, e.g. {"name": {"$startswith": "J"}}')
+    match: dict[str, Any] | None = Field(
+        description='The filter in $-operator JSON form, e.g. {"name": {"$startswith": "J"}}; '
+                    "null if the stored one is unusable (see match_error)")
+    match_error: str | None = Field(
+        default=None, description="Why the stored filter is unusable (the relay skips the "
+                                  "listener until it is replaced), else null")
     state: ListenerState
     disabled_reason: str | None
     backfill: bool = Field(description="Takes backfill ('read') events of cdc-hooks backfill")

@@ -284,7 +284,9 @@ def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | 
                url: str | None = None, error: str | None = None, status: int = 200,
                backfill: bool | None = None) -> Response:
     hook = views.hook(db, current.hook)
-    rows = rows or rows_from_match(hook.provides, current.match)
+    rows = rows or rows_from_match(hook.provides, current.match or {})
+    if current.match_error and error is None:
+        error = f"the stored filter is unusable ({current.match_error}): saving replaces it"
     form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
     form |= {f"keep:{r.column}": r.keep for r in rows if r.keep}
     return render(request, "listen.html", http_status=status, hook=hook, rows=rows, listener=current,

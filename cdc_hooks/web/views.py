@@ -77,8 +77,10 @@ def _listener_out(row: ListenerRow, counts: tuple[Any, ...]) -> ListenerOut:
     if row.last_status is not None:
         last = LastDelivery(status=row.last_status, code=row.last_code, error=row.last_error,
                             finished_at=row.last_finished_at)
+    match, match_error = core.stored_match(row.match)
     return ListenerOut(
-        id=row.id, hook=row.hook, url=redact_url(row.url), match=json.loads(row.match), state=row.state,
+        id=row.id, hook=row.hook, url=redact_url(row.url), match=match, match_error=match_error,
+        state=row.state,
         disabled_reason=row.disabled_reason, backfill=row.backfill, created_at=row.created_at,
         updated_at=row.updated_at,
         last_delivery=last,
