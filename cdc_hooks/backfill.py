@@ -65,6 +65,7 @@ def start(db: Database, hook_name: str, condition: str | None = None,
     """Validates everything, then resumes the unfinished backfill of the same
     hook, condition and listener, or starts one."""
     hook = _table_hook(db, hook_name)
+    _refuse_foreign_casts(db)
     if listener_id is not None:
         _check_listener(db, hook_name, listener_id)
     if condition is not None:
@@ -87,6 +88,19 @@ def _table_hook(db: Database, name: str) -> InstalledHook:
     if hook.table_name is None:
         raise BackfillError(f'hook "{name}" is a custom hook: it has no table to backfill')
     return hook
+
+
+def _refuse_foreign_casts(db: Database) -> None:
+    """A backfill converts the table's columns to JSON with the operator's rights,
+    and a cast to json runs its function: one another role wrote would run as the
+    operator (the trigger runs it as the writer, who owns it). Refused unless
+    the operator is a member of that role anyway."""
+    found = db.run("foreign_json_casts")
+    if found:
+        casts = ", ".join(f"{source} (cast function owned by {owner})" for source, owner in found)
+        raise BackfillError(f"refusing to backfill as {db.current_user()}: converting values to "
+                            f"JSON would run another role's code with your rights: {casts}; "
+                            "run the backfill as that role, or drop the cast")
 
 
 def _check_listener(db: Database, hook: str, listener_id: int) -> None:
@@ -166,8 +180,17 @@ def batches(db: Database, backfill: Backfill, size: int = DEFAULT_BATCH) -> Iter
     while True:
         after = backfill.last_key
         with db.transaction():
+            # Another role's row-level security policy on the table would run its
+            # code with the operator's rights: such a table's read fails instead.
+            db.run("row_security_off")
             key_params = {f"k{i}": v for i, v in enumerate(after or [])}
-            rows, last, revisited = db.fetch(later if after else first, {**params, **key_params})[0]
+            try:
+                rows, last, revisited = db.fetch(later if after else first,
+                                                 {**params, **key_params})[0]
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise BackfillError(f"backfill {backfill.id}: {exc.diag.message_primary} (its "
+                                    "policies would run with your rights: run the backfill as "
+                                    "the table's owner or a role that bypasses them)") from None
             if revisited:  # raised inside the transaction: nothing of this batch is queued
                 raise BackfillError(f"backfill {backfill.id} stopped: a batch read {revisited} rows "
                                     f"at or before the last key reached ({', '.join(after or [])})")
@@ -192,12 +215,14 @@ def batches(db: Database, backfill: Backfill, size: int = DEFAULT_BATCH) -> Iter
 def _statement(name: str, hook: InstalledHook, condition: str | None, *,
                after: bool = False) -> sql.Composed:
     key = [sql.Identifier(c) for c in hook.key_columns]
+    table = sql.Identifier(hook.table_schema or "public", hook.table_name or "")
     captured = list(dict.fromkeys([*hook.key_columns, *hook.provides]))
     # The operator's condition, % doubled: statements run with parameters.
     where = sql.SQL(condition.replace("%", "%%")) if condition else sql.SQL("true")  # type: ignore[arg-type]
     last_key = sql.SQL(", ").join(sql.Placeholder(f"k{i}") for i in range(len(key)))
     fragments = {
-        "table": sql.Identifier(hook.table_schema or "public", hook.table_name or ""),
+        "table": table,
+        "table_name": sql.Literal(table.as_string()),
         "condition": where,
         "key": sql.SQL(", ").join(key),
         "captured": sql.SQL(", ").join(sql.Identifier(c) for c in captured),

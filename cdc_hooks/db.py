@@ -202,6 +202,9 @@ class Database:
     def save_hook(self, hook: InstalledHook) -> None:
         self.run("save_hook", hook.params())
 
+    def current_user(self) -> str:
+        return str(self.one("current_user")[0])  # type: ignore[index]
+
     def missing_roles(self, roles: Iterable[str]) -> list[str]:
         return [r[0] for r in self.run("missing_roles", {"roles": list(roles)})]
 

@@ -42,9 +42,10 @@ WITH batch AS (
 ), numbered AS (
     SELECT *, row_number() OVER (ORDER BY {key}) - 1 AS cdc_hooks_n FROM batch
 ), queued AS (
-    INSERT INTO cdc_hooks.outbox (hook, kind, payload)
+    INSERT INTO cdc_hooks.outbox (hook, kind, payload, source)
     SELECT %(hook)s, 'read',
-           json_build_object('new', json_build_object({arrays}), 'listener', %(listener_id)s::bigint)
+           json_build_object('new', json_build_object({arrays}), 'listener', %(listener_id)s::bigint),
+           {table_name}::regclass
     FROM numbered
     GROUP BY cdc_hooks_n / 1000
     ORDER BY cdc_hooks_n / 1000

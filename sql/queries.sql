@@ -716,3 +716,23 @@ SET LOCAL statement_timeout = '10s';
 -- name: autovacuum_on
 -- Pruned space is reused only once vacuumed: `cdc-hooks prune` warns without autovacuum.
 SELECT current_setting('autovacuum')::boolean;
+
+-- name: foreign_json_casts
+-- Casts to json or jsonb whose function belongs to a role that is neither a
+-- superuser nor one whose rights the current user has anyway (a superuser has
+-- every role's, yet must not run theirs): backfill refuses to convert values then.
+SELECT format_type(c.castsource, NULL), owner.rolname
+FROM pg_cast c
+JOIN pg_proc p ON p.oid = c.castfunc
+JOIN pg_roles owner ON owner.oid = p.proowner
+JOIN pg_roles me ON me.rolname = current_user
+WHERE c.casttarget IN ('json'::regtype, 'jsonb'::regtype)
+  AND NOT owner.rolsuper AND owner.oid <> me.oid
+  AND (me.rolsuper OR NOT pg_has_role(me.oid, owner.oid, 'USAGE'))
+ORDER BY 1;
+
+-- name: row_security_off
+SET LOCAL row_security = off;
+
+-- name: current_user
+SELECT current_user;

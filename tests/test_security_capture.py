@@ -217,3 +217,53 @@ def test_writers_with_grants_only_are_captured_on_tables_and_partitions(
     assert conn.execute("SELECT kind, source::regclass::text FROM cdc_hooks.outbox ORDER BY id"
                         ).fetchall() == [("insert", "accounts"), ("update", "accounts"),
                                          ("insert", "accounts_low")]
+
+
+def test_backfill_refuses_to_run_another_roles_cast(conn, clean_db, app_role, make_config, cli):
+    """A backfill converts the table's values to JSON with the operator's rights: the
+    application role's cast to json would run as the operator (here a superuser)."""
+    config = install(make_config, cli)
+    with connect_as(clean_db, app_role) as app:
+        app.execute("INSERT INTO items (name, note) VALUES ('x', 'y')")
+        app.execute(EVIL_CAST)
+    refused = cli(config, "backfill", "items")
+    assert refused.exit_code == 2
+    assert "would run another role's code with your rights: evil (cast function owned by " \
+           f"{app_role})" in refused.stderr
+    assert_nothing_gained(conn, app_role)
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.outbox WHERE kind = 'read'"
+                        ).fetchone() == (0,)
+
+
+def test_backfill_refuses_to_run_another_roles_policy(conn, clean_db, app_role, tmp_path, cli):
+    """A row-level security policy on the table would run its code with the rights of
+    an installer that is not the owner (docs/permissions.sql's installer)."""
+    installer = f"{app_role}_inst"
+    role = sql.Identifier(installer)
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+    try:
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+            sql.Identifier(conn.info.dbname), role))
+        conn.execute(sql.SQL("GRANT TRIGGER, SELECT, UPDATE (id) ON items, accounts TO {}"
+                             ).format(role))
+        path = tmp_path / "installer.toml"
+        path.write_text(f'[database]\ndsn = "{make_conninfo(clean_db, user=installer)}"\n'
+                        + CONFIG.format(senders=""))
+        assert cli(path, "install").exit_code == 0
+        with connect_as(clean_db, app_role) as app:
+            app.execute("INSERT INTO items (name, note) VALUES ('x', 'y')")
+            app.execute("CREATE TABLE loot (what text)")
+            app.execute("CREATE FUNCTION spy() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN "
+                        "INSERT INTO loot VALUES (current_user); RETURN true; "
+                        "EXCEPTION WHEN OTHERS THEN RETURN true; END $$")
+            app.execute("ALTER TABLE items ENABLE ROW LEVEL SECURITY")
+            app.execute(sql.SQL("CREATE POLICY spying ON items TO {} USING (spy())").format(role))
+        refused = cli(path, "backfill", "items")
+        assert refused.exit_code == 2
+        assert "row-level security" in refused.stderr and "run the backfill as" in refused.stderr
+        assert conn.execute("SELECT count(*) FROM loot").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM cdc_hooks.outbox WHERE kind = 'read'"
+                            ).fetchone() == (0,)
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(role))
+        conn.execute(sql.SQL("DROP ROLE {}").format(role))
