@@ -108,8 +108,34 @@ def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> Installe
         for column in names:
             if column not in columns:
                 raise ConfigError(f'{where}: {kind} column "{column}" does not exist in {table}')
+    _check_key_is_unique(where, table, key, inspector.bind)
     return InstalledHook(hook.name, table.schema, table.name, hook.events, provides, key,
                          hook.when_changed or provides)
+
+
+def _check_key_is_unique(where: str, table: TableName, key: tuple[str, ...],
+                         connection: sqlalchemy.Connection) -> None:
+    """The key must identify one row: a primary key, unique constraint or unique
+    index on the key columns (or some of them), each NOT NULL or the index NULLS
+    NOT DISTINCT. Two rows with one key would share a per-row order, and a
+    backfill, which pages by key, would queue only one of them."""
+    indexes = connection.exec_driver_sql(
+        queries()["unique_keys"], {"schema": table.schema, "table": table.name}).all()
+    within_key = [(index, columns, not_null or nulls_not_distinct)
+                  for index, columns, not_null, nulls_not_distinct in indexes
+                  if set(columns) <= set(key)]
+    if any(unique for _, _, unique in within_key):
+        return
+    columns = ", ".join(key)
+    nullable = [f'unique index "{index}" ({", ".join(cols)}) lets rows with NULLs in it repeat'
+                for index, cols, _ in within_key]
+    why = "; ".join(nullable) if nullable else (
+        "no primary key, unique constraint or unique index is on these columns (or some of them)")
+    raise ConfigError(
+        f"{where}: key ({columns}) does not identify a row of {table}: {why}. Rows sharing a key "
+        "would have no defined order and a backfill would skip all but one; add a unique "
+        f"constraint on NOT NULL columns (ALTER TABLE {table} ADD UNIQUE ({columns})), or a "
+        "unique index NULLS NOT DISTINCT, or name key columns that have one")
 
 
 def _not_a_table(inspector: sqlalchemy.Inspector, table: TableName) -> str | None:

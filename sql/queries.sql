@@ -36,6 +36,30 @@ ON CONFLICT (name) DO UPDATE SET
 -- The relations whose changes each hook may record (the outbox's row check).
 SELECT cdc_hooks.refresh_hook_relations();
 
+-- name: unique_keys
+-- The indexes that make rows of a table unique on plain columns (primary key,
+-- unique constraints, unique indexes): valid, not partial, no expressions.
+-- columns: the key columns (not INCLUDE ones); not_null: each is NOT NULL;
+-- nulls_not_distinct: NULLS NOT DISTINCT (PostgreSQL 15+; read through
+-- to_jsonb, as older servers lack the column), so a NULL is unique too.
+-- The table by name, not to_regclass: that needs USAGE on its schema.
+SELECT ic.relname::text AS index,
+       ARRAY(SELECT a.attname::text
+             FROM unnest(i.indkey) WITH ORDINALITY AS k (attnum, pos)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE k.pos <= i.indnkeyatts ORDER BY k.pos) AS columns,
+       NOT EXISTS (SELECT FROM unnest(i.indkey) WITH ORDINALITY AS k (attnum, pos)
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                   WHERE k.pos <= i.indnkeyatts AND NOT a.attnotnull) AS not_null,
+       coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false) AS nulls_not_distinct
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_class c ON c.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+  AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+ORDER BY i.indisprimary DESC, ic.relname;
+
 -- name: missing_roles
 SELECT r FROM unnest(%(roles)s::text[]) AS r WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r);
 
