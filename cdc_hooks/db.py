@@ -290,6 +290,10 @@ class Database:
     def failing_listeners(self) -> list[tuple[Any, ...]]:
         return self.run("failing_listeners")
 
+    def held_listeners(self) -> list[tuple[Any, ...]]:
+        """(id, hook, url, state, reason) of each listener paused or disabled."""
+        return self.run("held_listeners")
+
     # Web ----------------------------------------------------------------
     # Read-only views of the web interface and REST API (cdc_hooks/web).
 

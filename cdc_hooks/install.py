@@ -17,6 +17,7 @@ import psycopg
 import sqlalchemy
 from psycopg import sql
 
+from . import jsoncodec
 from .config import Config, HookConfig, TableName
 from .db import Database, InstalledHook, connect, migrations, queries, query, sql_text
 from .errors import ConfigError
@@ -54,6 +55,22 @@ class Plan:
     statements: list[sql.Composable] = field(default_factory=list)
     hooks_to_save: list[InstalledHook] = field(default_factory=list)
     hooks_to_forget: list[str] = field(default_factory=list)
+    # Listeners the change leaves unable to match (install --force): paused, with why.
+    listeners_to_pause: list[Stranded] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A listener a config change leaves unable to receive what it asked for."""
+
+    listener_id: int
+    hook: str
+    why: str
+
+    @property
+    def reason(self) -> str:
+        """Its disabled_reason once paused (shown by listeners list, status and the web)."""
+        return f"paused by install: {self.why}"
 
 
 def resolve_hooks(config: Config) -> list[InstalledHook]:
@@ -151,7 +168,9 @@ def _not_a_table(inspector: sqlalchemy.Inspector, table: TableName) -> str | Non
     return None
 
 
-def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
+def plan_install(db: Database, desired: list[InstalledHook], *, force: bool = False) -> Plan:
+    """What install would do. Refuses (ConfigError) a change that strands
+    listeners unless force."""
     _check_roles(db, desired)
     plan = Plan()
     current_version = db.schema_version()
@@ -176,7 +195,49 @@ def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
             plan.statements.extend(_drop_statements(db, before))
             plan.hooks_to_forget.append(name)
             plan.changes.append(f"- {name}: removed")
+    _plan_stranded_listeners(db, plan, installed, desired, force)
     return plan
+
+
+def _plan_stranded_listeners(db: Database, plan: Plan, installed: dict[str, InstalledHook],
+                             desired: list[InstalledHook], force: bool) -> None:
+    """Listeners whose hook is removed, no longer provides a field their match
+    names, or no longer captures an event it did: install refuses, naming each,
+    or with force pauses them with the reason (they would never match again,
+    silently)."""
+    stranded = _stranded_listeners(db, installed, {h.name: h for h in desired})
+    if stranded and not force:
+        raise ConfigError("\n".join([
+            "install would leave listeners unable to receive what they ask for; nothing changed:",
+            *(f'listener {s.listener_id} of hook "{s.hook}": {s.why}' for s in stranded),
+            "change or remove them first, or run install --force to pause them (the reason is "
+            "shown by listeners list, status and the web)"]))
+    plan.listeners_to_pause = stranded
+    plan.changes += [f"! listener {s.listener_id} paused: {s.why}" for s in stranded]
+
+
+def _stranded_listeners(db: Database, installed: dict[str, InstalledHook],
+                        wanted: dict[str, InstalledHook]) -> list[Stranded]:
+    """Active and paused listeners of installed hooks that the wanted hooks strand
+    (disabled ones get nothing anyway, and resuming one checks its match again)."""
+    if not installed:
+        return []
+    stranded = []
+    for listener_id, hook, match_text, state in db.run("hook_listeners"):
+        before, after = installed.get(hook), wanted.get(hook)
+        if before is None or state == "disabled":
+            continue
+        if after is None:
+            whys = [f'hook "{hook}" is removed from the config']
+        else:
+            whys = [f'match field "{f}" is no longer provided (provides: '
+                    f'{", ".join(after.provides) or "nothing"})'
+                    for f in jsoncodec.loads(match_text) if f not in after.provides]
+            whys += [f'event "{e}" is no longer captured (events: {", ".join(after.events)})'
+                     for e in before.events if e not in after.events]
+        if whys:
+            stranded.append(Stranded(listener_id, hook, "; ".join(whys)))
+    return stranded
 
 
 def _check_roles(db: Database, hooks: list[InstalledHook]) -> None:
@@ -334,13 +395,14 @@ def _text_array(items: Iterable[str]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
-def install(config: Config) -> Plan:
-    """Applies the config atomically: every hook, or nothing."""
+def install(config: Config, *, force: bool = False) -> Plan:
+    """Applies the config atomically: every hook, or nothing. force: pause the
+    listeners the change strands instead of refusing."""
     desired = resolve_hooks(config)
     with Database.connect(config.dsn) as db:
         with db.transaction():
             db.run("lock_install")
-            plan = plan_install(db, desired)
+            plan = plan_install(db, desired, force=force)
             db.migrate()
             for statement in plan.statements:
                 db.execute(statement)
@@ -348,24 +410,33 @@ def install(config: Config) -> Plan:
                 db.save_hook(hook)
             for name in plan.hooks_to_forget:
                 db.forget_hook(name)
+            for params in _pause_params(plan):
+                db.run("set_listener_state", params)
             db.run("refresh_hook_relations")
             if config.relay_role:
                 db.grant_relay(config.relay_role)
         return plan
 
 
-def dry_run(config: Config) -> tuple[Plan, str]:
+def dry_run(config: Config, *, force: bool = False) -> tuple[Plan, str]:
     """The plan and the SQL install would run; changes nothing."""
     desired = resolve_hooks(config)
     with Database.connect(config.dsn) as db:
-        plan = plan_install(db, desired)
+        plan = plan_install(db, desired, force=force)
         return plan, _script(db, plan, config.relay_role)
+
+
+def _pause_params(plan: Plan) -> list[dict[str, Any]]:
+    """set_listener_state's parameters for each listener the plan pauses."""
+    return [{"id": s.listener_id, "state": "paused", "reason": s.reason}
+            for s in plan.listeners_to_pause]
 
 
 def _script(db: Database, plan: Plan, relay_role: str | None) -> str:
     """Everything install would run, bookkeeping included: applied by hand, it
     leaves the database as install would (a later install finds it in line)."""
-    if not (plan.migrations or plan.statements or plan.hooks_to_save or plan.hooks_to_forget):
+    if not (plan.migrations or plan.statements or plan.hooks_to_save or plan.hooks_to_forget
+            or plan.listeners_to_pause):
         return ""
     parts = ["BEGIN;", _rendered(db, "lock_install")]
     for version, text in migrations():
@@ -377,6 +448,7 @@ def _script(db: Database, plan: Plan, relay_role: str | None) -> str:
     parts += [s.as_string(db.conn).rstrip().rstrip(";") + ";" for s in plan.statements]
     parts += [_rendered(db, "save_hook", h.params()) for h in plan.hooks_to_save]
     parts += [_rendered(db, "forget_hook", {"name": n}) for n in plan.hooks_to_forget]
+    parts += [_rendered(db, "set_listener_state", p) for p in _pause_params(plan)]
     parts.append(_rendered(db, "refresh_hook_relations"))
     if relay_role:
         parts.append(query("grant_relay").format(role=sql.Identifier(relay_role)).as_string(db.conn))

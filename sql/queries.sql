@@ -60,6 +60,10 @@ WHERE n.nspname = %(schema)s AND c.relname = %(table)s
   AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
 ORDER BY i.indisprimary DESC, ic.relname;
 
+-- name: hook_listeners
+-- Every listener's hook, match and state: what a config change could strand.
+SELECT id, hook, match::text, state FROM cdc_hooks.listeners ORDER BY id;
+
 -- name: missing_roles
 SELECT r FROM unnest(%(roles)s::text[]) AS r WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r);
 
@@ -397,6 +401,11 @@ SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS outbox_chunks,
           WHERE (status_code IS NULL OR status_code >= 300)
             AND attempted_at > now() - make_interval(mins => %(minutes)s)) AS failed_attempts,
        (SELECT count(*) FROM cdc_hooks.deliveries WHERE status = 'dead') AS dead;
+
+-- name: held_listeners
+-- Listeners not active (paused or disabled), with why: status lists them.
+SELECT id, hook, url, state, disabled_reason
+FROM cdc_hooks.listeners WHERE state <> 'active' ORDER BY id;
 
 -- name: failing_listeners
 SELECT l.id, l.hook, l.url, l.state, l.disabled_reason,

@@ -18,8 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import Result
+from fastapi.testclient import TestClient
 
 from cdc_hooks.config import Config
+from cdc_hooks.web import create_app
 
 Conn = psycopg.Connection[Any]
 MakeConfig = Callable[..., Config]
@@ -63,6 +65,108 @@ def hook_row(conn: Conn, name: str) -> tuple[Any, ...] | None:
 
 def errors(result: Result) -> list[str]:
     return [line.removeprefix("error: ") for line in result.stderr.splitlines()]
+
+
+# Item 2: stranded listeners ----------------------------------------------------
+
+NARROWED_PROVIDES = 'listener 1 of hook "person": match field "address" is no longer provided ' \
+                    "(provides: name)"
+NARROWED_EVENTS = 'listener {} of hook "person": event "update" is no longer captured (events: insert)'
+REMOVED = 'listener 3 of hook "other": hook "other" is removed from the config'
+
+CHANGES = [
+    (person_hook('"name"') + OTHER, [NARROWED_PROVIDES]),
+    (person_hook(events='"insert"') + OTHER,
+     [NARROWED_EVENTS.format(1), NARROWED_EVENTS.format(2)]),
+    (person_hook(), [REMOVED]),
+]
+
+
+@pytest.mark.parametrize(("body", "stranded"), CHANGES, ids=["provides", "events", "removed"])
+def test_install_refuses_a_change_that_strands_listeners(person: Config, conn: Conn,
+                                                         make_config: MakeConfig, cli: Cli,
+                                                         body: str, stranded: list[str]) -> None:
+    before = (listener_states(conn), hook_row(conn, "person"), hook_row(conn, "other"))
+    narrowed = make_config(body + SETTINGS)
+    for args in (("install",), ("install", "--dry-run")):
+        result = cli(narrowed, *args)
+        assert result.exit_code == 2, result.output
+        lines = errors(result)
+        assert lines[0].startswith("install would leave listeners unable to receive")
+        assert lines[1:-1] == stranded
+        assert "install --force" in lines[-1]
+        assert result.stdout == ""  # the dry run prints no script either
+    assert (listener_states(conn), hook_row(conn, "person"), hook_row(conn, "other")) == before
+
+
+@pytest.mark.parametrize(("body", "stranded"), CHANGES, ids=["provides", "events", "removed"])
+def test_install_force_pauses_the_stranded_listeners_with_the_reason(
+        person: Config, conn: Conn, make_config: MakeConfig, cli: Cli, body: str,
+        stranded: list[str]) -> None:
+    narrowed = make_config(body + SETTINGS)
+    script = cli(narrowed, "install", "--dry-run", "--force")
+    assert script.exit_code == 0, script.output
+    assert script.stdout.count("UPDATE cdc_hooks.listeners") == len(stranded)
+    result = cli(narrowed, "install", "--force")
+    assert result.exit_code == 0, result.output
+    reasons = {int(re.match(r"listener (\d+)", s).group(1)):  # type: ignore[union-attr]
+               "paused by install: " + s.split(": ", 1)[1] for s in stranded}
+    for listener_id, reason in reasons.items():
+        assert f"! listener {listener_id} paused: {reason.removeprefix('paused by install: ')}" \
+            in result.stdout
+    assert listener_states(conn) == [
+        (i, "paused", reasons[i]) if i in reasons else (i, "active", None) for i in (1, 2, 3)]
+
+    listed = cli(narrowed, "listeners", "list").stdout
+    status = cli(narrowed, "status")
+    assert status.exit_code == 0, status.output
+    for listener_id, reason in reasons.items():
+        assert f"paused ({reason})" in listed
+        assert re.search(rf"^{listener_id} .* paused +{re.escape(reason)}$", status.stdout, re.M)
+    with TestClient(create_app(narrowed), base_url="https://testserver") as client:
+        api = client.get("/api/listeners", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert {item["id"]: item["disabled_reason"] for item in api
+                if item["state"] == "paused"} == reasons
+        page = logged_in(client).get("/listeners").text
+        for reason in reasons.values():
+            assert escape(reason) in page
+    assert cli(narrowed, "check").exit_code == 0  # in line: nothing left to report
+
+
+def test_a_listener_the_change_leaves_matching_is_not_stranded(person: Config, conn: Conn,
+                                                               make_config: MakeConfig,
+                                                               cli: Cli) -> None:
+    conn.execute("DELETE FROM cdc_hooks.listeners WHERE id = 1")  # the one matching address
+    result = cli(make_config(person_hook('"name"') + OTHER + SETTINGS), "install")
+    assert result.exit_code == 0, result.output
+    assert hook_row(conn, "person") == (["insert", "update"], ["name"])
+    assert [s for _, s, _ in listener_states(conn)] == ["active", "active"]
+
+
+def test_a_stranded_listener_cannot_be_resumed(person: Config, conn: Conn,
+                                               make_config: MakeConfig, cli: Cli) -> None:
+    narrowed = make_config(person_hook('"name"') + SETTINGS)
+    assert cli(narrowed, "install", "--force").exit_code == 0
+    for listener_id, why in ((1, 'match field "address": hook "person" does not provide it'),
+                             (3, 'unknown hook "other"')):
+        result = cli(narrowed, "listeners", "resume", str(listener_id))
+        assert result.exit_code == 2
+        assert result.stderr.startswith(f"error: listener {listener_id} cannot be resumed: {why}")
+    assert [s for _, s, _ in listener_states(conn)] == ["paused", "active", "paused"]
+    assert cli(narrowed, "listeners", "pause", "2").exit_code == 0
+    assert cli(narrowed, "listeners", "resume", "2").exit_code == 0  # an unaffected one resumes
+
+
+def logged_in(client: TestClient) -> TestClient:
+    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
+    response = client.post("/login", data={"csrf": csrf, "token": TOKEN, "next": "/"},
+                           follow_redirects=False)
+    assert response.status_code == 303, response.text
+    return client
+
+
+def escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace('"', "&#34;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # Item 6: a key must identify a row ---------------------------------------------
