@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
+from . import capturing, jsoncodec, logs
 from . import install as installer
-from . import jsoncodec, logs
 from . import listeners as core
 from .config import Config, load_config
 from .db import Database
@@ -263,11 +263,13 @@ def redeliver(ctx: Context, delivery_id: int | None, listener_id: int | None,
 @pass_context
 @friendly_errors
 def status(ctx: Context, minutes: int) -> None:
-    """Backlog, lag, recent deliveries and failures, failing and held listeners."""
+    """Backlog, lag, recent deliveries and failures, failing and held listeners;
+    exit 1 if a hook is not capturing."""
     with Database.connect(ctx.config().dsn) as db:
         figures = db.status(minutes)
         failing = db.failing_listeners()
         held = db.held_listeners()
+        not_capturing = [h for h in db.hooks_capturing() if not h.capturing]
     print_table(["WHAT", "VALUE"], [
         ["outbox chunks not yet dispatched", figures["outbox_chunks"]],
         ["deliveries pending", figures["pending"]],
@@ -286,6 +288,12 @@ def status(ctx: Context, minutes: int) -> None:
         click.echo("\npaused or disabled listeners:")
         print_table(["ID", "HOOK", "URL", "STATE", "REASON"],
                     [[r[0], r[1], r[2], r[3], r[4] or "-"] for r in held])
+    if not_capturing:
+        click.echo("\nhooks NOT capturing (their writes commit without events):")
+        print_table(["HOOK", "TABLE", "PROBLEM"],
+                    [[h.hook, h.table, h.problem] for h in not_capturing])
+        click.echo(f"fix: {capturing.REPAIR_HINT}")
+        sys.exit(1)
 
 
 def _seconds(value: Any) -> str:

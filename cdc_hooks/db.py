@@ -20,7 +20,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from . import jsoncodec
+from . import capturing, jsoncodec
+from .capturing import HookCapture
 from .errors import DatabaseUnavailable
 
 SCHEMA = "cdc_hooks"
@@ -293,6 +294,10 @@ class Database:
     def held_listeners(self) -> list[tuple[Any, ...]]:
         """(id, hook, url, state, reason) of each listener paused or disabled."""
         return self.run("held_listeners")
+
+    def hooks_capturing(self) -> list[HookCapture]:
+        """Whether each table hook's triggers are in place (capturing.py)."""
+        return capturing.from_rows(self.run("hooks_capturing")) if self.schema_exists() else []
 
     # Web ----------------------------------------------------------------
     # Read-only views of the web interface and REST API (cdc_hooks/web).

@@ -38,6 +38,10 @@ BUILTIN_HOOKS = (
 )
 
 
+# The event trigger of [database] repair_triggers (sql/migrations/0007_repair_triggers.sql).
+REPAIR_TRIGGER = "cdc_hooks_repair_triggers"
+
+
 def function_name(hook: str) -> str:
     return f"capture_{hook}"
 
@@ -168,9 +172,10 @@ def _not_a_table(inspector: sqlalchemy.Inspector, table: TableName) -> str | Non
     return None
 
 
-def plan_install(db: Database, desired: list[InstalledHook], *, force: bool = False) -> Plan:
+def plan_install(db: Database, desired: list[InstalledHook], *, force: bool = False,
+                 repair_triggers: bool = False) -> Plan:
     """What install would do. Refuses (ConfigError) a change that strands
-    listeners unless force."""
+    listeners unless force, and repair_triggers without a superuser."""
     _check_roles(db, desired)
     plan = Plan()
     current_version = db.schema_version()
@@ -196,6 +201,7 @@ def plan_install(db: Database, desired: list[InstalledHook], *, force: bool = Fa
             plan.hooks_to_forget.append(name)
             plan.changes.append(f"- {name}: removed")
     _plan_stranded_listeners(db, plan, installed, desired, force)
+    _plan_repair_trigger(db, plan, repair_triggers)
     return plan
 
 
@@ -214,6 +220,26 @@ def _plan_stranded_listeners(db: Database, plan: Plan, installed: dict[str, Inst
             "shown by listeners list, status and the web)"]))
     plan.listeners_to_pause = stranded
     plan.changes += [f"! listener {s.listener_id} paused: {s.why}" for s in stranded]
+
+
+def _plan_repair_trigger(db: Database, plan: Plan, wanted: bool) -> None:
+    """[database] repair_triggers: the event trigger that puts a hook's triggers
+    back when its table is created again (migration 0007), created or dropped as
+    the config says. Either is a superuser's right: refused, naming it, without."""
+    present = bool(db.one("repair_trigger_exists")[0])  # type: ignore[index]
+    if wanted == present:
+        return
+    if not db.one("is_superuser")[0]:  # type: ignore[index]
+        role = db.one("current_role")[0]  # type: ignore[index]
+        verb, other = ("creating", "false") if wanted else ("dropping", "true")
+        raise ConfigError(
+            f"[database] repair_triggers = {str(wanted).lower()}: {verb} the event trigger "
+            f'{REPAIR_TRIGGER} needs a superuser, and role "{role}" is not one (PostgreSQL lets '
+            f"only superusers create and own event triggers); run install as a superuser, or set "
+            f"repair_triggers = {other}")
+    plan.statements.append(query("create_repair_trigger" if wanted else "drop_repair_trigger"))
+    plan.changes.append(f"+ {REPAIR_TRIGGER}: re-creates a hook's triggers when its table is "
+                        "created again" if wanted else f"- {REPAIR_TRIGGER}: removed")
 
 
 def _stranded_listeners(db: Database, installed: dict[str, InstalledHook],
@@ -402,7 +428,7 @@ def install(config: Config, *, force: bool = False) -> Plan:
     with Database.connect(config.dsn) as db:
         with db.transaction():
             db.run("lock_install")
-            plan = plan_install(db, desired, force=force)
+            plan = plan_install(db, desired, force=force, repair_triggers=config.repair_triggers)
             db.migrate()
             for statement in plan.statements:
                 db.execute(statement)
@@ -422,7 +448,7 @@ def dry_run(config: Config, *, force: bool = False) -> tuple[Plan, str]:
     """The plan and the SQL install would run; changes nothing."""
     desired = resolve_hooks(config)
     with Database.connect(config.dsn) as db:
-        plan = plan_install(db, desired, force=force)
+        plan = plan_install(db, desired, force=force, repair_triggers=config.repair_triggers)
         return plan, _script(db, plan, config.relay_role)
 
 
@@ -489,7 +515,20 @@ def check(config: Config) -> list[str]:
             if hook.name not in configured:
                 problems.append(f'hook "{hook.name}": installed but not in the config')
             problems.extend(_live_drift(db, hook))
+        problems.extend(_repair_drift(db, config.repair_triggers))
     return problems
+
+
+def _repair_drift(db: Database, wanted: bool) -> list[str]:
+    """The event trigger of [database] repair_triggers, against the config."""
+    present = bool(db.one("repair_trigger_exists")[0])  # type: ignore[index]
+    if wanted and not present:
+        return [f"[database] repair_triggers = true, but the event trigger {REPAIR_TRIGGER} is "
+                "missing (run cdc-hooks install as a superuser)"]
+    if present and not wanted:
+        return [f"the event trigger {REPAIR_TRIGGER} is installed, but [database] "
+                "repair_triggers is false (run cdc-hooks install as a superuser)"]
+    return []
 
 
 def _live_drift(db: Database, hook: InstalledHook) -> list[str]:

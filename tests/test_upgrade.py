@@ -98,7 +98,7 @@ def test_upgrade_from_version_1_keeps_and_then_delivers_everything(
     latest = migrations()[-1][0]
     assert result.stdout.splitlines()[0] == f"schema cdc_hooks: upgrade from version 1 to version {latest}"
     assert conn.execute("SELECT array_agg(version ORDER BY version) FROM cdc_hooks.schema_version"
-                        ).fetchone() == (list(range(1, latest + 1)),)
+                        ).fetchone() == ([version for version, _ in migrations()],)
     assert counts(conn) == before
     assert cli(config, "check").exit_code == 0
     # Version 1's capture functions ran as the installer; the upgrade replaced them.
