@@ -13,8 +13,8 @@ import click
 import psycopg
 import sqlalchemy
 
+from . import capturing, jsoncodec, logs
 from . import install as installer
-from . import jsoncodec, logs
 from . import listeners as core
 from .config import Config, load_config
 from .db import Database
@@ -82,16 +82,19 @@ def main(ctx: click.Context, config_file: str | None, log_format: str) -> None:
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Print the SQL and change nothing.")
+@click.option("--force", is_flag=True,
+              help="Pause the listeners the change leaves unable to match (removed hook, field no "
+                   "longer provided, event no longer captured) instead of refusing.")
 @pass_context
 @friendly_errors
-def install(ctx: Context, dry_run: bool) -> None:
+def install(ctx: Context, dry_run: bool, force: bool) -> None:
     """Create or update the cdc_hooks schema and every hook's triggers, atomically."""
     config = ctx.config()
     if dry_run:
-        plan, script = installer.dry_run(config)
+        plan, script = installer.dry_run(config, force=force)
         click.echo(script or "-- nothing to do")
         return
-    plan = installer.install(config)
+    plan = installer.install(config, force=force)
     for line in plan.changes or ["no changes: the database is in line with the config"]:
         click.echo(line)
 
@@ -296,10 +299,13 @@ def redeliver(ctx: Context, delivery_id: int | None, listener_id: int | None,
 @pass_context
 @friendly_errors
 def status(ctx: Context, minutes: int) -> None:
-    """Backlog, lag, recent deliveries and failures, failing listeners."""
+    """Backlog, lag, recent deliveries and failures, failing and held listeners;
+    exit 1 if a hook is not capturing."""
     with Database.connect(ctx.config().dsn) as db:
         figures = db.status(minutes)
         failing = db.failing_listeners()
+        held = db.held_listeners()
+        not_capturing = [h for h in db.hooks_capturing() if not h.capturing]
     print_table(["WHAT", "VALUE"], [
         ["outbox chunks not yet dispatched", figures["outbox_chunks"]],
         ["deliveries pending", figures["pending"]],
@@ -315,6 +321,16 @@ def status(ctx: Context, minutes: int) -> None:
             [r[0], r[1], redact_url(r[2]), r[3] + (f" ({r[4]})" if r[4] else ""), r[5], r[6]]
             for r in failing
         ])
+    if held:
+        click.echo("\npaused or disabled listeners:")
+        print_table(["ID", "HOOK", "URL", "STATE", "REASON"],
+                    [[r[0], r[1], r[2], r[3], r[4] or "-"] for r in held])
+    if not_capturing:
+        click.echo("\nhooks NOT capturing (their writes commit without events):")
+        print_table(["HOOK", "TABLE", "PROBLEM"],
+                    [[h.hook, h.table, h.problem] for h in not_capturing])
+        click.echo(f"fix: {capturing.REPAIR_HINT}")
+        sys.exit(1)
 
 
 def _seconds(value: Any) -> str:

@@ -108,6 +108,9 @@ class WebConfig:
 class Config:
     dsn: str | None = None
     relay_role: str | None = None  # install grants this role what the relay needs
+    # install creates an event trigger (superuser) that re-creates a hook's triggers
+    # when its table is created again (sql/migrations/0007_repair_triggers.sql)
+    repair_triggers: bool = False
     hooks: tuple[HookConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     path: Path | None = None
@@ -166,13 +169,16 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validates the parsed TOML document."""
     _check_keys(raw, {"database", "hooks", "delivery", "web", "retention", "python"}, "config")
     database = _table(raw.get("database", {}), "[database]")
-    _check_keys(database, {"dsn", "relay_role"}, "[database]")
+    _check_keys(database, {"dsn", "relay_role", "repair_triggers"}, "[database]")
     dsn = database.get("dsn")
     if dsn is not None and not isinstance(dsn, str):
         raise ConfigError("[database] dsn must be a string")
     relay_role = database.get("relay_role")
     if relay_role is not None and (not isinstance(relay_role, str) or not relay_role):
         raise ConfigError("[database] relay_role must be a role's name")
+    repair_triggers = database.get("repair_triggers", False)
+    if not isinstance(repair_triggers, bool):
+        raise ConfigError("[database] repair_triggers must be true or false")
     hooks_raw = raw.get("hooks", [])
     if not isinstance(hooks_raw, list):
         raise ConfigError("hooks must be an array of tables: [[hooks]]")
@@ -185,7 +191,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     web = _parse_web(_table(raw.get("web", {}), "[web]"))
     retention = _parse_retention(_table(raw.get("retention", {}), "[retention]"))
     return Config(dsn=dsn, relay_role=relay_role, hooks=hooks, delivery=delivery, web=web,
-                  retention=retention, modules=modules)
+                  retention=retention, modules=modules, repair_triggers=repair_triggers)
 
 
 def _refuse_duplicates(hooks: Sequence[HookConfig]) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import jsoncodec
+from . import capturing, jsoncodec
+from .capturing import HookCapture
 from .dsn import check_dsn, connect_error, describe_dsn
 from .errors import DatabaseUnavailable
 from .urls import redact_url
@@ -293,6 +294,14 @@ class Database:
 
     def failing_listeners(self) -> list[tuple[Any, ...]]:
         return self.run("failing_listeners")
+
+    def held_listeners(self) -> list[tuple[Any, ...]]:
+        """(id, hook, url, state, reason) of each listener paused or disabled."""
+        return self.run("held_listeners")
+
+    def hooks_capturing(self) -> list[HookCapture]:
+        """Whether each table hook's triggers are in place (capturing.py)."""
+        return capturing.from_rows(self.run("hooks_capturing")) if self.schema_exists() else []
 
     # Web ----------------------------------------------------------------
     # Read-only views of the web interface and REST API (cdc_hooks/web).

@@ -19,6 +19,7 @@ import psycopg
 import sqlalchemy
 from psycopg import sql
 
+from . import jsoncodec
 from .config import Config, HookConfig, TableName
 from .db import Database, InstalledHook, connect, migrations, queries, query, sql_text
 from .errors import ConfigError
@@ -39,6 +40,10 @@ BUILTIN_HOOKS = (
 )
 
 
+# The event trigger of [database] repair_triggers (sql/migrations/0007_repair_triggers.sql).
+REPAIR_TRIGGER = "cdc_hooks_repair_triggers"
+
+
 def function_name(hook: str) -> str:
     return f"capture_{hook}"
 
@@ -56,6 +61,22 @@ class Plan:
     statements: list[sql.Composable] = field(default_factory=list)
     hooks_to_save: list[InstalledHook] = field(default_factory=list)
     hooks_to_forget: list[str] = field(default_factory=list)
+    # Listeners the change leaves unable to match (install --force): paused, with why.
+    listeners_to_pause: list[Stranded] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A listener a config change leaves unable to receive what it asked for."""
+
+    listener_id: int
+    hook: str
+    why: str
+
+    @property
+    def reason(self) -> str:
+        """Its disabled_reason once paused (shown by listeners list, status and the web)."""
+        return f"paused by install: {self.why}"
 
 
 def resolve_hooks(config: Config) -> list[InstalledHook]:
@@ -126,8 +147,34 @@ def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> Installe
         for column in names:
             if column not in columns:
                 raise ConfigError(f'{where}: {kind} column "{column}" does not exist in {table}')
+    _check_key_is_unique(where, table, key, inspector.bind)
     return InstalledHook(hook.name, table.schema, table.name, hook.events, provides, key,
                          hook.when_changed or provides)
+
+
+def _check_key_is_unique(where: str, table: TableName, key: tuple[str, ...],
+                         connection: sqlalchemy.Connection) -> None:
+    """The key must identify one row: a primary key, unique constraint or unique
+    index on the key columns (or some of them), each NOT NULL or the index NULLS
+    NOT DISTINCT. Two rows with one key would share a per-row order, and a
+    backfill, which pages by key, would queue only one of them."""
+    indexes = connection.exec_driver_sql(
+        queries()["unique_keys"], {"schema": table.schema, "table": table.name}).all()
+    within_key = [(index, columns, not_null or nulls_not_distinct)
+                  for index, columns, not_null, nulls_not_distinct in indexes
+                  if set(columns) <= set(key)]
+    if any(unique for _, _, unique in within_key):
+        return
+    columns = ", ".join(key)
+    nullable = [f'unique index "{index}" ({", ".join(cols)}) lets rows with NULLs in it repeat'
+                for index, cols, _ in within_key]
+    why = "; ".join(nullable) if nullable else (
+        "no primary key, unique constraint or unique index is on these columns (or some of them)")
+    raise ConfigError(
+        f"{where}: key ({columns}) does not identify a row of {table}: {why}. Rows sharing a key "
+        "would have no defined order and a backfill would skip all but one; add a unique "
+        f"constraint on NOT NULL columns (ALTER TABLE {table} ADD UNIQUE ({columns})), or a "
+        "unique index NULLS NOT DISTINCT, or name key columns that have one")
 
 
 def _not_a_table(inspector: sqlalchemy.Inspector, table: TableName) -> str | None:
@@ -143,7 +190,10 @@ def _not_a_table(inspector: sqlalchemy.Inspector, table: TableName) -> str | Non
     return None
 
 
-def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
+def plan_install(db: Database, desired: list[InstalledHook], *, force: bool = False,
+                 repair_triggers: bool = False) -> Plan:
+    """What install would do. Refuses (ConfigError) a change that strands
+    listeners unless force, and repair_triggers without a superuser."""
     _check_roles(db, desired)
     plan = Plan()
     current_version = db.schema_version()
@@ -168,7 +218,70 @@ def plan_install(db: Database, desired: list[InstalledHook]) -> Plan:
             plan.statements.extend(_drop_statements(db, before))
             plan.hooks_to_forget.append(name)
             plan.changes.append(f"- {name}: removed")
+    _plan_stranded_listeners(db, plan, installed, desired, force)
+    _plan_repair_trigger(db, plan, repair_triggers)
     return plan
+
+
+def _plan_stranded_listeners(db: Database, plan: Plan, installed: dict[str, InstalledHook],
+                             desired: list[InstalledHook], force: bool) -> None:
+    """Listeners whose hook is removed, no longer provides a field their match
+    names, or no longer captures an event it did: install refuses, naming each,
+    or with force pauses them with the reason (they would never match again,
+    silently)."""
+    stranded = _stranded_listeners(db, installed, {h.name: h for h in desired})
+    if stranded and not force:
+        raise ConfigError("\n".join([
+            "install would leave listeners unable to receive what they ask for; nothing changed:",
+            *(f'listener {s.listener_id} of hook "{s.hook}": {s.why}' for s in stranded),
+            "change or remove them first, or run install --force to pause them (the reason is "
+            "shown by listeners list, status and the web)"]))
+    plan.listeners_to_pause = stranded
+    plan.changes += [f"! listener {s.listener_id} paused: {s.why}" for s in stranded]
+
+
+def _plan_repair_trigger(db: Database, plan: Plan, wanted: bool) -> None:
+    """[database] repair_triggers: the event trigger that puts a hook's triggers
+    back when its table is created again (migration 0007), created or dropped as
+    the config says. Either is a superuser's right: refused, naming it, without."""
+    present = bool(db.one("repair_trigger_exists")[0])  # type: ignore[index]
+    if wanted == present:
+        return
+    if not db.one("is_superuser")[0]:  # type: ignore[index]
+        role = db.one("current_role")[0]  # type: ignore[index]
+        verb, other = ("creating", "false") if wanted else ("dropping", "true")
+        raise ConfigError(
+            f"[database] repair_triggers = {str(wanted).lower()}: {verb} the event trigger "
+            f'{REPAIR_TRIGGER} needs a superuser, and role "{role}" is not one (PostgreSQL lets '
+            f"only superusers create and own event triggers); run install as a superuser, or set "
+            f"repair_triggers = {other}")
+    plan.statements.append(query("create_repair_trigger" if wanted else "drop_repair_trigger"))
+    plan.changes.append(f"+ {REPAIR_TRIGGER}: re-creates a hook's triggers when its table is "
+                        "created again" if wanted else f"- {REPAIR_TRIGGER}: removed")
+
+
+def _stranded_listeners(db: Database, installed: dict[str, InstalledHook],
+                        wanted: dict[str, InstalledHook]) -> list[Stranded]:
+    """Active and paused listeners of installed hooks that the wanted hooks strand
+    (disabled ones get nothing anyway, and resuming one checks its match again)."""
+    if not installed:
+        return []
+    stranded = []
+    for listener_id, hook, match_text, state in db.run("hook_listeners"):
+        before, after = installed.get(hook), wanted.get(hook)
+        if before is None or state == "disabled":
+            continue
+        if after is None:
+            whys = [f'hook "{hook}" is removed from the config']
+        else:
+            whys = [f'match field "{f}" is no longer provided (provides: '
+                    f'{", ".join(after.provides) or "nothing"})'
+                    for f in jsoncodec.loads(match_text) if f not in after.provides]
+            whys += [f'event "{e}" is no longer captured (events: {", ".join(after.events)})'
+                     for e in before.events if e not in after.events]
+        if whys:
+            stranded.append(Stranded(listener_id, hook, "; ".join(whys)))
+    return stranded
 
 
 def _check_roles(db: Database, hooks: list[InstalledHook]) -> None:
@@ -326,13 +439,14 @@ def _text_array(items: Iterable[str]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
-def install(config: Config) -> Plan:
-    """Applies the config atomically: every hook, or nothing."""
+def install(config: Config, *, force: bool = False) -> Plan:
+    """Applies the config atomically: every hook, or nothing. force: pause the
+    listeners the change strands instead of refusing."""
     desired = resolve_hooks(config)
     with Database.connect(config.dsn) as db:
         with db.transaction():
             db.run("lock_install")
-            plan = plan_install(db, desired)
+            plan = plan_install(db, desired, force=force, repair_triggers=config.repair_triggers)
             db.migrate()
             for statement in plan.statements:
                 db.execute(statement)
@@ -340,24 +454,33 @@ def install(config: Config) -> Plan:
                 db.save_hook(hook)
             for name in plan.hooks_to_forget:
                 db.forget_hook(name)
+            for params in _pause_params(plan):
+                db.run("set_listener_state", params)
             db.run("refresh_hook_relations")
             if config.relay_role:
                 db.grant_relay(config.relay_role)
         return plan
 
 
-def dry_run(config: Config) -> tuple[Plan, str]:
+def dry_run(config: Config, *, force: bool = False) -> tuple[Plan, str]:
     """The plan and the SQL install would run; changes nothing."""
     desired = resolve_hooks(config)
     with Database.connect(config.dsn) as db:
-        plan = plan_install(db, desired)
+        plan = plan_install(db, desired, force=force, repair_triggers=config.repair_triggers)
         return plan, _script(db, plan, config.relay_role)
+
+
+def _pause_params(plan: Plan) -> list[dict[str, Any]]:
+    """set_listener_state's parameters for each listener the plan pauses."""
+    return [{"id": s.listener_id, "state": "paused", "reason": s.reason}
+            for s in plan.listeners_to_pause]
 
 
 def _script(db: Database, plan: Plan, relay_role: str | None) -> str:
     """Everything install would run, bookkeeping included: applied by hand, it
     leaves the database as install would (a later install finds it in line)."""
-    if not (plan.migrations or plan.statements or plan.hooks_to_save or plan.hooks_to_forget):
+    if not (plan.migrations or plan.statements or plan.hooks_to_save or plan.hooks_to_forget
+            or plan.listeners_to_pause):
         return ""
     parts = ["BEGIN;", _rendered(db, "lock_install")]
     for version, text in migrations():
@@ -369,6 +492,7 @@ def _script(db: Database, plan: Plan, relay_role: str | None) -> str:
     parts += [s.as_string(db.conn).rstrip().rstrip(";") + ";" for s in plan.statements]
     parts += [_rendered(db, "save_hook", h.params()) for h in plan.hooks_to_save]
     parts += [_rendered(db, "forget_hook", {"name": n}) for n in plan.hooks_to_forget]
+    parts += [_rendered(db, "set_listener_state", p) for p in _pause_params(plan)]
     parts.append(_rendered(db, "refresh_hook_relations"))
     if relay_role:
         parts.append(query("grant_relay").format(role=sql.Identifier(relay_role)).as_string(db.conn))
@@ -409,7 +533,20 @@ def check(config: Config) -> list[str]:
             if hook.name not in configured:
                 problems.append(f'hook "{hook.name}": installed but not in the config')
             problems.extend(_live_drift(db, hook))
+        problems.extend(_repair_drift(db, config.repair_triggers))
     return problems
+
+
+def _repair_drift(db: Database, wanted: bool) -> list[str]:
+    """The event trigger of [database] repair_triggers, against the config."""
+    present = bool(db.one("repair_trigger_exists")[0])  # type: ignore[index]
+    if wanted and not present:
+        return [f"[database] repair_triggers = true, but the event trigger {REPAIR_TRIGGER} is "
+                "missing (run cdc-hooks install as a superuser)"]
+    if present and not wanted:
+        return [f"the event trigger {REPAIR_TRIGGER} is installed, but [database] "
+                "repair_triggers is false (run cdc-hooks install as a superuser)"]
+    return []
 
 
 def _live_drift(db: Database, hook: InstalledHook) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 from . import jsoncodec
 from .config import Config
 from .db import Database, InstalledHook, ListenerRow
-from .errors import ListenerError, NotFound
+from .errors import ListenerError, MatchError, NotFound
 from .match import rules_from_json
 from .netpolicy import NetworkPolicy, check_url
 from .signing import generate_secret, secret_key
@@ -119,7 +119,17 @@ def set_state(db: Database, listener_id: int, state: str) -> None:
     with a fresh attempt budget: a listener disabled after days of failures
     gets what it missed at once. Dead letters stay dead: redeliver them with
     ``cdc-hooks redeliver --listener ID`` if they are wanted.
+
+    Resuming checks the match again, as at creation: a listener paused because
+    install removed its hook or a field it matches stays paused until changed.
     """
+    if state == "active":
+        current = get_listener(db, listener_id)
+        try:
+            validate_match(installed_hook(db, current.hook), jsoncodec.loads(current.match))
+        except (ListenerError, MatchError) as exc:
+            raise ListenerError(f"listener {listener_id} cannot be resumed: {exc}; change its "
+                                "match or remove it") from None
     with db.transaction():
         if not db.set_listener_state(listener_id, state):
             raise NotFound(f"no listener with id {listener_id}")

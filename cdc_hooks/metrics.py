@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .capturing import HookCapture
 from .config import WEB_TOKEN_ENV, Config, web_token
 from .db import Database
 from .errors import ConfigError, DatabaseUnavailable
@@ -243,22 +244,37 @@ def _relay_gauges(stats: _Stats) -> Iterator[GaugeMetricFamily]:
 
 
 class BacklogCollector(Collector):
-    """The database's gauges, from one named query per scrape (``fetch`` runs
-    Database.metrics_backlog). A failed query leaves them out and says
-    cdc_hooks_database_up 0: the scrape itself still succeeds."""
+    """The database's gauges, from named queries per scrape (``fetch`` runs
+    Database.metrics_backlog, ``capturing`` Database.hooks_capturing). A failed
+    query leaves them out and says cdc_hooks_database_up 0: the scrape itself
+    still succeeds."""
 
-    def __init__(self, fetch: Callable[[], list[tuple[Any, ...]]]) -> None:
+    def __init__(self, fetch: Callable[[], list[tuple[Any, ...]]],
+                 capturing: Callable[[], list[HookCapture]] | None = None) -> None:
         self.fetch = fetch
+        self.capturing = capturing
 
     def collect(self) -> Iterator[Any]:
         try:
             rows = self.fetch()
+            hooks = self.capturing() if self.capturing is not None else None
         except (DatabaseUnavailable, psycopg.Error) as exc:
             log.debug("metrics: backlog query failed: %s", exc)
             yield _database_up(0)
             return
         yield _database_up(1)
         yield from _backlog_families(rows)
+        if hooks is not None:
+            yield _capturing_family(hooks)
+
+
+def _capturing_family(hooks: list[HookCapture]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily("cdc_hooks_hook_capturing", "1 while the hook's triggers are on its "
+                               "table and every partition, enabled; 0: its writes commit uncaptured "
+                               "(table gone, or dropped and created again)", labels=["hook"])
+    for state in hooks:
+        family.add_metric([state.hook], int(state.capturing))
+    return family
 
 
 def _database_up(value: int) -> GaugeMetricFamily:
@@ -302,12 +318,18 @@ class OneConnection:
         self._lock = threading.Lock()  # scrapes run on worker threads; not the relay's path
 
     def metrics_backlog(self) -> list[tuple[Any, ...]]:
+        return self._read(Database.metrics_backlog)
+
+    def hooks_capturing(self) -> list[HookCapture]:
+        return self._read(Database.hooks_capturing)
+
+    def _read(self, method: Callable[[Database], Any]) -> Any:
         with self._lock:
             try:
-                return self._database().metrics_backlog()
+                return method(self._database())
             except psycopg.OperationalError:  # a stale connection: one fresh try
                 self.close()
-                return self._database().metrics_backlog()
+                return method(self._database())
 
     def _database(self) -> Database:
         if self._db is None:
@@ -321,11 +343,12 @@ class OneConnection:
             self._db = None
 
 
-def registry(fetch: Callable[[], list[tuple[Any, ...]]]) -> CollectorRegistry:
+def registry(fetch: Callable[[], list[tuple[Any, ...]]],
+             capturing: Callable[[], list[HookCapture]] | None = None) -> CollectorRegistry:
     """The metrics of this process: relay counters, database gauges, process figures."""
     collectors = CollectorRegistry(auto_describe=False)
     collectors.register(RelayCollector())
-    collectors.register(BacklogCollector(fetch))
+    collectors.register(BacklogCollector(fetch, capturing))
     ProcessCollector(registry=collectors)
     return collectors
 
@@ -380,7 +403,7 @@ class MetricsServer:
             raise ConfigError(f"refusing to serve metrics on {host} without a token: set [web] token "
                               f"or {WEB_TOKEN_ENV}, or [web] metrics_public = true (or bind to 127.0.0.1)")
         self.sessions = OneConnection(config.dsn)
-        self.collectors = registry(self.sessions.metrics_backlog)
+        self.collectors = registry(self.sessions.metrics_backlog, self.sessions.hooks_capturing)
         self.socket = _listen(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         self._stopping = asyncio.Event()

@@ -36,6 +36,82 @@ ON CONFLICT (name) DO UPDATE SET
 -- The relations whose changes each hook may record (the outbox's row check).
 SELECT cdc_hooks.refresh_hook_relations();
 
+-- name: unique_keys
+-- The indexes that make rows of a table unique on plain columns (primary key,
+-- unique constraints, unique indexes): valid, not partial, no expressions.
+-- columns: the key columns (not INCLUDE ones); not_null: each is NOT NULL;
+-- nulls_not_distinct: NULLS NOT DISTINCT (PostgreSQL 15+; read through
+-- to_jsonb, as older servers lack the column), so a NULL is unique too.
+-- The table by name, not to_regclass: that needs USAGE on its schema.
+SELECT ic.relname::text AS index,
+       ARRAY(SELECT a.attname::text
+             FROM unnest(i.indkey) WITH ORDINALITY AS k (attnum, pos)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE k.pos <= i.indnkeyatts ORDER BY k.pos) AS columns,
+       NOT EXISTS (SELECT FROM unnest(i.indkey) WITH ORDINALITY AS k (attnum, pos)
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                   WHERE k.pos <= i.indnkeyatts AND NOT a.attnotnull) AS not_null,
+       coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false) AS nulls_not_distinct
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_class c ON c.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+  AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+ORDER BY i.indisprimary DESC, ic.relname;
+
+-- name: hooks_capturing
+-- Per table hook: whether its table exists, and which of the triggers install
+-- gave it (one per event, on the table and every partition below it) are
+-- missing or disabled, as 'trigger on relation'. A table dropped and created
+-- again (Django's migrate app zero, test runners) has none: its writes commit
+-- uncaptured. A catalog read, cheap enough for the relay every few seconds:
+-- the relations as an array, so that the planner does not expect a thousand
+-- partitions per hook (that estimate made it JIT-compile the query, 90 ms).
+-- By name, not to_regclass, which needs USAGE on the table's schema.
+SELECT h.name, h.table_schema, h.table_name, t.relid IS NOT NULL AS table_exists,
+       ARRAY(SELECT tg.name || ' on ' || (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+                                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                         WHERE c.oid = r.relid)
+                    || CASE WHEN g.tgenabled = 'D' THEN ' (disabled)' ELSE '' END
+             FROM unnest(t.relid || ARRAY(SELECT p.relid::oid FROM pg_partition_tree(t.relid) AS p
+                                          WHERE p.level > 0)) AS r (relid)
+             CROSS JOIN unnest(h.events) AS e (event)
+             CROSS JOIN LATERAL (SELECT 'cdc_hooks_' || h.name || '_' || e.event AS name) AS tg
+             LEFT JOIN pg_trigger g ON g.tgrelid = r.relid AND g.tgname = tg.name
+             WHERE t.relid IS NOT NULL AND (g.oid IS NULL OR g.tgenabled = 'D')
+             ORDER BY 1) AS missing
+FROM cdc_hooks.hooks h
+LEFT JOIN LATERAL (
+    SELECT c.oid AS relid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = coalesce(h.table_schema, 'public') AND c.relname = h.table_name
+) AS t ON true
+WHERE h.table_name IS NOT NULL
+ORDER BY h.name;
+
+-- name: repair_trigger_exists
+-- [database] repair_triggers: install's event trigger (migration 0007).
+SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_hooks_repair_triggers');
+
+-- name: create_repair_trigger
+-- Only the commands that can bring a table under a hook's name.
+CREATE EVENT TRIGGER cdc_hooks_repair_triggers ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+    EXECUTE FUNCTION cdc_hooks.repair_triggers();
+
+-- name: drop_repair_trigger
+DROP EVENT TRIGGER IF EXISTS cdc_hooks_repair_triggers;
+
+-- name: is_superuser
+SELECT rolsuper FROM pg_roles WHERE rolname = current_user;
+
+-- name: current_role
+SELECT current_user::text;
+
+-- name: hook_listeners
+-- Every listener's hook, match and state: what a config change could strand.
+SELECT id, hook, match::text, state FROM cdc_hooks.listeners ORDER BY id;
+
 -- name: missing_roles
 SELECT r FROM unnest(%(roles)s::text[]) AS r WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r);
 
@@ -385,6 +461,11 @@ SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS outbox_chunks,
           WHERE (status_code IS NULL OR status_code >= 300)
             AND attempted_at > now() - make_interval(mins => %(minutes)s)) AS failed_attempts,
        (SELECT count(*) FROM cdc_hooks.deliveries WHERE status = 'dead') AS dead;
+
+-- name: held_listeners
+-- Listeners not active (paused or disabled), with why: status lists them.
+SELECT id, hook, url, state, disabled_reason
+FROM cdc_hooks.listeners WHERE state <> 'active' ORDER BY id;
 
 -- name: failing_listeners
 SELECT l.id, l.hook, l.url, l.state, l.disabled_reason,

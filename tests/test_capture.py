@@ -788,7 +788,7 @@ def test_null_and_ragged_arrays_in_one_statement(conn: Conn, make_config: MakeCo
 def test_a_composite_key(conn: Conn, make_config: MakeConfig, cli: Cli) -> None:
     conn.execute("CREATE TABLE membership (org int, member int, role text, "
                  "PRIMARY KEY (org, member))")
-    conn.execute("CREATE TABLE nokey (a int, b text)")
+    conn.execute("CREATE TABLE nokey (a int NOT NULL UNIQUE, b text)")
     installed(make_config, cli, '[[hooks]]\nname = "m"\ntable = "membership"\n'
                                 '[[hooks]]\nname = "n"\ntable = "nokey"\nkey = ["a"]\n')
     conn.execute("INSERT INTO membership VALUES (1, 2, 'admin')")

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from .. import jsoncodec, logs, maintenance, metrics
+from .. import capturing, jsoncodec, logs, maintenance, metrics
 from ..config import Config
 from ..db import InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
@@ -53,6 +53,7 @@ RECORD_GATHER = 0.01  # seconds a batch of results may gather before it is recor
 PREFETCH = 8  # deliveries claimed ahead, as a multiple of the concurrency
 STATISTICS_EVERY = 5000  # events dispatched between checks of the planner's statistics
 MAX_BACKOFF = 10.0
+CAPTURE_CHECK_EVERY = 5.0  # seconds between checks that each hook's triggers are in place
 # What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
 SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
                psycopg.errors.InvalidSchemaName)
@@ -125,6 +126,8 @@ class Relay:
         self._circuits: dict[int, Circuit] = {}  # listeners whose last requests failed
         self.delivered = 0
         self.sender: Sender | None = None
+        self._capture = capturing.Watch()
+        self.check_capture = asyncio.Event()  # set: check the hooks' triggers now
 
     # Lifecycle -----------------------------------------------------------
 
@@ -202,6 +205,7 @@ class Relay:
                 group.create_task(self._record_loop(record))
                 group.create_task(self._until_stopped())
                 group.create_task(self._maintenance_loop())
+                group.create_task(self._capture_loop(record))
         except* _Stopped:
             await self._finish_in_flight()
             with contextlib.suppress(psycopg.Error):
@@ -223,6 +227,15 @@ class Relay:
             except (psycopg.Error, CdcHooksError) as exc:
                 log.warning("maintenance failed, next try in %g s: %s", interval, _first_line(exc))
             await self._sleep(interval)
+
+    async def _capture_loop(self, store: RelayStore) -> None:
+        """Whether every hook still captures (capturing.py), every CAPTURE_CHECK_EVERY
+        seconds or when check_capture is set; on the record connection, which is
+        free between batches."""
+        while True:
+            self._capture.note(capturing.from_rows(await store.run("hooks_capturing")))
+            await _wait(self.check_capture, CAPTURE_CHECK_EVERY)
+            self.check_capture.clear()
 
     async def _until_stopped(self) -> None:
         await self._stopping.wait()

@@ -27,14 +27,16 @@ def scrape(request: Request) -> Response:
         require_bearer(request, metrics.bearer(request.headers.get("authorization")))
     collectors = getattr(request.app.state, "metrics", None)
     if collectors is None:  # one per app, made at the first scrape
-        collectors = request.app.state.metrics = metrics.registry(_backlog(state.connections))
+        collectors = request.app.state.metrics = metrics.registry(
+            _reading(state.connections, "metrics_backlog"), _reading(state.connections, "hooks_capturing"))
     return Response(metrics.render(collectors), media_type=CONTENT_TYPE_LATEST)
 
 
-def _backlog(connections: Any) -> Any:
-    """connections: the app's pool (cdc_hooks.web.dbpool.Connections)."""
-    def fetch() -> list[tuple[Any, ...]]:
+def _reading(connections: Any, method: str) -> Any:
+    """A Database method run on a connection of the app's pool
+    (cdc_hooks.web.dbpool.Connections), for a collector."""
+    def fetch() -> Any:
         with connections.database() as db:
-            return db.metrics_backlog()
+            return getattr(db, method)()
 
     return fetch

@@ -218,6 +218,13 @@ class FailingListener(BaseModel):
     retrying: int
 
 
+class HookNotCapturing(BaseModel):
+    hook: str
+    table: str = Field(description="SCHEMA.TABLE")
+    problem: str = Field(description="Why its writes commit without events (e.g. the table was "
+                                     "dropped and created again, without the hook's triggers)")
+
+
 class StatusOut(BaseModel):
     minutes: int
     outbox_chunks: int = Field(description="Captured statements not yet dispatched")
@@ -229,3 +236,5 @@ class StatusOut(BaseModel):
     failed_attempts: int
     dead: int
     failing_listeners: list[FailingListener]
+    hooks_not_capturing: list[HookNotCapturing] = Field(
+        description="Table hooks whose triggers are gone or disabled (empty: every hook captures)")

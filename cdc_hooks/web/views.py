@@ -20,6 +20,7 @@ from .models import (
     DeliveryDetail,
     DeliveryOut,
     FailingListener,
+    HookNotCapturing,
     HookOut,
     LastDelivery,
     ListenerOut,
@@ -142,6 +143,8 @@ def status(db: Database, minutes: int = 5) -> StatusOut:
         oldest_pending_age=_float(figures["oldest_pending_age"]),
         delivered=delivered, deliveries_per_second=delivered / (minutes * 60.0),
         failed_attempts=figures["failed_attempts"], dead=figures["dead"], failing_listeners=failing,
+        hooks_not_capturing=[HookNotCapturing(hook=h.hook, table=h.table, problem=h.problem)
+                             for h in db.hooks_capturing() if h.problem is not None],
     )
 
 
