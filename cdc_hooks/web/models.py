@@ -8,7 +8,7 @@ the field instead of a database error.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -106,6 +106,7 @@ class ListenerStats(BaseModel):
 
 
 class ListenerOut(BaseModel):
+    json_values: ClassVar[tuple[str, ...]] = ("match",)  # see api.exact_answer
     id: int
     hook: str
     url: str
@@ -184,6 +185,7 @@ class AttemptOut(BaseModel):
 
 
 class DeliveryDetail(DeliveryOut):
+    json_values: ClassVar[tuple[str, ...]] = ("body",)  # see api.exact_answer
     url: str | None
     webhook_id: str
     body: dict[str, Any] = Field(description="The JSON POSTed")

@@ -9,7 +9,6 @@ message, except where a secret is shown (once, never stored in the session).
 from __future__ import annotations
 
 import functools
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -45,8 +44,8 @@ def templates() -> Jinja2Templates:
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("cdc_hooks.web", "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(clock=_clock, ms=_ms, ago=_ago, pct=_pct, pretty=_pretty, seconds=_seconds,
-                       compact=jsoncodec.dumps)
+    env.filters.update(clock=_clock, ms=_ms, ago=_ago, pct=_pct, seconds=_seconds,
+                       pretty=jsoncodec.dumps_pretty, compact=jsoncodec.dumps)
     env.globals.update(conditions=CONDITIONS)
     return env
 
@@ -342,7 +341,3 @@ def _seconds(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
-
-
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)

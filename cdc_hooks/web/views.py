@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,7 +76,7 @@ def _listener_out(row: ListenerRow, counts: tuple[Any, ...]) -> ListenerOut:
         last = LastDelivery(status=row.last_status, code=row.last_code, error=row.last_error,
                             finished_at=row.last_finished_at)
     return ListenerOut(
-        id=row.id, hook=row.hook, url=row.url, match=json.loads(row.match), state=row.state,
+        id=row.id, hook=row.hook, url=row.url, match=jsoncodec.loads(row.match), state=row.state,
         disabled_reason=row.disabled_reason, backfill=row.backfill, created_at=row.created_at,
         updated_at=row.updated_at,
         last_delivery=last,
@@ -108,7 +107,7 @@ def delivery(db: Database, delivery_id: int) -> DeliveryDetail:
     base = _delivery_out(row)
     attempts = [AttemptOut(attempted_at=a[0], status_code=a[1], duration_ms=float(a[2]), error=a[3],
                            response=a[4]) for a in db.delivery_attempts(delivery_id)]
-    return DeliveryDetail(**base.model_dump(), url=row[14], body=json.loads(row[15]),
+    return DeliveryDetail(**base.model_dump(), url=row[14], body=jsoncodec.loads(row[15]),
                           webhook_id=f"msg_{base.event_id}_{base.listener_id}", attempt_log=attempts)
 
 
