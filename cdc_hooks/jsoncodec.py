@@ -6,13 +6,23 @@ typed. loads keeps each number that is not a short integer as a JsonNumber, a
 Decimal that remembers its text, and every dumps writes that text back: a
 number leaves as it came, never in Decimal's own form (0E-10, 1E-8). A plain
 Decimal is written as PostgreSQL writes a numeric (format 'f').
+
+dumps_postgres writes Python values (a custom event's) as PostgreSQL writes a
+column of the type psycopg gives each.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from decimal import Decimal
+import math
+from collections.abc import Mapping
+from datetime import date, datetime, time, timedelta, tzinfo
+from decimal import Context, Decimal
+from enum import Enum
+from fractions import Fraction
 from typing import Any
+from uuid import UUID
 
 import orjson
 import simplejson
@@ -129,3 +139,181 @@ def dumps_rows(rows: Any) -> str:
         return orjson.dumps(rows).decode()
     except orjson.JSONEncodeError:
         return json.dumps(rows)
+
+
+def storable_text(value: str) -> str:
+    """Text PostgreSQL can store: valid UTF-8 without NUL (ValueError otherwise)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+# Python values as PostgreSQL writes them (custom events) ------------------------
+
+
+class UnencodableValue(TypeError):
+    """A value without a PostgreSQL JSON form; the message names where it is."""
+
+
+def dumps_postgres(values: Mapping[str, Any], timezone: tzinfo) -> str:
+    """values as JSON, each written as to_json writes a column of the type psycopg
+    gives it: a float as float8, a Decimal as numeric, a datetime as timestamptz in
+    the session's time zone (or timestamp if naive), date, time, timedelta as
+    interval, UUID, bytes as bytea; lists and tuples as arrays, dicts as objects.
+    Raises UnencodableValue naming the key and the type of a value that has no form,
+    ValueError naming the key of one PostgreSQL cannot hold (text with NUL)."""
+    return dumps(_object(values, "", timezone))
+
+
+@functools.singledispatch
+def _postgres(value: Any, where: str, timezone: tzinfo) -> Any:
+    raise UnencodableValue(
+        f'"{where}" is of type {type(value).__name__}, which has no JSON form (send str, int, float, '
+        "Decimal, bool, None, datetime, date, time, timedelta, UUID, bytes, list, tuple or dict)")
+
+
+@_postgres.register(type(None))
+@_postgres.register(bool)
+def _as_is(value: bool | None, where: str, timezone: tzinfo) -> bool | None:
+    return value
+
+
+@_postgres.register
+def _text(value: str, where: str, timezone: tzinfo) -> str:
+    try:
+        return storable_text(str.__str__(value))  # a str Enum as its value
+    except ValueError as exc:
+        raise ValueError(f'"{where}" {exc}') from None
+
+
+@_postgres.register
+def _int(value: int, where: str, timezone: tzinfo) -> int:
+    return int(value)  # an IntEnum as its number
+
+
+@_postgres.register
+def _enum(value: Enum, where: str, timezone: tzinfo) -> str:
+    return value.name  # as psycopg passes it, for an enum column
+
+
+_FLOAT_DIGITS = Context(prec=17)  # repr's shortest digits are at most 17
+
+
+@_postgres.register
+def _float(value: float, where: str, timezone: tzinfo) -> Any:
+    # float8's digits, written positionally as to_jsonb writes a float8
+    # (cdc_hooks.send takes jsonb, which writes every number so).
+    if not math.isfinite(value):
+        return _postgres(Decimal(value), where, timezone)
+    return _postgres(float8_digits(value).normalize(_FLOAT_DIGITS), where, timezone)
+
+
+def float8_digits(value: float) -> Decimal:
+    """The digits PostgreSQL's float8out writes: the fewest that read back as value,
+    as repr's, except that its Ryu never takes a decimal exactly halfway to the next
+    float (2.6444261099366008e+16, where repr writes 2.644426109936601e+16)."""
+    text = repr(value)
+    if value:
+        size = abs(Fraction(value))
+        halfway = {size - (size - Fraction(math.nextafter(abs(value), 0))) / 2,
+                   size + Fraction(math.ulp(value)) / 2}
+        if abs(Fraction(text)) in halfway:  # then more digits, correctly rounded
+            text = next(t for t in (f"{value:.{n}e}" for n in range(17))
+                        if float(t) == value and abs(Fraction(t)) not in halfway)
+    return Decimal(text)
+
+
+@_postgres.register
+def _decimal(value: Decimal, where: str, timezone: tzinfo) -> Any:
+    if not value.is_finite():  # to_json writes NaN and the infinities as strings
+        return "NaN" if value.is_nan() else str(value)
+    try:
+        return simplejson.RawJSON(number_text(value))
+    except ValueError as exc:
+        raise ValueError(f'"{where}": {exc}') from None
+
+
+@_postgres.register
+def _timestamp(value: datetime, where: str, timezone: tzinfo) -> str:
+    if value.utcoffset() is None:  # naive: a timestamp (without time zone)
+        return f"{value.date().isoformat()}T{_clock(value)}"
+    try:
+        local = value.astimezone(timezone)
+    except OverflowError:
+        raise ValueError(f'"{where}": {value} is out of range in time zone {timezone}') from None
+    return f"{local.date().isoformat()}T{_clock(local)}{_offset(local.utcoffset(), hours_only=False)}"
+
+
+@_postgres.register
+def _date(value: date, where: str, timezone: tzinfo) -> str:
+    return value.isoformat()
+
+
+@_postgres.register
+def _time(value: time, where: str, timezone: tzinfo) -> str:
+    if value.tzinfo is None:
+        return _clock(value)
+    offset = value.utcoffset()
+    if offset is None:  # a zone such as Europe/Paris: its offset depends on the date
+        raise ValueError(f'"{where}": time {value} has a time zone without a fixed offset')
+    return _clock(value) + _offset(offset, hours_only=True)
+
+
+@_postgres.register
+def _interval(value: timedelta, where: str, timezone: tzinfo) -> str:
+    # IntervalStyle postgres, the default: "-1 days +23:59:59"
+    parts = [f"{value.days} day{'' if value.days == 1 else 's'}"] if value.days else []
+    if value.seconds or value.microseconds or not value.days:
+        hours, rest = divmod(value.seconds, 3600)
+        parts.append(("+" if value.days < 0 else "") + _clock(
+            time(hours, rest // 60, rest % 60, value.microseconds)))
+    return " ".join(parts)
+
+
+@_postgres.register
+def _uuid(value: UUID, where: str, timezone: tzinfo) -> str:
+    return str(value)
+
+
+@_postgres.register(bytes)
+@_postgres.register(bytearray)
+@_postgres.register(memoryview)
+def _bytea(value: bytes | bytearray | memoryview, where: str, timezone: tzinfo) -> str:
+    return "\\x" + bytes(value).hex()
+
+
+@_postgres.register(list)
+@_postgres.register(tuple)
+def _array(value: list[Any] | tuple[Any, ...], where: str, timezone: tzinfo) -> list[Any]:
+    return [_postgres(item, f"{where}[{i}]", timezone) for i, item in enumerate(value)]
+
+
+@_postgres.register(Mapping)
+def _object(value: Mapping[Any, Any], where: str, timezone: tzinfo) -> dict[str, Any]:
+    for key in value:
+        if not isinstance(key, str):
+            owner = f'"{where}"' if where else "the payload"
+            raise UnencodableValue(f"{owner} has the key {key!r}: object keys must be strings")
+    return {key: _postgres(item, f"{where}.{key}" if where else key, timezone)
+            for key, item in value.items()}
+
+
+def _clock(value: datetime | time) -> str:
+    """HH:MM:SS, and the fraction without trailing zeros, as PostgreSQL writes it."""
+    text = f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
+    return f"{text}.{value.microsecond:06d}".rstrip("0") if value.microsecond else text
+
+
+def _offset(offset: timedelta, *, hours_only: bool) -> str:
+    """+05:30, +00:19:32; a timetz's whole hours as +02."""
+    seconds = int(offset.total_seconds())
+    hours, rest = divmod(abs(seconds), 3600)
+    minutes, seconds_left = divmod(rest, 60)
+    text = f"{'-' if seconds < 0 else '+'}{hours:02d}"
+    if minutes or seconds_left or not hours_only:
+        text += f":{minutes:02d}"
+    return text + (f":{seconds_left:02d}" if seconds_left else "")

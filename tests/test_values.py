@@ -1,27 +1,34 @@
 """Values as PostgreSQL writes them (issue 13, items 3 and 7), against real PostgreSQL.
 
 A listener gets each number with the very digits PostgreSQL's to_json gives
-(0.0000000000, not 0E-10). The reference is always PostgreSQL itself: generated
-values are written by the server and by cdc_hooks, then compared text for text.
+(0.0000000000, not 0E-10), and a custom event's Python values are written as a
+table column of their type would be. The reference is always PostgreSQL itself:
+generated values are written by the server and by cdc_hooks, then compared text
+for text.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
 from click.testing import Result
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 from receivers import InProcessRelay, Receiver, wait_until
 
 from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
+from cdc_hooks.errors import ListenerError
 from cdc_hooks.hooks import Hook, Registry
 from cdc_hooks.match import Is
 
@@ -34,6 +41,8 @@ allow_private_networks = true
 retry_schedule = [0.2]
 timeout = 5
 """
+ZONES = ["UTC", "Asia/Kolkata", "Europe/Amsterdam", "America/St_Johns", "Pacific/Chatham",
+         "Australia/Lord_Howe"]
 
 
 def examples(count: int) -> settings:
@@ -199,6 +208,144 @@ def _settled(conn: Conn) -> bool:
     row = conn.execute("SELECT (SELECT count(*) FROM cdc_hooks.outbox) + (SELECT count(*) "
                        "FROM cdc_hooks.deliveries WHERE status = 'pending')").fetchone()
     return row is not None and row[0] == 0
+
+
+# Python values of a custom event: as to_json writes a column of their type --------
+
+
+def test_temporal_values_are_written_as_to_json_writes_them(conn: Conn) -> None:
+    offsets = st.sampled_from([timezone(timedelta(minutes=m)) for m in (0, 120, -330, 345, -60)])
+    zones = st.sampled_from([ZoneInfo(z) for z in ZONES]) | offsets
+    values = st.one_of(
+        # Up to 2037: later, Python's zoneinfo may place a DST change where
+        # PostgreSQL does not (Pacific/Chatham, 2046-09-30).
+        st.datetimes(min_value=datetime(1, 1, 3), max_value=datetime(2037, 12, 31),
+                     timezones=st.none() | zones),
+        st.dates(), st.times(timezones=st.none() | offsets), st.timedeltas())
+
+    @examples(300)
+    @given(values, st.sampled_from(ZONES))
+    def check(value: Any, session_zone: str) -> None:
+        conn.execute(psycopg.sql.SQL("SET TIME ZONE {}").format(psycopg.sql.Literal(session_zone)))
+        expected = to_json(conn, value)
+        assert jsoncodec.dumps_postgres({"v": value}, conn.info.timezone) == f'{{"v":{expected}}}'
+
+    check()
+
+
+def test_numbers_of_a_custom_event_are_written_as_to_jsonb_writes_them(conn: Conn) -> None:
+    # cdc_hooks.send takes jsonb, which writes every number positionally.
+    @examples(300)
+    @given(st.one_of(floats.map(lambda f: (f, "::float8")), numerics.map(lambda d: (d, "::numeric")),
+                     st.integers().map(lambda i: (i, "::numeric"))))
+    def check(case: tuple[Any, str]) -> None:
+        value, cast = case
+        sent = jsoncodec.dumps_postgres({"v": value}, UTC)
+        row = conn.execute("SELECT (%s::jsonb -> 'v')::text", (sent,)).fetchone()
+        assert row is not None and row[0] == to_json(conn, value, cast, function="to_jsonb")
+
+    check()
+
+
+TYPED = """
+CREATE TABLE typed (
+    id int PRIMARY KEY, b bytea, d date, i interval, n numeric, u uuid, at timestamptz[],
+    ft float8[], nn numeric[], tm time, ts timestamp, tz timetz, big numeric, doc jsonb,
+    flag bool, grid int[], none text, text text, words text[]
+)
+"""
+# Names in jsonb's key order (shorter first): a custom event's data object, which
+# cdc_hooks.send takes as jsonb, then has the same order as the table's.
+TYPED_COLUMNS = ["b", "d", "i", "n", "u", "at", "ft", "nn", "tm", "ts", "tz", "big", "doc", "flag",
+                 "grid", "none", "text", "words"]
+TYPED_HOOKS = f"""
+[[hooks]]
+name = "typed"
+table = "typed"
+provides = {TYPED_COLUMNS}
+
+[[hooks]]
+name = "custom"
+provides = {TYPED_COLUMNS}
+""" + DELIVERY
+VALUES: dict[str, Any] = {
+    "b": b"\x00\xffx",
+    "d": date(99, 1, 1),
+    "i": timedelta(days=-1, seconds=5, microseconds=120),
+    "n": Decimal("0E-10"),
+    "u": UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+    "at": [datetime(2026, 11, 24, 3, 19, 58, 42769, tzinfo=UTC), datetime(1880, 1, 1, tzinfo=UTC),
+           datetime(2026, 1, 1, 0, 0, 0, 500000, tzinfo=timezone(timedelta(hours=-3)))],
+    "ft": [0.1, 1.5, -2.0, float("nan"), float("inf"), float("-inf")],
+    "nn": [Decimal("0.0000001000"), Decimal("1E-8"), Decimal("-0.00"), Decimal("1E+30"),
+           Decimal("NaN"), Decimal("Infinity"), Decimal(12345678901234567890123)],
+    "tm": time(3, 19, 58, 42000),
+    "ts": datetime(2026, 11, 24, 3, 19, 58, 500000),
+    "tz": time(3, 19, 58, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    "big": 2**70,
+    "doc": {"b": [1, "x", None], "a": {"deep": True}},
+    "flag": False,
+    "grid": [[1, 2], [3, None]],
+    "none": None,
+    "text": 'tab\t"quoted" \\ é \U0001f600 \u2028 \x1f',
+    "words": ["a", "b c"],
+}
+
+
+def test_a_custom_event_is_written_as_a_table_row_of_the_same_values(
+        conn: Conn, make_config: Callable[..., Config], cli: Cli, receiver: Receiver) -> None:
+    assert sorted(TYPED_COLUMNS, key=lambda c: (len(c), c)) == TYPED_COLUMNS
+    conn.execute(TYPED)
+    config = make_config(TYPED_HOOKS)
+    installer.install(config)
+    for hook in ("typed", "custom"):
+        assert cli(config, "listeners", "add", hook, receiver.url(f"/{hook}")).exit_code == 0
+    registry = Registry()
+    registry.configure(config)
+    relay = InProcessRelay(config).start()
+    try:
+        # Timestamps are written in the session's time zone, by either path.
+        conn.execute("SET TIME ZONE 'Europe/Amsterdam'")
+        conn.execute(psycopg.sql.SQL("INSERT INTO typed (id, {}) VALUES (1, {})").format(
+            psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, TYPED_COLUMNS)),
+            psycopg.sql.SQL(", ").join(psycopg.sql.Placeholder() * len(TYPED_COLUMNS))),
+            [Jsonb(v) if c == "doc" else v for c, v in VALUES.items()])
+        custom = {**VALUES, "b": memoryview(VALUES["b"]), "grid": ((1, 2), (3, None))}
+        Hook("custom", registry=registry).send(connection=conn, **custom)
+        (table_row,) = receiver.wait_for(1, "/typed")
+        (sent,) = receiver.wait_for(1, "/custom")
+    finally:
+        relay.stop()
+    data = re.compile(rb'"data":(\{.*\}),"occurred_at"')
+    table_data = data.search(table_row.body).group(1)  # type: ignore[union-attr]
+    assert data.search(sent.body).group(1) == table_data  # type: ignore[union-attr]
+    assert b'"n":0.0000000000,' in table_data
+    assert b'"at":["2026-11-24T04:19:58.042769+01:00","1880-01-01T00:19:32+00:19:32",' in table_data
+
+
+def test_a_value_without_a_json_form_is_refused_naming_its_key(
+        conn: Conn, make_config: Callable[..., Config]) -> None:
+    config = make_config('[[hooks]]\nname = "custom"\nprovides = ["a", "b"]\n')
+    installer.install(config)
+    registry = Registry()
+    registry.configure(config)
+    hook = Hook("custom", registry=registry)
+    refusals = {
+        '"a" is of type set, which has no JSON form': {"a": {1}},
+        '"b.x[1]" is of type object': {"b": {"x": [1, object()]}},
+        '"b" has the key 1: object keys must be strings': {"b": {1: "one"}},
+        '"a" must not contain NUL characters': {"a": "nul\x00"},
+        '"a" must be valid Unicode text': {"a": "\udc80"},
+        '"a": time 01:00:00 has a time zone without a fixed offset':
+            {"a": time(1, tzinfo=ZoneInfo("Europe/Paris"))},
+        '"b": 1E+131072 is beyond PostgreSQL numeric\'s range': {"b": Decimal("1E+131072")},
+    }
+    for needle, payload in refusals.items():
+        with pytest.raises(ListenerError) as refused:
+            hook.send(connection=conn, **payload)
+        assert str(refused.value).startswith('send "custom": '), refused.value
+        assert needle in str(refused.value)
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.outbox").fetchone() == (0,)
 
 
 def test_cli_send_keeps_the_digits_of_a_json_number(conn: Conn, make_config: Callable[..., Config],

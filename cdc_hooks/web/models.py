@@ -12,19 +12,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from ..jsoncodec import storable_text
+
 DeliveryStatus = Literal["pending", "delivered", "dead"]
 ListenerState = Literal["active", "paused", "disabled"]
-
-
-def storable_text(value: str) -> str:
-    """Text PostgreSQL can store: valid UTF-8 without NUL."""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
-    return value
 
 
 def storable_json(value: Any) -> Any:
