@@ -238,20 +238,27 @@ hooks = Registry()
 
 def send(hook: str, payload: Mapping[str, Any], *,
          connection: psycopg.Connection[Any] | None = None, config: Config | None = None) -> int:
-    """Records a custom hook's event (cdc_hooks.send) and returns its id."""
+    """Records a custom hook's event (cdc_hooks.send) and returns its id. Values are
+    written as a table column of their PostgreSQL type would be (jsoncodec.dumps_postgres)."""
     if jsoncodec.deeper_than(dict(payload), jsoncodec.MAX_DEPTH):
         raise ListenerError(f'send "{hook}": the payload is {jsoncodec.TOO_DEEP}')
     try:
-        payload_json = jsoncodec.dumps(dict(payload))
-    except (TypeError, ValueError) as exc:
-        raise ListenerError(f'send "{hook}": values must be JSON-encodable: {exc}') from None
-    try:
         if connection is not None:
-            return Database(connection).send(hook, payload_json)
+            return _record(Database(connection), hook, payload)
         with Database.connect((config or hooks.config).dsn) as db:
-            return db.send(hook, payload_json)
+            return _record(db, hook, payload)
     except (psycopg.errors.UndefinedObject, psycopg.errors.WrongObjectType,
-            psycopg.errors.InvalidParameterValue) as exc:
+            psycopg.errors.InvalidParameterValue, psycopg.errors.InsufficientPrivilege) as exc:
         raise ListenerError(exc.diag.message_primary or str(exc)) from None
     except psycopg.errors.InvalidSchemaName:
         raise ListenerError("cdc_hooks is not installed: run cdc-hooks install") from None
+
+
+def _record(db: Database, hook: str, payload: Mapping[str, Any]) -> int:
+    # A timestamptz is written in the session's time zone, as the capture
+    # triggers write one in the application's session.
+    try:
+        payload_json = jsoncodec.dumps_postgres(payload, db.conn.info.timezone)
+    except (TypeError, ValueError) as exc:
+        raise ListenerError(f'send "{hook}": {exc}') from None
+    return db.send(hook, payload_json)

@@ -8,6 +8,7 @@ walk-through is tests/test_web_browser.py.
 
 from __future__ import annotations
 
+import html
 import re
 import signal
 import subprocess
@@ -222,6 +223,28 @@ def test_send_a_custom_hook_over_http(client, receiver, relay):
     (got,) = settled(client, 1, listener=listener["id"])
     assert got["kind"] == "myhook"
     assert receiver.wait_for(1, "/my")[0].json["data"] == {"message": "hi", "n": 2}
+
+
+def test_numbers_keep_their_digits_through_the_api_and_the_pages(client, receiver, relay):
+    # Raw JSON text: the client's own json= would write 1e-07 itself.
+    def post(path: str, text: str) -> httpx.Response:
+        return client.post(path, headers={**AUTH, "Content-Type": "application/json"}, content=text)
+
+    created = post("/api/listeners", f'{{"hook": "myhook", "url": "{receiver.url("/n")}", '
+                                     '"match": {"n": 1.000E-7}}')
+    assert created.status_code == 201, created.text
+    assert '"match":{"n":0.0000001000}' in created.text  # as jsonb stores it
+    assert '"match":{"n":0.0000001000}' in client.get("/api/listeners", headers=AUTH).text
+    sent = post("/api/hooks/myhook/send", '{"message": "x", "n": 0.0000001000}')
+    assert sent.status_code == 201, sent.text
+    assert b'"data":{"n":0.0000001000,"message":"x"}' in receiver.wait_for(1, "/n")[0].body
+    (delivery,) = settled(client, 1, listener=created.json()["id"])
+    detail = client.get(f"/api/deliveries/{delivery['id']}", headers=AUTH)
+    assert '"data":{"n":0.0000001000,"message":"x"}' in detail.text
+    assert detail.json()["attempt_log"][0]["status_code"] == 200
+    login(client)
+    assert '"n": 0.0000001000' in html.unescape(client.get(f"/deliveries/{delivery['id']}").text)
+    assert "0.0000001000" in client.get("/listeners").text
 
 
 @pytest.mark.parametrize(("name", "body", "status", "needle"), [

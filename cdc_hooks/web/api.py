@@ -6,12 +6,15 @@ pool, so they never block the event loop a relay may share (`run --web`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 
+from .. import jsoncodec
 from .. import listeners as core
 from ..db import Database
 from ..hooks import send as send_custom_event
@@ -38,6 +41,7 @@ from .models import (
 )
 
 BIGINT = 2**63 - 1
+NO_STORE = {"Cache-Control": "no-store"}  # answers that carry a secret
 
 
 def database(request: Request) -> Iterator[Database]:
@@ -53,6 +57,53 @@ def single_query_values(request: Request) -> None:
     if repeated:
         raise RequestValidationError([{"loc": ("query", key), "msg": "given more than once",
                                        "type": "value_error"} for key in repeated])
+
+
+class ExactJsonRequest(Request):
+    """Reads a JSON body with jsoncodec, as the CLI reads JSON: a number keeps its digits
+    (the standard library's float would write 0.00000001 back as 1e-08)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = jsoncodec.loads(body)
+            except UnicodeDecodeError:
+                raise  # a 400: not UTF-8
+            except ValueError as exc:  # FastAPI answers this one with a 422 naming the body
+                raise json.JSONDecodeError(getattr(exc, "msg", str(exc)), body.decode(),
+                                           getattr(exc, "pos", 0)) from None
+        return self._json
+
+
+class ExactJsonRoute(TokenFirst):
+    """An API route: the token first (no body read without it), then a JSON body read
+    by jsoncodec (ExactJsonRequest)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def exact_json_handler(request: Request) -> Response:
+            return await handler(ExactJsonRequest(request.scope, request.receive))
+
+        return exact_json_handler
+
+
+def exact_answer(answer: BaseModel | list[Any], status_code: int = 200,
+                 headers: dict[str, str] | None = None) -> Response:
+    """The answer as FastAPI writes it, except for JSON values (a listener's match, a
+    delivery's body: the model's json_values), written by jsoncodec: pydantic writes a
+    Decimal as a string, so their numbers would not keep their digits."""
+    return Response(jsoncodec.dumps(_exact_content(answer)), status_code, headers,
+                    media_type="application/json")
+
+
+def _exact_content(answer: BaseModel | list[Any]) -> Any:
+    if isinstance(answer, list):
+        return [_exact_content(item) for item in answer]
+    content = answer.model_dump(mode="json")
+    content.update((name, getattr(answer, name)) for name in getattr(answer, "json_values", ()))
+    return content
 
 
 Db = Annotated[Database, Depends(database)]
@@ -72,7 +123,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "descript
 
 # The token is checked first (TokenFirst); the dependency declares it in the OpenAPI spec.
 router = APIRouter(prefix="/api", dependencies=[Depends(require_token), Depends(single_query_values)],
-                   responses=_ERRORS, route_class=TokenFirst)
+                   responses=_ERRORS, route_class=ExactJsonRoute)
 
 
 @router.get("/hooks", tags=["hooks"], summary="Installed hooks")
@@ -90,30 +141,32 @@ def send_event(db: Db, name: Annotated[Text, Path(description="A custom hook's n
     return SendResult(id=f"evt_{event_id}", event_id=event_id)
 
 
-@router.get("/listeners", tags=["listeners"], summary="Listeners (secrets are never shown)")
+@router.get("/listeners", tags=["listeners"], summary="Listeners (secrets are never shown)",
+            response_model=list[ListenerOut])
 def list_listeners(db: Db, hook: Annotated[Text | None, Query(description="Only this hook's")] = None
-                   ) -> list[ListenerOut]:
-    return views.listeners(db, hook=hook)
+                   ) -> Response:
+    return exact_answer(views.listeners(db, hook=hook))
 
 
-@router.post("/listeners", tags=["listeners"], status_code=201,
+@router.post("/listeners", tags=["listeners"], status_code=201, response_model=ListenerCreated,
              summary="Add a listener; the answer carries its secret, shown this once")
-def create_listener(db: Db, request: Request, body: ListenerIn, response: Response) -> ListenerCreated:
+def create_listener(db: Db, request: Request, body: ListenerIn) -> Response:
     created = core.add_listener(db, request.app.state.web.config, body.hook, body.url,
                                 body.match, body.secret, {"backfill": body.backfill})
-    response.headers["Cache-Control"] = "no-store"
-    return ListenerCreated(**views.listener(db, created.id).model_dump(), secret=created.secret)
+    return exact_answer(ListenerCreated(**views.listener(db, created.id).model_dump(),
+                                        secret=created.secret), 201, NO_STORE)
 
 
-@router.get("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND)
-def get_listener(db: Db, listener_id: ListenerId) -> ListenerOut:
-    return views.listener(db, listener_id)
+@router.get("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND,
+            response_model=ListenerOut)
+def get_listener(db: Db, listener_id: ListenerId) -> Response:
+    return exact_answer(views.listener(db, listener_id))
 
 
 @router.patch("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND,
+              response_model=ListenerChanged,
               summary="Pause/resume, change URL, match or backfill, rotate the secret")
-def change_listener(db: Db, request: Request, listener_id: ListenerId, body: ListenerPatch,
-                    response: Response) -> ListenerChanged:
+def change_listener(db: Db, request: Request, listener_id: ListenerId, body: ListenerPatch) -> Response:
     secret = None
     if body.url is not None or body.match is not None or body.rotate_secret or \
             body.backfill is not None:
@@ -122,8 +175,8 @@ def change_listener(db: Db, request: Request, listener_id: ListenerId, body: Lis
                                       backfill=body.backfill)
     if body.state is not None:
         core.set_state(db, listener_id, body.state)
-    response.headers["Cache-Control"] = "no-store"
-    return ListenerChanged(**views.listener(db, listener_id).model_dump(), secret=secret)
+    return exact_answer(ListenerChanged(**views.listener(db, listener_id).model_dump(), secret=secret),
+                        headers=NO_STORE)
 
 
 @router.delete("/listeners/{listener_id}", tags=["listeners"], status_code=204, responses=_NOT_FOUND,
@@ -156,9 +209,9 @@ def list_deliveries(
 
 
 @router.get("/deliveries/{delivery_id}", tags=["deliveries"], responses=_NOT_FOUND,
-            summary="A delivery with its attempts and their responses")
-def get_delivery(db: Db, delivery_id: DeliveryId) -> DeliveryDetail:
-    return views.delivery(db, delivery_id)
+            response_model=DeliveryDetail, summary="A delivery with its attempts and their responses")
+def get_delivery(db: Db, delivery_id: DeliveryId) -> Response:
+    return exact_answer(views.delivery(db, delivery_id))
 
 
 @router.post("/deliveries/{delivery_id}/redeliver", tags=["deliveries"],

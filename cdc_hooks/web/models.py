@@ -8,25 +8,15 @@ the field instead of a database error.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from .. import jsoncodec
+from ..jsoncodec import storable_text
 
 DeliveryStatus = Literal["pending", "delivered", "dead"]
 ListenerState = Literal["active", "paused", "disabled"]
-
-
-def storable_text(value: str) -> str:
-    """Text PostgreSQL can store: valid UTF-8 without NUL."""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
-    return value
 
 
 def storable_json(value: Any) -> Any:
@@ -115,6 +105,7 @@ class ListenerStats(BaseModel):
 
 
 class ListenerOut(BaseModel):
+    json_values: ClassVar[tuple[str, ...]] = ("match",)  # see api.exact_answer
     id: int
     hook: str
     url: str
@@ -198,6 +189,7 @@ class AttemptOut(BaseModel):
 
 
 class DeliveryDetail(DeliveryOut):
+    json_values: ClassVar[tuple[str, ...]] = ("body",)  # see api.exact_answer
     url: str | None
     webhook_id: str
     body: dict[str, Any] = Field(description="The JSON POSTed")

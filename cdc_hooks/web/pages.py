@@ -9,7 +9,6 @@ message, except where a secret is shown (once, never stored in the session).
 from __future__ import annotations
 
 import functools
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -55,8 +54,8 @@ def templates() -> Jinja2Templates:
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("cdc_hooks.web", "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(clock=_clock, ms=_ms, ago=_ago, pct=_pct, pretty=_pretty, seconds=_seconds,
-                       compact=jsoncodec.dumps, capped=capped)
+    env.filters.update(clock=_clock, ms=_ms, ago=_ago, pct=_pct, seconds=_seconds,
+                       pretty=jsoncodec.dumps_pretty, compact=jsoncodec.dumps, capped=capped)
     env.globals.update(conditions=CONDITIONS)
     return env
 
@@ -373,7 +372,3 @@ def capped(text: str | None) -> str:
     shown = data[:PAGE_TEXT].decode("utf-8", "ignore")  # not half a character
     return Markup(f'{escape(shown)}<span class="truncated">… truncated: {len(data):,} bytes in all '
                   "(the API gives it whole)</span>")
-
-
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)

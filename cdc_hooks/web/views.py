@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -113,7 +112,7 @@ def delivery(db: Database, delivery_id: int) -> DeliveryDetail:
     attempts = [AttemptOut(attempted_at=a[0], status_code=a[1], duration_ms=float(a[2]), error=a[3],
                            response=a[4]) for a in db.delivery_attempts(delivery_id)]
     url = None if row[14] is None else redact_url(row[14])
-    return DeliveryDetail(**base.model_dump(), url=url, body=json.loads(row[15]),
+    return DeliveryDetail(**base.model_dump(), url=url, body=jsoncodec.loads(row[15]),
                           webhook_id=f"msg_{base.event_id}_{base.listener_id}", attempt_log=attempts)
 
 
