@@ -8,7 +8,6 @@ allows, and a given secret must be a whsec_ secret.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,10 +65,11 @@ def stored_match(match_text: str) -> tuple[dict[str, Any] | None, str | None]:
     limits of match.py, or written with SQL. Listings show the reason instead of
     failing; the relay skips such a listener (with an error log) until it is replaced."""
     try:
-        rules_from_json(jsoncodec.loads(match_text))
+        match = jsoncodec.loads(match_text)
+        rules_from_json(match)
     except ValueError as exc:  # MatchError, TooDeep
         return None, str(exc)
-    return json.loads(match_text), None  # plain floats, as the API has always shown them
+    return match, None
 
 
 def validate_config(listener_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -322,7 +322,7 @@ def test_bodies_over_the_limit_are_refused_unread_on_api_and_page_routes(start_w
 def test_pages_show_the_first_64_kib_of_a_huge_value_and_the_api_all_of_it(start_web, conn, receiver):
     web = start_web(relay=True)
     listener = add_listener(web, receiver.url())
-    huge = "é" + "x" * (3 << 20)  # 3 MiB in one column
+    huge = "é" + "x" * (900 << 10)  # 900 KiB in one column, under [delivery] max_event_bytes
     conn.execute("INSERT INTO person (name) VALUES (%s)", (huge,))
     items = wait_until(lambda: call(web, "GET", f"/api/deliveries?listener={listener}",
                                     headers=AUTH).json()["items"], message="the delivery")
