@@ -233,6 +233,49 @@ _state_command("pause", "paused", "Hold deliveries for a listener (sent on resum
 _state_command("resume", "active", "Resume (or re-enable) a listener; held deliveries go out.")
 
 
+@listeners.command("update")
+@click.argument("listener_id", type=int)
+@click.option("--url", help="The new URL the events are POSTed to.")
+@click.option("--match", "matches", multiple=True, metavar="FIELD=VALUE|FIELD=OP:VALUE|FIELD:=JSON",
+              help="The new filter (repeatable), replacing the whole match; as in listeners add.")
+@click.option("--no-match", is_flag=True, help="Remove the filter: every event matches.")
+@click.option("--header", "header_lines", multiple=True, metavar='"NAME: VALUE"',
+              help="The new headers (repeatable), replacing the whole set.")
+@click.option("--no-headers", is_flag=True, help="Remove every header.")
+@click.option("--backfill/--no-backfill", default=None,
+              help="Take backfill ('read') events of cdc-hooks backfill, or not.")
+# Further options of a listener (--events, --changed, --rate) go here, each passed
+# to core.update_listener like those above.
+@pass_context
+@friendly_errors
+def listeners_update(ctx: Context, listener_id: int, url: str | None, matches: tuple[str, ...],
+                     no_match: bool, header_lines: tuple[str, ...], no_headers: bool,
+                     backfill: bool | None) -> None:
+    """Change a listener: what is not given stays as it is."""
+    match = _replacement("--match", "--no-match", matches, no_match, match_options_to_json)
+    headers = _replacement("--header", "--no-headers", header_lines, no_headers,
+                           core.headers_from_lines)
+    if url is None and match is None and headers is None and backfill is None:
+        raise ListenerError("nothing to change: give --url, --match, --no-match, --header, "
+                            "--no-headers, --backfill or --no-backfill")
+    config = ctx.config()
+    with Database.connect(config.dsn) as db:
+        core.update_listener(db, config, listener_id, url=url, match=match, headers=headers,
+                             backfill=backfill)
+    click.echo(f"listener {listener_id} updated")
+
+
+def _replacement(option: str, clearing: str, given: tuple[str, ...], clear: bool,
+                 parse: Callable[[list[str]], dict[str, Any]]) -> dict[str, Any] | None:
+    """What replaces a set (a match, headers): the parsed options, {} to clear it, or
+    None if neither was given."""
+    if given and clear:
+        raise ListenerError(f"give {option} or {clearing}, not both")
+    if clear:
+        return {}
+    return parse(list(given)) if given else None
+
+
 @listeners.command("rotate")
 @click.argument("listener_id", type=int)
 @click.option("--overlap", type=float, default=core.DEFAULT_OVERLAP, show_default=True,

@@ -242,3 +242,54 @@ def test_a_bad_overlap_is_refused_by_the_cli(conn, config, cli):
         assert result.exit_code == 2 and "error: overlap must be between 0 and" in result.stderr, \
             result.output
     assert stored(conn, listener, "secret") == before
+
+
+# listeners update ------------------------------------------------------------------
+
+
+def test_listeners_update_changes_url_match_headers_and_backfill(conn, config, cli, receiver):
+    listener, _ = add(cli, config, receiver.url("/old"), "--match", "n:=1", "--header", "X-A: 1")
+    updated = cli(config, "listeners", "update", str(listener), "--url", receiver.url("/new"),
+                  "--match", "n:=2", "--header", f"X-B: {API_KEY}", "--no-backfill")
+    assert updated.exit_code == 0 and f"listener {listener} updated" in updated.stdout, updated.output
+    assert API_KEY not in updated.output
+    relay = InProcessRelay(config).start()
+    try:
+        send(cli, config, 1)
+        send(cli, config, 2)
+        [hit] = receiver.wait_for(1, "/new")
+    finally:
+        relay.stop()
+    assert hit.json["data"] == {"n": 2} and receiver.received() == [hit]
+    assert hit.headers["x-b"] == API_KEY and "x-a" not in hit.headers
+    assert stored(conn, listener, "config") == {"backfill": False}
+
+    cleared = cli(config, "listeners", "update", str(listener), "--no-headers", "--no-match",
+                  "--backfill")
+    assert cleared.exit_code == 0, cleared.output
+    assert stored(conn, listener, "headers") == {} and stored(conn, listener, "match") == {}
+    assert stored(conn, listener, "config") == {"backfill": True}
+    assert stored(conn, listener, "url") == receiver.url("/new")  # not given: kept
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ([], "nothing to change"),
+    (["--header", "X-A: 1", "--no-headers"], "give --header or --no-headers, not both"),
+    (["--match", "n:=1", "--no-match"], "give --match or --no-match, not both"),
+    (["--match", "nope=1"], 'match field "nope": hook "ping" does not provide it'),
+    (["--url", "ftp://127.0.0.1/x"], "http"),
+    (["--header", "Host: x", "--url", "http://127.0.0.1:9/other"],
+     'header "Host": cdc-hooks sets it itself'),
+])
+def test_listeners_update_refuses_bad_input_and_changes_nothing(conn, config, cli, options, message):
+    listener, _ = add(cli, config, "http://127.0.0.1:9/r", "--header", "X-A: 1")
+    before = conn.execute("SELECT * FROM cdc_hooks.listeners").fetchall()
+    result = cli(config, "listeners", "update", str(listener), *options)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert result.stderr.startswith("error: ")
+    assert conn.execute("SELECT * FROM cdc_hooks.listeners").fetchall() == before
+
+
+def test_listeners_update_of_an_unknown_listener_says_so(config, cli):
+    result = cli(config, "listeners", "update", "99", "--url", "http://127.0.0.1:9/r")
+    assert result.exit_code != 0 and "no listener with id 99" in result.stderr, result.output
