@@ -168,19 +168,25 @@ def listeners() -> None:
 @click.option("--secret", metavar="whsec_...", help="Signing secret (default: generated).")
 @click.option("--backfill/--no-backfill", default=None,
               help="Take backfill ('read') events of cdc-hooks backfill (default: yes).")
+@click.option("--header", "header_lines", multiple=True, metavar='"NAME: VALUE"',
+              help="An HTTP header sent with every delivery, e.g. an API key (repeatable; "
+                   "values are never listed).")
 @pass_context
 @friendly_errors
 def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
-                  secret: str | None, backfill: bool | None) -> None:
+                  secret: str | None, backfill: bool | None, header_lines: tuple[str, ...]) -> None:
     """Add a listener for HOOK that POSTs matching events to URL."""
     config = ctx.config()
     match = match_options_to_json(list(matches))
+    headers = core.headers_from_lines(header_lines)
     listener_config = {} if backfill is None else {"backfill": backfill}
     with Database.connect(config.dsn) as db:
-        created = core.add_listener(db, config, hook, url, match, secret, listener_config)
+        created = core.add_listener(db, config, hook, url, match, secret, listener_config, headers)
     click.echo(f"listener {created.id} added")
     if secret is None:  # a secret the user chose is not echoed into terminals and logs
         click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
+    if headers:  # likewise their values
+        click.echo(f"headers: {', '.join(headers)}")
 
 
 @listeners.command("list")
@@ -190,10 +196,13 @@ def listeners_list(ctx: Context) -> None:
     """List listeners (secrets are never shown)."""
     with Database.connect(ctx.config().dsn) as db:
         rows = db.list_listeners()
-    print_table(["ID", "HOOK", "URL", "MATCH", "STATE", "LAST DELIVERY"], [
+    print_table(["ID", "HOOK", "URL", "MATCH", "HEADERS", "STATE", "LAST DELIVERY"], [
         [r.id, r.hook, redact_url(r.url), _match_column(r.match),
+         ", ".join(r.header_names) or "-",
          r.state + (f" ({r.disabled_reason})" if r.disabled_reason else "")
-         + ("" if r.backfill else ", no backfill"),
+         + ("" if r.backfill else ", no backfill")
+         + (f", old secret signs until {r.overlap_until:%Y-%m-%d %H:%M:%S %Z}"
+            if r.overlap_until else ""),
          describe_outcome(r.last_status, r.last_code, r.last_error)]
         for r in rows
     ])
@@ -225,6 +234,68 @@ def _state_command(name: str, state: str, help_text: str) -> None:
 
 _state_command("pause", "paused", "Hold deliveries for a listener (sent on resume).")
 _state_command("resume", "active", "Resume (or re-enable) a listener; held deliveries go out.")
+
+
+@listeners.command("update")
+@click.argument("listener_id", type=int)
+@click.option("--url", help="The new URL the events are POSTed to.")
+@click.option("--match", "matches", multiple=True, metavar="FIELD=VALUE|FIELD=OP:VALUE|FIELD:=JSON",
+              help="The new filter (repeatable), replacing the whole match; as in listeners add.")
+@click.option("--no-match", is_flag=True, help="Remove the filter: every event matches.")
+@click.option("--header", "header_lines", multiple=True, metavar='"NAME: VALUE"',
+              help="The new headers (repeatable), replacing the whole set.")
+@click.option("--no-headers", is_flag=True, help="Remove every header.")
+@click.option("--backfill/--no-backfill", default=None,
+              help="Take backfill ('read') events of cdc-hooks backfill, or not.")
+# Further options of a listener (--events, --changed, --rate) go here, each passed
+# to core.update_listener like those above.
+@pass_context
+@friendly_errors
+def listeners_update(ctx: Context, listener_id: int, url: str | None, matches: tuple[str, ...],
+                     no_match: bool, header_lines: tuple[str, ...], no_headers: bool,
+                     backfill: bool | None) -> None:
+    """Change a listener: what is not given stays as it is."""
+    match = _replacement("--match", "--no-match", matches, no_match, match_options_to_json)
+    headers = _replacement("--header", "--no-headers", header_lines, no_headers,
+                           core.headers_from_lines)
+    if url is None and match is None and headers is None and backfill is None:
+        raise ListenerError("nothing to change: give --url, --match, --no-match, --header, "
+                            "--no-headers, --backfill or --no-backfill")
+    config = ctx.config()
+    with Database.connect(config.dsn) as db:
+        core.update_listener(db, config, listener_id, url=url, match=match, headers=headers,
+                             backfill=backfill)
+    click.echo(f"listener {listener_id} updated")
+
+
+def _replacement(option: str, clearing: str, given: tuple[str, ...], clear: bool,
+                 parse: Callable[[list[str]], dict[str, Any]]) -> dict[str, Any] | None:
+    """What replaces a set (a match, headers): the parsed options, {} to clear it, or
+    None if neither was given."""
+    if given and clear:
+        raise ListenerError(f"give {option} or {clearing}, not both")
+    if clear:
+        return {}
+    return parse(list(given)) if given else None
+
+
+@listeners.command("rotate")
+@click.argument("listener_id", type=int)
+@click.option("--overlap", type=float, default=core.DEFAULT_OVERLAP, show_default=True,
+              metavar="SECONDS",
+              help="The old secret keeps signing beside the new one this long (0: not at all).")
+@pass_context
+@friendly_errors
+def listeners_rotate(ctx: Context, listener_id: int, overlap: float) -> None:
+    """Replace a listener's signing secret; prints the new one, once."""
+    config = ctx.config()
+    with Database.connect(config.dsn) as db:
+        secret = core.rotate(db, config, listener_id, overlap)
+        until = core.get_listener(db, listener_id).overlap_until
+    click.echo(f"secret: {secret}  (shown once; receivers verify signatures with it)")
+    if until is not None:
+        click.echo(f"until {until:%Y-%m-%d %H:%M:%S %Z} deliveries are signed with the old "
+                   "secret too: switch the receiver before then")
 
 
 @listeners.command("remove")

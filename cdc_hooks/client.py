@@ -104,17 +104,27 @@ class _Endpoints:
 
     def add_listener(self, hook: str, url: str, match: Mapping[str, Any] | None = None,
                      **options: Any) -> Answer[Record]:
-        """A new listener, with its ``secret`` (shown this once). Options: secret, backfill."""
+        """A new listener, with its ``secret`` (shown this once). Options: secret, backfill,
+        headers ({"X-Api-Key": "..."}: sent with every delivery, values never listed)."""
         body = {"hook": hook, "url": url, **options}
         if match is not None:
             body["match"] = match_json(match)
         return self._call("POST", "/api/listeners", body=body)
 
     def update_listener(self, listener_id: int, **changes: Any) -> Answer[Record]:
-        """Changes url, match, backfill, state; rotate_secret=True answers the new secret."""
+        """Changes url, match, backfill, headers (the whole set), state; rotate_secret=True
+        answers the new secret."""
         if changes.get("match") is not None:
             changes["match"] = match_json(changes["match"])
         return self._call("PATCH", f"/api/listeners/{int(listener_id)}", body=changes)
+
+    def rotate(self, listener_id: int, overlap: float | None = None) -> Answer[Record]:
+        """A new signing secret (its ``secret``, shown this once); the old one keeps signing
+        beside it for ``overlap`` seconds (default: the server's, 24 h; 0: not at all)."""
+        changes: dict[str, Any] = {"rotate_secret": True}
+        if overlap is not None:
+            changes["overlap_seconds"] = overlap
+        return self.update_listener(listener_id, **changes)
 
     def pause(self, listener_id: int) -> Answer[Record]:
         """Holds deliveries; they go out on resume."""

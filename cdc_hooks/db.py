@@ -125,6 +125,8 @@ class ListenerRow:
     created_at: datetime
     updated_at: datetime
     backfill: bool  # takes backfill ('read') events (config {"backfill": false} opts out)
+    header_names: list[str]  # its own headers' names: their values are never listed
+    overlap_until: datetime | None  # the replaced secret also signs until then
     last_status: str | None = None
     last_code: int | None = None
     last_error: str | None = None
@@ -242,9 +244,10 @@ class Database:
     # Listeners ----------------------------------------------------------
 
     def add_listener(self, hook: str, url: str, match_json: str, config_json: str,
-                     secret: str) -> int:
+                     secret: str, headers_json: str = "{}") -> int:
         row = self.one("add_listener", {"hook": hook, "url": url, "match": match_json,
-                                        "config": config_json, "secret": secret})
+                                        "config": config_json, "secret": secret,
+                                        "headers": headers_json})
         return int(row[0])  # type: ignore[index]
 
     def list_listeners(self) -> list[ListenerRow]:
@@ -265,9 +268,11 @@ class Database:
 
     def update_listener(self, listener_id: int, *, url: str | None = None,
                         match_json: str | None = None, secret: str | None = None,
+                        overlap: float = 0.0, headers_json: str | None = None,
                         backfill: bool | None = None) -> bool:
-        return self.one("update_listener", {"id": listener_id, "url": url, "match": match_json,
-                                            "secret": secret, "backfill": backfill}) is not None
+        return self.one("update_listener", {
+            "id": listener_id, "url": url, "match": match_json, "secret": secret,
+            "overlap": overlap, "headers": headers_json, "backfill": backfill}) is not None
 
     # Deliveries ---------------------------------------------------------
 

@@ -63,8 +63,10 @@ class Hook:
         where = f" in {self.registered_from}" if self.registered_from else ""
         return f"{cls.__name__}({self.name!r}){where}"
 
-    def listener(self, url: str, secret: str | None = None, **config: Any) -> ListenerBuilder:
-        return ListenerBuilder(self, url, secret, config)
+    def listener(self, url: str, secret: str | None = None,
+                 headers: Mapping[str, str] | None = None, **config: Any) -> ListenerBuilder:
+        """A listener to save; ``headers`` are sent with every delivery (e.g. an API key)."""
+        return ListenerBuilder(self, url, secret, config, headers)
 
     def send(self, sender: Any = None, *, connection: psycopg.Connection[Any] | None = None,
              **payload: Any) -> int:
@@ -138,8 +140,9 @@ class ListenerBuilder:
     """``hook.listener(url=...).match(name=Startswith("J")).save()``"""
 
     def __init__(self, hook: Hook, url: str, secret: str | None,
-                 config: Mapping[str, Any]) -> None:
+                 config: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
         self.hook, self.url, self.secret, self.config = hook, url, secret, dict(config)
+        self.headers = dict(headers or {})
         self.rules: dict[str, Any] = {}
 
     def match(self, **rules: Any) -> ListenerBuilder:
@@ -151,7 +154,7 @@ class ListenerBuilder:
         config = self.hook.registry.config
         with Database.connect(config.dsn) as db:
             return add_listener(db, config, self.hook.name, self.url,
-                                rules_to_json(self.rules), self.secret, self.config)
+                                rules_to_json(self.rules), self.secret, self.config, self.headers)
 
 
 class Registry:

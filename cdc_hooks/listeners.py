@@ -3,12 +3,14 @@
 The one place that validates a listener, shared by the CLI, the Python API
 and the web interface: the hook must be installed, the match may name only
 provided fields, the URL must be http(s) to an address the delivery policy
-allows, and a given secret must be a whsec_ secret.
+allows, a given secret must be a whsec_ secret, and its own headers must be
+valid HTTP and none of those cdc-hooks sets itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +29,24 @@ LISTENER_OPTIONS: dict[str, type] = {
 }
 
 
+# A listener's own headers: names the relay sets itself (or that frame the
+# request) are refused, and so are more or longer ones than a receiver needs.
+RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "user-agent",
+                              "transfer-encoding", "connection"})
+RESERVED_PREFIX = "webhook-"
+MAX_HEADERS = 20
+MAX_HEADER_VALUE = 4096
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}")  # RFC 7230 token, bounded
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
+DEFAULT_OVERLAP = 86_400.0  # seconds the replaced secret keeps signing after a rotation
+MAX_OVERLAP = 30 * 86_400.0
+
+
 @dataclass(frozen=True)
 class NewListener:
     id: int
     secret: str  # shown once: it is never displayed again
+    headers: dict[str, str]  # likewise: only their names are listed
 
 
 def policy_of(config: Config) -> NetworkPolicy:
@@ -84,9 +100,66 @@ def validate_config(listener_config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(listener_config)
 
 
+def validate_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    """A listener's own headers; raises ListenerError naming a bad one."""
+    if len(headers) > MAX_HEADERS:
+        raise ListenerError(f"at most {MAX_HEADERS} headers, not {len(headers)}")
+    seen: set[str] = set()
+    for name, value in headers.items():
+        lowered = str(name).lower()
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ListenerError(f"header {name!r}: not a valid header name (letters, digits "
+                                "and !#$%&'*+-.^_`|~, at most 256)")
+        if lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_PREFIX):
+            raise ListenerError(f'header "{name}": cdc-hooks sets it itself')
+        if lowered in seen:
+            raise ListenerError(f'header "{name}": given twice')
+        seen.add(lowered)
+        if not isinstance(value, str):
+            raise ListenerError(f'header "{name}": the value must be text')
+        if _BAD_VALUE.search(value):
+            raise ListenerError(f'header "{name}": the value must not contain control '
+                                "characters (CR, LF, NUL...)")
+        if len(value) > MAX_HEADER_VALUE:
+            raise ListenerError(f'header "{name}": the value is longer than '
+                                f"{MAX_HEADER_VALUE} characters")
+    return dict(headers)
+
+
+def headers_from_lines(lines: Iterable[str]) -> dict[str, str]:
+    """Headers given as "Name: value" lines (CLI --header, the web form); blank lines
+    are skipped, a name given twice is refused by validate_headers."""
+    headers: dict[str, str] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise ListenerError(f'header "{_shown(line)}": write it as "Name: value"')
+        name = name.strip()
+        if name.lower() in (n.lower() for n in headers):
+            raise ListenerError(f'header "{name}": given twice')
+        headers[name] = value.strip(" \t")
+    return validate_headers(headers)
+
+
+def _shown(line: str) -> str:
+    """A malformed header line as quoted in an error: its first 40 characters,
+    since it may be a value (a secret) given without its name."""
+    return line[:40] + ("..." if len(line) > 40 else "")
+
+
+def validate_overlap(overlap: float) -> float:
+    if not 0 <= overlap <= MAX_OVERLAP:  # NaN too
+        raise ListenerError(f"overlap must be between 0 and {MAX_OVERLAP:g} seconds, "
+                            f"not {overlap:g}")
+    return float(overlap)
+
+
 def add_listener(db: Database, config: Config, hook: str, url: str,
                  match: Mapping[str, Any] | None = None, secret: str | None = None,
-                 listener_config: Mapping[str, Any] | None = None) -> NewListener:
+                 listener_config: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None) -> NewListener:
     declared = installed_hook(db, hook)
     match_json = validate_match(declared, dict(match or {}))
     check_url(url, policy_of(config))
@@ -95,9 +168,11 @@ def add_listener(db: Database, config: Config, hook: str, url: str,
     else:
         secret_key(secret)
     config_json = jsoncodec.dumps(validate_config(listener_config or {}))
+    own_headers = validate_headers(headers or {})
     with db.transaction():
-        listener_id = db.add_listener(hook, url, match_json, config_json, secret)
-    return NewListener(listener_id, secret)
+        listener_id = db.add_listener(hook, url, match_json, config_json, secret,
+                                      jsoncodec.dumps(own_headers))
+    return NewListener(listener_id, secret, own_headers)
 
 
 def get_listener(db: Database, listener_id: int) -> ListenerRow:
@@ -139,9 +214,13 @@ def set_state(db: Database, listener_id: int, state: str) -> None:
 
 def update_listener(db: Database, config: Config, listener_id: int, *, url: str | None = None,
                     match: Mapping[str, Any] | None = None, rotate_secret: bool = False,
+                    overlap: float = DEFAULT_OVERLAP, headers: Mapping[str, str] | None = None,
                     backfill: bool | None = None) -> str | None:
-    """Changes URL, match and/or whether it takes backfill events; returns the new
-    secret when rotated."""
+    """Changes URL, match, headers (the whole set: {} clears it) and/or whether it
+    takes backfill events; returns the new secret when rotated. The secret it
+    replaces still signs every delivery beside it for ``overlap`` seconds."""
+    overlap = validate_overlap(overlap)
+    headers_json = None if headers is None else jsoncodec.dumps(validate_headers(headers))
     current = get_listener(db, listener_id)
     if url is not None and same_shown_url(url, current.url):
         url = None  # as listed (credentials masked): the stored URL stays
@@ -153,5 +232,14 @@ def update_listener(db: Database, config: Config, listener_id: int, *, url: str 
     secret = generate_secret() if rotate_secret else None
     with db.transaction():
         db.update_listener(listener_id, url=url, match_json=match_json, secret=secret,
-                           backfill=backfill)
+                           overlap=overlap, headers_json=headers_json, backfill=backfill)
+    return secret
+
+
+def rotate(db: Database, config: Config, listener_id: int,
+           overlap: float = DEFAULT_OVERLAP) -> str:
+    """A new signing secret (returned, to be shown once); the replaced one keeps
+    signing beside it for ``overlap`` seconds (0: stops at once)."""
+    secret = update_listener(db, config, listener_id, rotate_secret=True, overlap=overlap)
+    assert secret is not None
     return secret

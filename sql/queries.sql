@@ -172,14 +172,17 @@ SELECT cdc_hooks.send(%(hook)s, %(payload)s::jsonb);
 -- Listeners -----------------------------------------------------------------
 
 -- name: add_listener
-INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret)
-VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s)
+INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret, headers)
+VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s, %(headers)s::jsonb)
 RETURNING id;
 
 -- name: list_listeners
--- Without secrets: they are shown once, at creation.
+-- Without secrets nor header values: they are shown once, at creation.
 SELECT l.id, l.hook, l.url, l.match::text, l.state, l.disabled_reason, l.created_at, l.updated_at,
-       l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill, last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
+       l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
+       ARRAY(SELECT k FROM jsonb_object_keys(l.headers) k ORDER BY lower(k)) AS header_names,
+       CASE WHEN l.previous_secret_until > now() THEN l.previous_secret_until END AS overlap_until,
+       last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
 FROM cdc_hooks.listeners l
 LEFT JOIN LATERAL (
     SELECT d.status, d.last_status, d.last_error, d.finished_at
@@ -191,7 +194,9 @@ ORDER BY l.id;
 
 -- name: get_listener
 SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_at,
-       config -> 'backfill' IS DISTINCT FROM 'false' AS backfill
+       config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
+       ARRAY(SELECT k FROM jsonb_object_keys(headers) k ORDER BY lower(k)) AS header_names,
+       CASE WHEN previous_secret_until > now() THEN previous_secret_until END AS overlap_until
 FROM cdc_hooks.listeners WHERE id = %(id)s;
 
 -- name: remove_listener_deliveries
@@ -207,9 +212,17 @@ WHERE id = %(id)s
 RETURNING id;
 
 -- name: update_listener
+-- A new secret keeps the one it replaces signing beside it for `overlap` seconds
+-- (none: 0); on the right of SET, secret is the value before this UPDATE.
 UPDATE cdc_hooks.listeners
 SET url = coalesce(%(url)s, url), match = coalesce(%(match)s::jsonb, match),
+    headers = coalesce(%(headers)s::jsonb, headers),
     secret = coalesce(%(secret)s, secret), updated_at = now(),
+    previous_secret = CASE WHEN %(secret)s::text IS NULL THEN previous_secret
+                           WHEN %(overlap)s::float8 > 0 THEN secret END,
+    previous_secret_until = CASE WHEN %(secret)s::text IS NULL THEN previous_secret_until
+                                 WHEN %(overlap)s::float8 > 0
+                                 THEN now() + make_interval(secs => %(overlap)s::float8) END,
     config = CASE WHEN %(backfill)s::bool IS NULL THEN config
                   ELSE config || jsonb_build_object('backfill', %(backfill)s::bool) END
 WHERE id = %(id)s
@@ -217,8 +230,12 @@ RETURNING id;
 
 -- name: active_listeners
 -- What the relay matches events against and signs with; backfill: whether it
--- takes backfill ('read') events (config {"backfill": false} opts out).
-SELECT id, hook, url, match::text, secret, state, config -> 'backfill' IS DISTINCT FROM 'false'
+-- takes backfill ('read') events (config {"backfill": false} opts out); the
+-- secret a rotation replaced while it still signs, with the seconds it has left
+-- (relative: the relay's clock need not agree with the database's).
+SELECT id, hook, url, match::text, secret, state, config -> 'backfill' IS DISTINCT FROM 'false',
+       headers, CASE WHEN previous_secret_until > now() THEN previous_secret END,
+       extract(epoch FROM previous_secret_until - now())::float8
 FROM cdc_hooks.listeners WHERE state <> 'disabled';
 
 -- Relay: dispatch ------------------------------------------------------------

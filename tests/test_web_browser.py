@@ -115,6 +115,9 @@ def shot(page: Any, tmp_path: Path) -> Callable[..., None]:
     return take
 
 
+API_KEY = "browser-key-5Tq8Pz"
+
+
 def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     # Some history, so the filter's preview has events to judge.
     conn.execute("INSERT INTO person (name, address) VALUES ('Joe', 'NYC'), ('Ann', 'LA'), "
@@ -138,6 +141,7 @@ def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     page.get_by_label("URL").fill(receiver.url("/joe"))
     page.locator("select[name='cond:name']").select_option(label="starts with")
     page.get_by_label("value for name").fill("J")
+    page.locator("textarea[name='headers']").fill(f"X-Api-Key: {API_KEY}")
     expect(page.locator("#preview")).to_contain_text("2 of the last 3 events match")
     expect(page.locator("#preview tr.nomatch")).to_contain_text("Ann")
     shot("create-listener", full_page=True)
@@ -147,6 +151,7 @@ def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     expect(page.get_by_role("heading", name="Listener 1 created")).to_be_visible()
     secret = page.locator("#secret").inner_text()
     assert secret.startswith("whsec_")
+    expect(page.locator("#headers")).to_contain_text(f"X-Api-Key: {API_KEY}")  # shown this once
     shot("listener-created")
 
     # Listed, without its secret.
@@ -155,7 +160,8 @@ def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     expect(row).to_contain_text(receiver.url("/joe"))
     expect(row).to_contain_text('{"name":{"$startswith":"J"}}')
     expect(row).to_contain_text("active")
-    assert secret not in page.content()
+    expect(row).to_contain_text("headers: X-Api-Key")
+    assert secret not in page.content() and API_KEY not in page.content()
 
     # Matching and non-matching rows; the live log shows the matching ones arrive.
     page.get_by_role("link", name="Deliveries").first.click()
@@ -166,6 +172,7 @@ def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     expect(page.locator("tr.delivery.delivered")).to_have_count(2)  # htmx refreshes: no reload
     received = receiver.wait_for(2, "/joe")
     assert sorted(r.json["data"]["name"] for r in received) == ["Jill", "Jim"]
+    assert {r.headers["x-api-key"] for r in received} == {API_KEY}
     shot("deliveries")
 
     # A delivery's attempts and response, then redeliver it: same webhook-id again.
@@ -192,6 +199,20 @@ def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     page.get_by_role("link", name="Overview").click()
     expect(page.locator("svg.chart rect.ok").first).to_be_visible()
     shot("overview")
+
+    # Rotate the secret with a 10-minute overlap: the new one shown once, and until when
+    # the old one still signs.
+    page.get_by_role("link", name="Listeners").first.click()
+    page.locator("#listener-1").get_by_role("link", name="rotate secret").click()
+    page.get_by_label("Overlap, in seconds").fill("600")
+    page.get_by_role("button", name="Rotate secret").click()
+    expect(page.get_by_role("heading", name="New secret for listener 1")).to_be_visible()
+    rotated = page.locator("#secret").inner_text()
+    assert rotated.startswith("whsec_") and rotated != secret
+    expect(page.locator("#overlap")).to_contain_text("signed with both the new and the old secret")
+    page.get_by_role("link", name="Listeners").first.click()
+    expect(page.locator("#listener-1")).to_contain_text("old secret signs until")
+    assert rotated not in page.content()
 
     assert web.terminate() == 0, web.log()
     assert "Traceback" not in web.log(), web.log()

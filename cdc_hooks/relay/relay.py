@@ -37,7 +37,7 @@ from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
 from .circuit import Circuit, counts_as_failure
 from .events import expand
-from .http import Response, Sender
+from .http import Response, Sender, Target
 from .retry import classify
 from .workers import Workers, report_metrics, share
 
@@ -65,7 +65,7 @@ class Listener:
     hook: str
     url: str
     rules: dict[str, Any]
-    key: bytes
+    target: Target  # URL, keys and headers the sender uses
     active: bool  # False: paused (deliveries are recorded and held)
     backfill: bool = True  # False: opted out of backfill ('read') events
 
@@ -270,7 +270,7 @@ class Relay:
         hooks = await store.run("installed_hooks")
         self.hooks = {r[0]: InstalledHook.from_row(r) for r in hooks}
         listeners = {}
-        for listener_id, hook, url, match_text, secret, state, backfill in \
+        for listener_id, hook, url, match_text, secret, state, backfill, *sending in \
                 await store.active_listeners():
             try:
                 rules = self._compiled.get((listener_id, match_text))
@@ -278,7 +278,8 @@ class Relay:
                     rules = rules_from_json(jsoncodec.loads(match_text))
                     self._compiled[(listener_id, match_text)] = rules
                 listeners[listener_id] = Listener(listener_id, hook, url, rules,
-                                                  secret_key(secret), state == "active", backfill)
+                                                  _target(url, secret, *sending),
+                                                  state == "active", backfill)
             except (CdcHooksError, ValueError) as exc:
                 log.error("listener %s is unusable and skipped: %s", listener_id, exc,
                           extra={"listener_id": listener_id})
@@ -526,7 +527,7 @@ class Relay:
                        attempt: int, body: str) -> None:
         assert self.sender is not None
         try:
-            response = await self.sender.post(listener.url, body.encode(), listener.key,
+            response = await self.sender.post(listener.target, body.encode(),
                                               f"msg_{event_id}_{listener.id}")
             outcome = classify(response.code, attempt, self.delivery.retry_schedule,
                                retry_after=response.retry_after, retryable_error=response.retryable)
@@ -654,6 +655,16 @@ async def _require_own_sessions(dsn: str, first: RelayStore, second: RelayStore)
             "transaction-mode pooler such as PgBouncer's pool_mode = transaction), where its "
             "LISTEN and advisory locks would be lost; point the relay's dsn at PostgreSQL "
             "itself or at a session-mode pool")
+
+
+def _target(url: str, secret: str, headers: dict[str, str], previous_secret: str | None,
+            previous_seconds_left: float | None) -> Target:
+    """What the sender needs of a listener, computed once per load: a rotated-out
+    secret signs beside the new one until its overlap (seconds left, by the
+    database's clock) has passed on this relay's clock."""
+    previous_key = None if previous_secret is None else secret_key(previous_secret)
+    until = 0.0 if previous_key is None else time.time() + (previous_seconds_left or 0.0)
+    return Target(url, secret_key(secret), tuple(headers.items()), previous_key, until)
 
 
 def _takes_backfill(listener: Listener, event: Any) -> bool:

@@ -118,6 +118,10 @@ class ListenerOut(BaseModel):
     state: ListenerState
     disabled_reason: str | None
     backfill: bool = Field(description="Takes backfill ('read') events of cdc-hooks backfill")
+    header_names: list[str] = Field(
+        description="Names of its own headers sent with every delivery (values are never shown)")
+    secret_overlap_until: datetime | None = Field(
+        description="Until then the secret a rotation replaced still signs beside the new one")
     created_at: datetime
     updated_at: datetime
     last_delivery: LastDelivery | None
@@ -126,6 +130,8 @@ class ListenerOut(BaseModel):
 
 class ListenerCreated(ListenerOut):
     secret: str = Field(description="The signing secret: shown this once, never again")
+    headers: dict[str, str] = Field(description="Its own headers with their values: "
+                                                "shown this once, never again")
 
 
 class ListenerChanged(ListenerOut):
@@ -140,6 +146,10 @@ class ListenerIn(BaseModel):
     match: JsonObject = Field(default_factory=dict, description="Filter in $-operator JSON form")
     secret: Text | None = Field(default=None, description="whsec_... (default: generated)")
     backfill: bool = Field(default=True, description="Take backfill ('read') events")
+    headers: dict[Text, Text] = Field(
+        default_factory=dict, description='HTTP headers sent with every delivery, e.g. '
+        '{"X-Api-Key": "..."}; not webhook-*, Content-Type, Content-Length, Host, '
+        "User-Agent, Transfer-Encoding, Connection")
 
 
 class ListenerPatch(BaseModel):
@@ -149,7 +159,13 @@ class ListenerPatch(BaseModel):
     url: Text | None = None
     match: JsonObject | None = None
     rotate_secret: bool = Field(default=False, description="Replace the signing secret")
+    overlap_seconds: float | None = Field(
+        default=None, ge=0, le=30 * 86_400, allow_inf_nan=False,
+        description="With rotate_secret: how long the old secret keeps signing beside the new "
+                    "one (webhook-signature carries both), default 86400; 0: not at all")
     backfill: bool | None = Field(default=None, description="Take backfill ('read') events, or not")
+    headers: dict[Text, Text] | None = Field(
+        default=None, description="Replace its own headers (the whole set; {} removes them)")
 
 
 class SendResult(BaseModel):

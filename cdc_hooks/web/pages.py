@@ -185,12 +185,24 @@ def create_listener(request: Request, db: Db, name: str, form: Form) -> Response
         match = match_from_form(hook.provides, form)
         created = core.add_listener(db, request.app.state.web.config, hook.name, url, match,
                                     form.get("secret", "").strip() or None,
-                                    {"backfill": _checked(form, "backfill")})
-    except CdcHooksError as exc:
+                                    {"backfill": _checked(form, "backfill")}, _headers(form))
+    except CdcHooksError as exc:  # the headers are not shown again: their values are secrets
         return _listen_page(request, db, hook, rows, url=url, backfill=_checked(form, "backfill"),
                             error=str(exc), status=422)
     return render(request, "secret.html", listener=views.listener(db, created.id),
-                  secret=created.secret, created=True)
+                  secret=created.secret, headers=created.headers, created=True)
+
+
+def _headers(form: dict[str, str]) -> dict[str, str]:
+    """The headers textarea: "Name: value" lines."""
+    return core.headers_from_lines(form.get("headers", "").splitlines())
+
+
+def _new_headers(form: dict[str, str]) -> dict[str, str] | None:
+    """On the edit form: the headers that replace the stored ones, or None to keep them."""
+    if _checked(form, "clear_headers"):
+        return {}
+    return _headers(form) or None
 
 
 def _listen_page(request: Request, db: Any, hook: Any, rows: list[FilterRow], *, url: str = "",
@@ -252,7 +264,11 @@ def delete(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
 
 @router.post("/listeners/{listener_id}/rotate")
 def rotate(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
-    secret = core.update_listener(db, request.app.state.web.config, listener_id, rotate_secret=True)
+    try:
+        overlap = float(form.get("overlap") or core.DEFAULT_OVERLAP)
+    except ValueError:
+        return error_page(request, 422, "overlap: give a number of seconds")
+    secret = core.rotate(db, request.app.state.web.config, listener_id, overlap)
     return render(request, "secret.html", listener=views.listener(db, listener_id), secret=secret,
                   created=False)
 
@@ -272,7 +288,7 @@ def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     try:
         match = match_from_form(provides, form)
         core.update_listener(db, request.app.state.web.config, listener_id, url=url, match=match,
-                             backfill=_checked(form, "backfill"))
+                             headers=_new_headers(form), backfill=_checked(form, "backfill"))
     except CdcHooksError as exc:
         return _edit_page(request, db, current, rows_from_form(provides, form), url, str(exc), 422,
                           backfill=_checked(form, "backfill"))

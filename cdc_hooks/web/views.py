@@ -81,7 +81,9 @@ def _listener_out(row: ListenerRow, counts: tuple[Any, ...]) -> ListenerOut:
     return ListenerOut(
         id=row.id, hook=row.hook, url=redact_url(row.url), match=match, match_error=match_error,
         state=row.state,
-        disabled_reason=row.disabled_reason, backfill=row.backfill, created_at=row.created_at,
+        disabled_reason=row.disabled_reason, backfill=row.backfill,
+        header_names=row.header_names, secret_overlap_until=row.overlap_until,
+        created_at=row.created_at,
         updated_at=row.updated_at,
         last_delivery=last,
         stats=ListenerStats(delivered=delivered, dead=dead, retrying=retrying, queued=queued,
