@@ -395,7 +395,7 @@ def status(ctx: Context, minutes: int) -> None:
     if held:
         click.echo("\npaused or disabled listeners:")
         print_table(["ID", "HOOK", "URL", "STATE", "REASON"],
-                    [[r[0], r[1], r[2], r[3], r[4] or "-"] for r in held])
+                    [[r[0], r[1], redact_url(r[2]), r[3], r[4] or "-"] for r in held])
     if not_capturing:
         click.echo("\nhooks NOT capturing (their writes commit without events):")
         print_table(["HOOK", "TABLE", "PROBLEM"],
