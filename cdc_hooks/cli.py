@@ -165,16 +165,24 @@ def listeners() -> None:
 @click.option("--secret", metavar="whsec_...", help="Signing secret (default: generated).")
 @click.option("--backfill/--no-backfill", default=None,
               help="Take backfill ('read') events of cdc-hooks backfill (default: yes).")
+@click.option("--events", "events", multiple=True, metavar="KIND[,KIND...]",
+              help="Event kinds to take (repeatable or comma-separated): any of the hook's "
+                   "events, and read for backfills (default: every event of the hook).")
+@click.option("--changed", "changed", multiple=True, metavar="COLUMN[,COLUMN...]",
+              help="An update reaches the listener only if one of these provided columns "
+                   "changed (repeatable; default: any update; inserts and deletes always).")
 @pass_context
 @friendly_errors
 def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
-                  secret: str | None, backfill: bool | None) -> None:
+                  secret: str | None, backfill: bool | None, events: tuple[str, ...],
+                  changed: tuple[str, ...]) -> None:
     """Add a listener for HOOK that POSTs matching events to URL."""
     config = ctx.config()
     match = match_options_to_json(list(matches))
     listener_config = {} if backfill is None else {"backfill": backfill}
     with Database.connect(config.dsn) as db:
-        created = core.add_listener(db, config, hook, url, match, secret, listener_config)
+        created = core.add_listener(db, config, hook, url, match, secret, listener_config,
+                                    core.split_names(events), core.split_names(changed))
     click.echo(f"listener {created.id} added")
     if secret is None:  # a secret the user chose is not echoed into terminals and logs
         click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
@@ -190,7 +198,9 @@ def listeners_list(ctx: Context) -> None:
     print_table(["ID", "HOOK", "URL", "MATCH", "STATE", "LAST DELIVERY"], [
         [r.id, r.hook, redact_url(r.url), _match_column(r.match),
          r.state + (f" ({r.disabled_reason})" if r.disabled_reason else "")
-         + ("" if r.backfill else ", no backfill"),
+         + ("" if r.backfill else ", no backfill")
+         + (f", events: {','.join(r.events)}" if r.events else "")
+         + (f", changed: {','.join(r.changed)}" if r.changed else ""),
          describe_outcome(r.last_status, r.last_code, r.last_error)]
         for r in rows
     ])

@@ -124,6 +124,8 @@ class ListenerRow:
     created_at: datetime
     updated_at: datetime
     backfill: bool  # takes backfill ('read') events (config {"backfill": false} opts out)
+    events: list[str] | None = None  # event kinds it takes (None: every event of its hook)
+    changed: list[str] | None = None  # updates only if one of these columns changed
     last_status: str | None = None
     last_code: int | None = None
     last_error: str | None = None
@@ -241,9 +243,11 @@ class Database:
     # Listeners ----------------------------------------------------------
 
     def add_listener(self, hook: str, url: str, match_json: str, config_json: str,
-                     secret: str) -> int:
+                     secret: str, events: list[str] | None = None,
+                     changed: list[str] | None = None) -> int:
         row = self.one("add_listener", {"hook": hook, "url": url, "match": match_json,
-                                        "config": config_json, "secret": secret})
+                                        "config": config_json, "secret": secret,
+                                        "events": events, "changed": changed})
         return int(row[0])  # type: ignore[index]
 
     def list_listeners(self) -> list[ListenerRow]:
@@ -264,9 +268,12 @@ class Database:
 
     def update_listener(self, listener_id: int, *, url: str | None = None,
                         match_json: str | None = None, secret: str | None = None,
-                        backfill: bool | None = None) -> bool:
+                        backfill: bool | None = None, events: list[str] | None = None,
+                        changed: list[str] | None = None) -> bool:
+        """events/changed: None keeps them, [] resets them to their default."""
         return self.one("update_listener", {"id": listener_id, "url": url, "match": match_json,
-                                            "secret": secret, "backfill": backfill}) is not None
+                                            "secret": secret, "backfill": backfill,
+                                            "events": events, "changed": changed}) is not None
 
     # Deliveries ---------------------------------------------------------
 

@@ -96,14 +96,16 @@ SELECT cdc_hooks.send(%(hook)s, %(payload)s::jsonb);
 -- Listeners -----------------------------------------------------------------
 
 -- name: add_listener
-INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret)
-VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s)
+INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret, events, changed)
+VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s, %(events)s::text[],
+        %(changed)s::text[])
 RETURNING id;
 
 -- name: list_listeners
 -- Without secrets: they are shown once, at creation.
 SELECT l.id, l.hook, l.url, l.match::text, l.state, l.disabled_reason, l.created_at, l.updated_at,
-       l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill, last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
+       l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill, l.events, l.changed,
+       last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
 FROM cdc_hooks.listeners l
 LEFT JOIN LATERAL (
     SELECT d.status, d.last_status, d.last_error, d.finished_at
@@ -115,7 +117,7 @@ ORDER BY l.id;
 
 -- name: get_listener
 SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_at,
-       config -> 'backfill' IS DISTINCT FROM 'false' AS backfill
+       config -> 'backfill' IS DISTINCT FROM 'false' AS backfill, events, changed
 FROM cdc_hooks.listeners WHERE id = %(id)s;
 
 -- name: remove_listener_deliveries
@@ -134,6 +136,11 @@ RETURNING id;
 UPDATE cdc_hooks.listeners
 SET url = coalesce(%(url)s, url), match = coalesce(%(match)s::jsonb, match),
     secret = coalesce(%(secret)s, secret), updated_at = now(),
+    -- an empty array resets a filter to its default (NULL)
+    events = CASE WHEN %(events)s::text[] IS NULL THEN events
+                  ELSE nullif(%(events)s::text[], '{}') END,
+    changed = CASE WHEN %(changed)s::text[] IS NULL THEN changed
+                   ELSE nullif(%(changed)s::text[], '{}') END,
     config = CASE WHEN %(backfill)s::bool IS NULL THEN config
                   ELSE config || jsonb_build_object('backfill', %(backfill)s::bool) END
 WHERE id = %(id)s
@@ -141,8 +148,10 @@ RETURNING id;
 
 -- name: active_listeners
 -- What the relay matches events against and signs with; backfill: whether it
--- takes backfill ('read') events (config {"backfill": false} opts out).
-SELECT id, hook, url, match::text, secret, state, config -> 'backfill' IS DISTINCT FROM 'false'
+-- takes backfill ('read') events (config {"backfill": false} opts out); events
+-- and changed: its filters (NULL: none).
+SELECT id, hook, url, match::text, secret, state, config -> 'backfill' IS DISTINCT FROM 'false',
+       events, changed
 FROM cdc_hooks.listeners WHERE state <> 'disabled';
 
 -- Relay: dispatch ------------------------------------------------------------

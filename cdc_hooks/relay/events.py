@@ -41,6 +41,7 @@ class Event:
     body: str  # the JSON POSTed to listeners
     occurred_at: datetime
     for_listener: int | None = None  # a backfill's --listener: deliveries for it only
+    changes: dict[str, Any] | None = None  # an update's changed columns (old values)
 
 
 class Stamp(NamedTuple):
@@ -130,7 +131,7 @@ def _event(event_id: int, hook: str, kind: str, key: dict[str, Any] | None,
             size = len(text.encode())
             if size > limit.bytes:
                 text = _marker(body, "size", size)
-    return Event(event_id, hook, kind, row_key, data, text, stamp.at)
+    return Event(event_id, hook, kind, row_key, data, text, stamp.at, None, changes)
 
 
 def _marker(body: dict[str, Any], reason: str, size: int | None) -> str:

@@ -32,6 +32,7 @@ from ..config import Config
 from ..db import InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
+from ..listeners import takes
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
@@ -67,6 +68,11 @@ class Listener:
     key: bytes
     active: bool  # False: paused (deliveries are recorded and held)
     backfill: bool = True  # False: opted out of backfill ('read') events
+    # Its event kinds and changed-column filter (None: none), as sets at load, and
+    # whether it has either: an unfiltered listener costs dispatch one test.
+    kinds: frozenset[str] | None = None
+    changed: frozenset[str] | None = None
+    filtered: bool = False
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
@@ -257,15 +263,16 @@ class Relay:
         hooks = await store.run("installed_hooks")
         self.hooks = {r[0]: InstalledHook.from_row(r) for r in hooks}
         listeners = {}
-        for listener_id, hook, url, match_text, secret, state, backfill in \
+        for listener_id, hook, url, match_text, secret, state, backfill, kinds, changed in \
                 await store.active_listeners():
             try:
                 rules = self._compiled.get((listener_id, match_text))
                 if rules is None:
                     rules = rules_from_json(jsoncodec.loads(match_text))
                     self._compiled[(listener_id, match_text)] = rules
-                listeners[listener_id] = Listener(listener_id, hook, url, rules,
-                                                  secret_key(secret), state == "active", backfill)
+                listeners[listener_id] = Listener(
+                    listener_id, hook, url, rules, secret_key(secret), state == "active",
+                    backfill, _set(kinds), _set(changed), kinds is not None or changed is not None)
             except (CdcHooksError, ValueError) as exc:
                 log.error("listener %s is unusable and skipped: %s", listener_id, exc,
                           extra={"listener_id": listener_id})
@@ -347,6 +354,9 @@ class Relay:
         deliveries: list[tuple[int, int, str | None, bool, bool]] = []
         for event in events:
             for listener in by_hook.get(event.hook, ()):
+                if listener.filtered and not takes(listener.kinds, listener.changed, event.kind,
+                                                   event.changes, event.for_listener):
+                    continue
                 if not deepmatch(listener.rules, event.data) or (
                         event.kind == "read" and not _takes_backfill(listener, event)):
                     continue
@@ -641,6 +651,10 @@ async def _require_own_sessions(dsn: str, first: RelayStore, second: RelayStore)
             "transaction-mode pooler such as PgBouncer's pool_mode = transaction), where its "
             "LISTEN and advisory locks would be lost; point the relay's dsn at PostgreSQL "
             "itself or at a session-mode pool")
+
+
+def _set(names: list[str] | None) -> frozenset[str] | None:
+    return None if names is None else frozenset(names)
 
 
 def _takes_backfill(listener: Listener, event: Any) -> bool:

@@ -100,7 +100,8 @@ def list_listeners(db: Db, hook: Annotated[Text | None, Query(description="Only 
              summary="Add a listener; the answer carries its secret, shown this once")
 def create_listener(db: Db, request: Request, body: ListenerIn, response: Response) -> ListenerCreated:
     created = core.add_listener(db, request.app.state.web.config, body.hook, body.url,
-                                body.match, body.secret, {"backfill": body.backfill})
+                                body.match, body.secret, {"backfill": body.backfill},
+                                body.events, body.changed)
     response.headers["Cache-Control"] = "no-store"
     return ListenerCreated(**views.listener(db, created.id).model_dump(), secret=created.secret)
 
@@ -111,15 +112,17 @@ def get_listener(db: Db, listener_id: ListenerId) -> ListenerOut:
 
 
 @router.patch("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND,
-              summary="Pause/resume, change URL, match or backfill, rotate the secret")
+              summary="Pause/resume, change URL, match, backfill, events or changed, "
+                      "rotate the secret")
 def change_listener(db: Db, request: Request, listener_id: ListenerId, body: ListenerPatch,
                     response: Response) -> ListenerChanged:
     secret = None
     if body.url is not None or body.match is not None or body.rotate_secret or \
-            body.backfill is not None:
+            body.backfill is not None or body.events is not None or body.changed is not None:
         secret = core.update_listener(db, request.app.state.web.config, listener_id, url=body.url,
                                       match=body.match, rotate_secret=body.rotate_secret,
-                                      backfill=body.backfill)
+                                      backfill=body.backfill, events=body.events,
+                                      changed=body.changed)
     if body.state is not None:
         core.set_state(db, listener_id, body.state)
     response.headers["Cache-Control"] = "no-store"

@@ -127,6 +127,9 @@ class ListenerOut(BaseModel):
     state: ListenerState
     disabled_reason: str | None
     backfill: bool = Field(description="Takes backfill ('read') events of cdc-hooks backfill")
+    events: list[str] | None = Field(description="Event kinds it takes; null: every event of the hook")
+    changed: list[str] | None = Field(
+        description="Updates reach it only if one of these columns changed; null: any update")
     created_at: datetime
     updated_at: datetime
     last_delivery: LastDelivery | None
@@ -149,6 +152,12 @@ class ListenerIn(BaseModel):
     match: JsonObject = Field(default_factory=dict, description="Filter in $-operator JSON form")
     secret: Text | None = Field(default=None, description="whsec_... (default: generated)")
     backfill: bool = Field(default=True, description="Take backfill ('read') events")
+    events: list[Text] | None = Field(
+        default=None, description="Event kinds to take: any of the hook's events, and 'read' "
+                                  "for backfills (default: every event of the hook)")
+    changed: list[Text] | None = Field(
+        default=None, description="An update is delivered only if one of these provided "
+                                  "columns changed (default: any update)")
 
 
 class ListenerPatch(BaseModel):
@@ -159,6 +168,10 @@ class ListenerPatch(BaseModel):
     match: JsonObject | None = None
     rotate_secret: bool = Field(default=False, description="Replace the signing secret")
     backfill: bool | None = Field(default=None, description="Take backfill ('read') events, or not")
+    events: list[Text] | None = Field(
+        default=None, description="Replaces the event kinds; [] resets to every event of the hook")
+    changed: list[Text] | None = Field(
+        default=None, description="Replaces the changed-column filter; [] resets to any update")
 
 
 class SendResult(BaseModel):
