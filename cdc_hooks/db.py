@@ -245,10 +245,13 @@ class Database:
     def add_listener(self, hook: str, url: str, match_json: str, config_json: str,
                      secret: str, events: list[str] | None = None,
                      changed: list[str] | None = None) -> int:
+        """Call inside a transaction when giving events or changed."""
         row = self.one("add_listener", {"hook": hook, "url": url, "match": match_json,
-                                        "config": config_json, "secret": secret,
-                                        "events": events, "changed": changed})
-        return int(row[0])  # type: ignore[index]
+                                        "config": config_json, "secret": secret})
+        listener_id = int(row[0])  # type: ignore[index]
+        if events is not None or changed is not None:
+            self.update_listener(listener_id, events=events, changed=changed)
+        return listener_id
 
     def list_listeners(self) -> list[ListenerRow]:
         return [ListenerRow(*r) for r in self.run("list_listeners")]

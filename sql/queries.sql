@@ -96,15 +96,19 @@ SELECT cdc_hooks.send(%(hook)s, %(payload)s::jsonb);
 -- Listeners -----------------------------------------------------------------
 
 -- name: add_listener
-INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret, events, changed)
-VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s, %(events)s::text[],
-        %(changed)s::text[])
+-- Its events and changed, if any, by update_listener in the same transaction: a
+-- listener without them can be added before the upgrade to schema version 9.
+INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret)
+VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s)
 RETURNING id;
 
 -- name: list_listeners
 -- Without secrets: they are shown once, at creation.
 SELECT l.id, l.hook, l.url, l.match::text, l.state, l.disabled_reason, l.created_at, l.updated_at,
-       l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill, l.events, l.changed,
+       l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
+       -- events and changed through to_jsonb: listed before the upgrade to version 9 too
+       (SELECT array_agg(e) FROM jsonb_array_elements_text(nullif(to_jsonb(l) -> 'events', 'null')) e),
+       (SELECT array_agg(c) FROM jsonb_array_elements_text(nullif(to_jsonb(l) -> 'changed', 'null')) c),
        last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
 FROM cdc_hooks.listeners l
 LEFT JOIN LATERAL (
@@ -117,8 +121,10 @@ ORDER BY l.id;
 
 -- name: get_listener
 SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_at,
-       config -> 'backfill' IS DISTINCT FROM 'false' AS backfill, events, changed
-FROM cdc_hooks.listeners WHERE id = %(id)s;
+       config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
+       (SELECT array_agg(e) FROM jsonb_array_elements_text(nullif(to_jsonb(l) -> 'events', 'null')) e),
+       (SELECT array_agg(c) FROM jsonb_array_elements_text(nullif(to_jsonb(l) -> 'changed', 'null')) c)
+FROM cdc_hooks.listeners l WHERE id = %(id)s;
 
 -- name: remove_listener_deliveries
 DELETE FROM cdc_hooks.deliveries WHERE listener_id = %(id)s;
@@ -174,7 +180,9 @@ COPY cdc_hooks.events (id, hook, kind, row_key, body, occurred_at) FROM STDIN;
 -- relay, which sends them without a claim round trip, unless an older delivery
 -- of their row is still pending for the listener (per-row order): such a
 -- delivery, or one after another of its row in this batch (first = false), is
--- queued behind, and claims check its turn. Returns the leased ones.
+-- queued behind, and claims check its turn. A TRUNCATE's delivery (row_key '*',
+-- relay/events.py ALL_ROWS) is always queued behind, and so is every delivery
+-- made while one of its listener is pending. Returns the leased ones.
 -- deliveries: one JSON array of [event_id, listener_id, row_key, direct, first].
 INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key, attempts, next_attempt_at,
                                   queued_behind)
@@ -186,7 +194,7 @@ FROM (
     SELECT u.event_id, u.listener_id, u.row_key, u.direct,
            u.row_key IS NOT NULL AND (NOT u.first OR EXISTS (
                SELECT 1 FROM cdc_hooks.deliveries e
-               WHERE e.listener_id = u.listener_id AND e.row_key = u.row_key
+               WHERE e.listener_id = u.listener_id AND e.row_key IN (u.row_key, '*')
                  AND e.status = 'pending')) AS behind
     FROM (SELECT (r ->> 0)::bigint AS event_id, (r ->> 1)::bigint AS listener_id,
                  r ->> 2 AS row_key, (r ->> 3)::bool AS direct, (r ->> 4)::bool AS first
@@ -245,6 +253,10 @@ DELETE FROM cdc_hooks.waiters w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_get_acti
 -- the order given: the relay rotates it), each the oldest pending one of its
 -- row for that listener (per-row order), leased for `lease` seconds: a relay
 -- that dies mid-request leaves them to be claimed again when the lease ends.
+-- A TRUNCATE's delivery (row_key '*') goes only once no older delivery of its
+-- listener is pending, and one queued behind it waits until it ended: nothing of
+-- the table sent before a TRUNCATE arrives after it. Only deliveries queued
+-- behind pay these probes.
 WITH due AS (
     SELECT d.id
     FROM unnest(%(listener_ids)s::bigint[], %(slots)s::int[]) AS l (id, slots)
@@ -253,10 +265,18 @@ WITH due AS (
         FROM cdc_hooks.deliveries d
         WHERE d.listener_id = l.id AND d.status = 'pending' AND d.next_attempt_at <= now()
           -- queued behind an older delivery of its row: its turn once that one ended
-          AND (NOT d.queued_behind OR d.row_key IS NULL OR d.event_id = (
-              -- written as min() so the plan is an index probe whatever the statistics
-              SELECT min(e.event_id) FROM cdc_hooks.deliveries e
-              WHERE e.listener_id = l.id AND e.row_key = d.row_key AND e.status = 'pending'))
+          AND (NOT d.queued_behind OR d.row_key IS NULL OR CASE WHEN d.row_key = '*'
+              THEN NOT EXISTS (SELECT FROM cdc_hooks.deliveries e
+                               WHERE e.listener_id = l.id AND e.status = 'pending'
+                                 AND e.event_id < d.event_id)
+              ELSE d.event_id = (
+                  -- written as min() so the plan is an index probe whatever the statistics
+                  SELECT min(e.event_id) FROM cdc_hooks.deliveries e
+                  WHERE e.listener_id = l.id AND e.row_key = d.row_key AND e.status = 'pending')
+                AND NOT EXISTS (SELECT FROM cdc_hooks.deliveries e
+                                WHERE e.listener_id = l.id AND e.row_key = '*'
+                                  AND e.status = 'pending' AND e.event_id < d.event_id)
+              END)
         ORDER BY d.next_attempt_at, d.event_id
         LIMIT l.slots
         FOR UPDATE SKIP LOCKED

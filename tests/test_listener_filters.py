@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from receivers import InProcessRelay
+from receivers import InProcessRelay, Reply, wait_until
 from test_relay import DELIVERY, TABLE, add_listener, wait_settled
 from test_web_api import csrf_of, login
 
@@ -180,3 +180,82 @@ def test_the_preview_honours_events_and_changed(conn, config, client, relay, rec
     assert created.status_code == 200, created.text
     assert conn.execute("SELECT events, changed FROM cdc_hooks.listeners WHERE url LIKE %s",
                         ("%/form",)).fetchone() == (["delete"], ["address", "name"])
+
+
+# TRUNCATE ----------------------------------------------------------------------
+
+TRUNCATING = """
+[[hooks]]
+name = "person"
+table = "person"
+events = ["insert", "update", "delete", "truncate"]
+provides = ["name", "address", "profile"]
+
+[delivery]
+allow_private_networks = true
+retry_schedule = [0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
+timeout = 2
+"""
+
+
+@pytest.fixture
+def truncating(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
+    conn.execute(TABLE)
+    config = make_config(TRUNCATING)
+    installer.install(config)
+    return config
+
+
+def pending(conn: psycopg.Connection[Any], listener_id: int) -> int:
+    return conn.execute("SELECT count(*) FROM cdc_hooks.deliveries WHERE listener_id = %s"
+                        " AND status = 'pending'", (listener_id,)).fetchone()[0]
+
+
+def test_a_truncate_arrives_after_the_pending_deliveries_and_before_later_ones(
+        conn, truncating, cli, receiver):
+    """Rows 1-5 fail at first (pending, retried) when the TRUNCATE happens; row 6 is
+    inserted after it. Nothing of before the TRUNCATE arrives after it, nothing of
+    after it before it; a listener whose match no row meets still gets it."""
+    failing = {"on": True}
+    receiver.set_default("/slow", lambda headers, body: Reply(500 if failing["on"] else 200))
+    slow, _ = add_listener(cli, truncating, "person", receiver.url("/slow"))
+    add_listener(cli, truncating, "person", receiver.url("/nobody"), "--match", "name=nobody")
+    add_listener(cli, truncating, "person", receiver.url("/inserts"), "--events", "insert")
+    running = InProcessRelay(truncating).start()
+    try:
+        sent_in_order(conn, slow, receiver, failing)
+    finally:
+        running.stop()
+
+
+def sent_in_order(conn: psycopg.Connection[Any], slow: int, receiver: Any,
+                  failing: dict[str, bool]) -> None:
+    conn.execute("INSERT INTO person (id, name) SELECT i, 'p' || i FROM generate_series(1, 3) i")
+    conn.execute("INSERT INTO person (id, name) VALUES (4, 'p4')")
+    conn.execute("INSERT INTO person (id, name) VALUES (5, 'p5')")
+    receiver.wait_for(5, "/slow")  # each tried at least once, and failed
+    conn.execute("TRUNCATE person")
+    conn.execute("INSERT INTO person (id, name) VALUES (6, 'p6')")
+    conn.execute("INSERT INTO person (id, name) VALUES (1, 'again')")  # a row of before
+    receiver.wait_for(1, "/nobody")
+    wait_until(lambda: pending(conn, slow) == 8, 30, message="all 8 recorded for /slow")
+    failing["on"] = False
+    receiver.wait_for(5 + 2, "/inserts")
+    wait_settled(conn, timeout=60)
+    arrived = [(r.json["event"], r.json["key"]) for r in receiver.received("/slow")
+               if r.status == 200]
+    cut = arrived.index(("truncate", None))
+    assert sorted(k["id"] for _, k in arrived[:cut]) == [1, 2, 3, 4, 5]
+    assert sorted(k["id"] for _, k in arrived[cut + 1:]) == [1, 6]
+    truncate = next(r.json for r in receiver.received("/nobody"))
+    assert (truncate["event"], truncate["key"], truncate["data"]) == ("truncate", None, None)
+    assert len(receiver.received("/nobody")) == 1
+    assert all(r.json["event"] == "insert" for r in receiver.received("/inserts"))
+
+
+def test_truncate_is_refused_for_a_hook_that_does_not_capture_it(conn, config, cli):
+    result = cli(config, "listeners", "add", "person", "http://127.0.0.1:9/", "--events",
+                 "insert,truncate")
+    assert result.exit_code == 2 and '"truncate"' in result.output
+    conn.execute("TRUNCATE person")
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.outbox").fetchone() == (0,)

@@ -37,7 +37,7 @@ from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
 from .circuit import Circuit, counts_as_failure
-from .events import expand
+from .events import ALL_ROWS, expand
 from .http import Response, Sender
 from .retry import classify
 from .workers import Workers, report_metrics, share
@@ -352,17 +352,24 @@ class Relay:
         room = {lid: window - held[lid] for lid in self.listeners}
         seen_rows: set[tuple[int, str]] = set()
         deliveries: list[tuple[int, int, str | None, bool, bool]] = []
+        truncated: set[int] = set()  # listeners with a TRUNCATE earlier in this batch
         for event in events:
+            everything = event.row_key == ALL_ROWS  # a TRUNCATE: whatever the match
             for listener in by_hook.get(event.hook, ()):
                 if listener.filtered and not takes(listener.kinds, listener.changed, event.kind,
                                                    event.changes, event.for_listener):
                     continue
-                if not deepmatch(listener.rules, event.data) or (
+                if not (everything or deepmatch(listener.rules, event.data)) or (
                         event.kind == "read" and not _takes_backfill(listener, event)):
                     continue
                 first_of_row = event.row_key is None or (listener.id, event.row_key) not in seen_rows
                 if event.row_key is not None:
                     seen_rows.add((listener.id, event.row_key))
+                if everything or (truncated and listener.id in truncated):
+                    # queued behind: a TRUNCATE waits for the listener's older deliveries
+                    # (claim_deliveries), and later ones in this batch wait for it
+                    truncated.add(listener.id)
+                    first_of_row = False
                 send_now = listener.active and first_of_row and room[listener.id] > 0
                 room[listener.id] -= send_now
                 deliveries.append((event.id, listener.id, event.row_key, send_now, first_of_row))
