@@ -194,7 +194,11 @@ FROM (
     SELECT u.event_id, u.listener_id, u.row_key, u.direct,
            u.row_key IS NOT NULL AND (NOT u.first OR EXISTS (
                SELECT 1 FROM cdc_hooks.deliveries e
-               WHERE e.listener_id = u.listener_id AND e.row_key IN (u.row_key, '*')
+               WHERE e.listener_id = u.listener_id AND e.row_key = u.row_key
+                 AND e.status = 'pending') OR EXISTS (
+               -- a probe of its own: one IN (row_key, '*') made bench_relay's throughput 4x lower
+               SELECT 1 FROM cdc_hooks.deliveries e
+               WHERE e.listener_id = u.listener_id AND e.row_key = '*'
                  AND e.status = 'pending')) AS behind
     FROM (SELECT (r ->> 0)::bigint AS event_id, (r ->> 1)::bigint AS listener_id,
                  r ->> 2 AS row_key, (r ->> 3)::bool AS direct, (r ->> 4)::bool AS first
