@@ -171,17 +171,25 @@ def listeners() -> None:
 @click.option("--header", "header_lines", multiple=True, metavar='"NAME: VALUE"',
               help="An HTTP header sent with every delivery, e.g. an API key (repeatable; "
                    "values are never listed).")
+@click.option("--events", "events", multiple=True, metavar="KIND[,KIND...]",
+              help="Event kinds to take (repeatable or comma-separated): any of the hook's "
+                   "events, and read for backfills (default: every event of the hook).")
+@click.option("--changed", "changed", multiple=True, metavar="COLUMN[,COLUMN...]",
+              help="An update reaches the listener only if one of these provided columns "
+                   "changed (repeatable; default: any update; inserts and deletes always).")
 @pass_context
 @friendly_errors
 def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
-                  secret: str | None, backfill: bool | None, header_lines: tuple[str, ...]) -> None:
+                  secret: str | None, backfill: bool | None, header_lines: tuple[str, ...],
+                  events: tuple[str, ...], changed: tuple[str, ...]) -> None:
     """Add a listener for HOOK that POSTs matching events to URL."""
     config = ctx.config()
     match = match_options_to_json(list(matches))
     headers = core.headers_from_lines(header_lines)
     listener_config = {} if backfill is None else {"backfill": backfill}
     with Database.connect(config.dsn) as db:
-        created = core.add_listener(db, config, hook, url, match, secret, listener_config, headers)
+        created = core.add_listener(db, config, hook, url, match, secret, listener_config, headers,
+                                    core.split_names(events), core.split_names(changed))
     click.echo(f"listener {created.id} added")
     if secret is None:  # a secret the user chose is not echoed into terminals and logs
         click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
@@ -202,7 +210,9 @@ def listeners_list(ctx: Context) -> None:
          r.state + (f" ({r.disabled_reason})" if r.disabled_reason else "")
          + ("" if r.backfill else ", no backfill")
          + (f", old secret signs until {r.overlap_until:%Y-%m-%d %H:%M:%S %Z}"
-            if r.overlap_until else ""),
+            if r.overlap_until else "")
+         + (f", events: {','.join(r.events)}" if r.events else "")
+         + (f", changed: {','.join(r.changed)}" if r.changed else ""),
          describe_outcome(r.last_status, r.last_code, r.last_error)]
         for r in rows
     ])
@@ -247,24 +257,32 @@ _state_command("resume", "active", "Resume (or re-enable) a listener; held deliv
 @click.option("--no-headers", is_flag=True, help="Remove every header.")
 @click.option("--backfill/--no-backfill", default=None,
               help="Take backfill ('read') events of cdc-hooks backfill, or not.")
-# Further options of a listener (--events, --changed, --rate) go here, each passed
-# to core.update_listener like those above.
+@click.option("--events", "events", multiple=True, metavar="KIND[,KIND...]",
+              help="The event kinds it takes, replacing them (repeatable or comma-separated).")
+@click.option("--all-events", is_flag=True, help="Take every event of the hook again.")
+@click.option("--changed", "changed", multiple=True, metavar="COLUMN[,COLUMN...]",
+              help="The changed-column filter, replacing it (repeatable or comma-separated).")
+@click.option("--any-change", is_flag=True, help="Take every update again.")
 @pass_context
 @friendly_errors
 def listeners_update(ctx: Context, listener_id: int, url: str | None, matches: tuple[str, ...],
                      no_match: bool, header_lines: tuple[str, ...], no_headers: bool,
-                     backfill: bool | None) -> None:
+                     backfill: bool | None, events: tuple[str, ...], all_events: bool,
+                     changed: tuple[str, ...], any_change: bool) -> None:
     """Change a listener: what is not given stays as it is."""
     match = _replacement("--match", "--no-match", matches, no_match, match_options_to_json)
     headers = _replacement("--header", "--no-headers", header_lines, no_headers,
                            core.headers_from_lines)
-    if url is None and match is None and headers is None and backfill is None:
+    kinds = _names_replacement("--events", "--all-events", events, all_events)
+    columns = _names_replacement("--changed", "--any-change", changed, any_change)
+    if (url, match, headers, backfill, kinds, columns) == (None,) * 6:
         raise ListenerError("nothing to change: give --url, --match, --no-match, --header, "
-                            "--no-headers, --backfill or --no-backfill")
+                            "--no-headers, --backfill, --no-backfill, --events, --all-events, "
+                            "--changed or --any-change")
     config = ctx.config()
     with Database.connect(config.dsn) as db:
         core.update_listener(db, config, listener_id, url=url, match=match, headers=headers,
-                             backfill=backfill)
+                             backfill=backfill, events=kinds, changed=columns)
     click.echo(f"listener {listener_id} updated")
 
 
@@ -277,6 +295,14 @@ def _replacement(option: str, clearing: str, given: tuple[str, ...], clear: bool
     if clear:
         return {}
     return parse(list(given)) if given else None
+
+
+def _names_replacement(option: str, clearing: str, given: tuple[str, ...],
+                       clear: bool) -> list[str] | None:
+    """A filter's new names, [] to reset it to its default, or None if not given."""
+    if given and clear:
+        raise ListenerError(f"give {option} or {clearing}, not both")
+    return [] if clear else core.split_names(given) if given else None
 
 
 @listeners.command("rotate")

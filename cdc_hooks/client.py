@@ -105,15 +105,16 @@ class _Endpoints:
     def add_listener(self, hook: str, url: str, match: Mapping[str, Any] | None = None,
                      **options: Any) -> Answer[Record]:
         """A new listener, with its ``secret`` (shown this once). Options: secret, backfill,
-        headers ({"X-Api-Key": "..."}: sent with every delivery, values never listed)."""
+        headers ({"X-Api-Key": "..."}: sent with every delivery, values never listed),
+        events (kinds it takes), changed (columns an update must change to reach it)."""
         body = {"hook": hook, "url": url, **options}
         if match is not None:
             body["match"] = match_json(match)
         return self._call("POST", "/api/listeners", body=body)
 
     def update_listener(self, listener_id: int, **changes: Any) -> Answer[Record]:
-        """Changes url, match, backfill, headers (the whole set), state; rotate_secret=True
-        answers the new secret."""
+        """Changes url, match, backfill, headers (the whole set), events, changed ([] resets
+        either), state; rotate_secret=True answers the new secret."""
         if changes.get("match") is not None:
             changes["match"] = match_json(changes["match"])
         return self._call("PATCH", f"/api/listeners/{int(listener_id)}", body=changes)

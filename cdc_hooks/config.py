@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "cdc_hooks.toml"
-EVENT_KINDS = ("insert", "update", "delete")
+EVENT_KINDS = ("insert", "update", "delete", "truncate")
 DEFAULT_EVENTS = ("insert", "update")  # durian's post_save
 # About a day in all: quick retries for blips, then hourly for outages.
 DEFAULT_RETRY_SCHEDULE = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)

@@ -127,6 +127,8 @@ class ListenerRow:
     backfill: bool  # takes backfill ('read') events (config {"backfill": false} opts out)
     header_names: list[str]  # its own headers' names: their values are never listed
     overlap_until: datetime | None  # the replaced secret also signs until then
+    events: list[str] | None = None  # event kinds it takes (None: every event of its hook)
+    changed: list[str] | None = None  # updates only if one of these columns changed
     last_status: str | None = None
     last_code: int | None = None
     last_error: str | None = None
@@ -244,10 +246,12 @@ class Database:
     # Listeners ----------------------------------------------------------
 
     def add_listener(self, hook: str, url: str, match_json: str, config_json: str,
-                     secret: str, headers_json: str = "{}") -> int:
+                     secret: str, headers_json: str = "{}", events: list[str] | None = None,
+                     changed: list[str] | None = None) -> int:
         row = self.one("add_listener", {"hook": hook, "url": url, "match": match_json,
                                         "config": config_json, "secret": secret,
-                                        "headers": headers_json})
+                                        "headers": headers_json, "events": events,
+                                        "changed": changed})
         return int(row[0])  # type: ignore[index]
 
     def list_listeners(self) -> list[ListenerRow]:
@@ -269,10 +273,13 @@ class Database:
     def update_listener(self, listener_id: int, *, url: str | None = None,
                         match_json: str | None = None, secret: str | None = None,
                         overlap: float = 0.0, headers_json: str | None = None,
-                        backfill: bool | None = None) -> bool:
+                        backfill: bool | None = None, events: list[str] | None = None,
+                        changed: list[str] | None = None) -> bool:
+        """events/changed: None keeps them, [] resets them to their default."""
         return self.one("update_listener", {
             "id": listener_id, "url": url, "match": match_json, "secret": secret,
-            "overlap": overlap, "headers": headers_json, "backfill": backfill}) is not None
+            "overlap": overlap, "headers": headers_json, "backfill": backfill,
+            "events": events, "changed": changed}) is not None
 
     # Deliveries ---------------------------------------------------------
 

@@ -64,9 +64,13 @@ class Hook:
         return f"{cls.__name__}({self.name!r}){where}"
 
     def listener(self, url: str, secret: str | None = None,
-                 headers: Mapping[str, str] | None = None, **config: Any) -> ListenerBuilder:
-        """A listener to save; ``headers`` are sent with every delivery (e.g. an API key)."""
-        return ListenerBuilder(self, url, secret, config, headers)
+                 headers: Mapping[str, str] | None = None, *,
+                 events: Sequence[str] | None = None, changed: Sequence[str] | None = None,
+                 **config: Any) -> ListenerBuilder:
+        """A listener to save; ``headers`` are sent with every delivery (e.g. an API key);
+        events: the kinds it takes (default: every event of the hook); changed: an
+        update reaches it only if one of these columns changed (default: any update)."""
+        return ListenerBuilder(self, url, secret, config, headers, events, changed)
 
     def send(self, sender: Any = None, *, connection: psycopg.Connection[Any] | None = None,
              **payload: Any) -> int:
@@ -139,10 +143,13 @@ def _declaration(hook: Hook) -> dict[str, Any]:
 class ListenerBuilder:
     """``hook.listener(url=...).match(name=Startswith("J")).save()``"""
 
-    def __init__(self, hook: Hook, url: str, secret: str | None,
-                 config: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, hook: Hook, url: str, secret: str | None, config: Mapping[str, Any],
+                 headers: Mapping[str, str] | None = None, events: Sequence[str] | None = None,
+                 changed: Sequence[str] | None = None) -> None:
         self.hook, self.url, self.secret, self.config = hook, url, secret, dict(config)
         self.headers = dict(headers or {})
+        self.events = events
+        self.changed = None if changed is None else [hook.column(c) for c in changed]
         self.rules: dict[str, Any] = {}
 
     def match(self, **rules: Any) -> ListenerBuilder:
@@ -154,7 +161,8 @@ class ListenerBuilder:
         config = self.hook.registry.config
         with Database.connect(config.dsn) as db:
             return add_listener(db, config, self.hook.name, self.url,
-                                rules_to_json(self.rules), self.secret, self.config, self.headers)
+                                rules_to_json(self.rules), self.secret, self.config,
+                                self.headers, self.events, self.changed)
 
 
 class Registry:

@@ -28,6 +28,7 @@ TRIGGER_EVENTS = {
     "insert": ("INSERT", "REFERENCING NEW TABLE AS new_rows"),
     "update": ("UPDATE", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"),
     "delete": ("DELETE", "REFERENCING OLD TABLE AS old_rows"),
+    "truncate": ("TRUNCATE", ""),  # statement-level: no transition tables, one event
 }
 
 

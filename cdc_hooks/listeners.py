@@ -3,14 +3,18 @@
 The one place that validates a listener, shared by the CLI, the Python API
 and the web interface: the hook must be installed, the match may name only
 provided fields, the URL must be http(s) to an address the delivery policy
-allows, a given secret must be a whsec_ secret, and its own headers must be
-valid HTTP and none of those cdc-hooks sets itself.
+allows, a given secret must be a whsec_ secret, its own headers must be
+valid HTTP and none of those cdc-hooks sets itself, the event kinds (events)
+must be ones the hook captures and the changed-column filter (changed) must
+name provided columns. ``takes`` applies those two filters, for the relay's
+dispatch and the web form's preview alike.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +92,52 @@ def stored_match(match_text: str) -> tuple[dict[str, Any] | None, str | None]:
     return match, None
 
 
+def allowed_events(hook: InstalledHook) -> tuple[str, ...]:
+    """The event kinds a listener of the hook may choose: its captured events and
+    'read' (backfills); a custom hook's events have no kinds to choose from."""
+    return (*hook.events, "read") if hook.table_name is not None else ()
+
+
+def validate_events(hook: InstalledHook, events: Iterable[str] | None) -> list[str] | None:
+    """The listener's event kinds, deduplicated (None or empty: every event of the
+    hook); raises ListenerError naming a kind the hook does not capture."""
+    chosen = list(dict.fromkeys(events or ()))
+    allowed = allowed_events(hook)
+    for kind in chosen:
+        if kind not in allowed:
+            raise ListenerError(
+                f'events: hook "{hook.name}" does not capture "{kind}" '
+                f"(its events: {', '.join(allowed) or 'none to choose, it is a custom hook'})")
+    return chosen or None
+
+
+def validate_changed(hook: InstalledHook, changed: Iterable[str] | None) -> list[str] | None:
+    """The changed-column filter (None or empty: every update); raises ListenerError
+    naming a column the hook does not provide."""
+    chosen = list(dict.fromkeys(changed or ()))
+    for column in chosen:
+        if column not in hook.provides or hook.table_name is None:
+            raise ListenerError(
+                f'changed: hook "{hook.name}" does not provide a column "{column}" '
+                f"(provides: {', '.join(hook.provides) or 'nothing'})")
+    return chosen or None
+
+
+def takes(kinds: Collection[str] | None, changed: AbstractSet[str] | None, kind: str,
+          changes: Mapping[str, Any] | None, for_listener: int | None = None) -> bool:
+    """Whether a listener with these filters (None: none) takes an event of this kind
+    and, for an update, these changed columns (None: unknown, taken). A backfill
+    for one listener (for_listener) goes to it whatever its kinds."""
+    if kinds is not None and kind not in kinds and for_listener is None:
+        return False
+    return changed is None or changes is None or not changed.isdisjoint(changes)
+
+
+def split_names(values: Iterable[str]) -> list[str]:
+    """Names given comma-separated and/or repeated (--events a,b --events c)."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
 def validate_config(listener_config: Mapping[str, Any]) -> dict[str, Any]:
     """A listener's options; raises ListenerError naming an unknown or bad one."""
     for key, value in listener_config.items():
@@ -159,9 +209,16 @@ def validate_overlap(overlap: float) -> float:
 def add_listener(db: Database, config: Config, hook: str, url: str,
                  match: Mapping[str, Any] | None = None, secret: str | None = None,
                  listener_config: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None) -> NewListener:
+                 headers: Mapping[str, str] | None = None,
+                 events: Iterable[str] | None = None,
+                 changed: Iterable[str] | None = None) -> NewListener:
+    """headers: sent with every delivery; events: the kinds it takes (default: every
+    event of the hook); changed: an update reaches it only if one of these columns
+    changed (default: any update)."""
     declared = installed_hook(db, hook)
     match_json = validate_match(declared, dict(match or {}))
+    kinds = validate_events(declared, events)
+    columns = validate_changed(declared, changed)
     check_url(url, policy_of(config))
     if secret is None:
         secret = generate_secret()
@@ -171,7 +228,7 @@ def add_listener(db: Database, config: Config, hook: str, url: str,
     own_headers = validate_headers(headers or {})
     with db.transaction():
         listener_id = db.add_listener(hook, url, match_json, config_json, secret,
-                                      jsoncodec.dumps(own_headers))
+                                      jsoncodec.dumps(own_headers), kinds, columns)
     return NewListener(listener_id, secret, own_headers)
 
 
@@ -215,24 +272,34 @@ def set_state(db: Database, listener_id: int, state: str) -> None:
 def update_listener(db: Database, config: Config, listener_id: int, *, url: str | None = None,
                     match: Mapping[str, Any] | None = None, rotate_secret: bool = False,
                     overlap: float = DEFAULT_OVERLAP, headers: Mapping[str, str] | None = None,
-                    backfill: bool | None = None) -> str | None:
-    """Changes URL, match, headers (the whole set: {} clears it) and/or whether it
-    takes backfill events; returns the new secret when rotated. The secret it
-    replaces still signs every delivery beside it for ``overlap`` seconds."""
+                    backfill: bool | None = None, events: Iterable[str] | None = None,
+                    changed: Iterable[str] | None = None) -> str | None:
+    """Changes URL, match, headers (the whole set: {} clears it), whether it takes
+    backfill events, its event kinds and/or changed-column filter (None keeps one,
+    empty resets it to its default); returns the new secret when rotated. The
+    secret it replaces still signs every delivery beside it for ``overlap`` seconds."""
     overlap = validate_overlap(overlap)
     headers_json = None if headers is None else jsoncodec.dumps(validate_headers(headers))
     current = get_listener(db, listener_id)
+    changes_filters = match is not None or events is not None or changed is not None
+    declared = installed_hook(db, current.hook) if changes_filters else None
     if url is not None and same_shown_url(url, current.url):
         url = None  # as listed (credentials masked): the stored URL stays
     match_json = None
-    if match is not None:
-        match_json = validate_match(installed_hook(db, current.hook), dict(match))
+    if declared is not None and match is not None:
+        match_json = validate_match(declared, dict(match))
+    kinds = columns = None
+    if declared is not None and events is not None:
+        kinds = validate_events(declared, events) or []
+    if declared is not None and changed is not None:
+        columns = validate_changed(declared, changed) or []
     if url is not None:
         check_url(url, policy_of(config))
     secret = generate_secret() if rotate_secret else None
     with db.transaction():
         db.update_listener(listener_id, url=url, match_json=match_json, secret=secret,
-                           overlap=overlap, headers_json=headers_json, backfill=backfill)
+                           overlap=overlap, headers_json=headers_json, backfill=backfill,
+                           events=kinds, changed=columns)
     return secret
 
 

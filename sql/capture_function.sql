@@ -19,6 +19,8 @@
 --   once per path: even that costs, each statement being its own transaction.
 -- - payload is json, not jsonb: built as text, without jsonb's conversion.
 -- - The hook's name is a literal, not TG_ARGV[0]: a parameter costs the plan.
+-- - TRUNCATE (its own statement trigger, without transition tables) is tested
+--   in the last ELSIF: inserts and updates never test for it.
 -- Columns are always qualified (r., n., o.) and variables win conflicts: a
 -- table may have a column named new, old or tg_argv, like trigger variables.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
@@ -65,6 +67,10 @@ BEGIN
                   GROUP BY cdc_hooks_chunk) AS o USING (cdc_hooks_chunk);
             PERFORM cdc_hooks.end_chunked(saved);
         END IF;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' THEN
+        -- One event per statement, without key or data (relay/events.py).
+        INSERT INTO cdc_hooks.outbox (hook, kind, payload, source)
+        VALUES ({hook}, 'truncate', '{{}}'::pg_catalog.json, TG_RELID);
     ELSE
         PERFORM FROM old_rows OFFSET 1 LIMIT 1;
         IF NOT FOUND THEN

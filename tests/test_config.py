@@ -142,7 +142,7 @@ def test_table_name_round_trip(parts: tuple[str, str]) -> None:
     ('name = "p"\ntable = "p"\nwhen_changd = ["a"]', 'did you mean "when_changed"'),
     ('name = "p"\ntable = "p"\ncolour = 1', 'hook "p": unknown key "colour"$'),
     ('name = "p"\ntable = "p"\nevents = ["insert", "upsert"]',
-     'hook "p": unknown event "upsert" \\(expected any of insert, update, delete\\)'),
+     'hook "p": unknown event "upsert" \\(expected any of insert, update, delete, truncate\\)'),
     ('name = "p"\ntable = "p"\nevents = ["INSERT"]', 'unknown event "INSERT"'),
     ('name = "p"\ntable = "p"\nevents = []', 'hook "p": events must name at least one'),
     ('name = "p"\ntable = "p"\nevents = "insert"', 'hook "p": events must be an array of names'),

@@ -267,3 +267,17 @@ def test_backfill_refuses_to_run_another_roles_policy(conn, clean_db, app_role, 
     finally:
         conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(role))
         conn.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+def test_a_truncate_by_the_tables_owner_is_captured_with_no_grant(
+        conn, clean_db, app_role, make_config, cli):
+    config = make_config('[[hooks]]\nname = "items"\ntable = "items"\n'
+                         'events = ["insert", "truncate"]\nprovides = ["name"]\n')
+    assert cli(config, "install").exit_code == 0
+    with connect_as(clean_db, app_role) as app:
+        app.execute("INSERT INTO items (name) VALUES ('x')")
+        app.execute("TRUNCATE items")
+    assert conn.execute("SELECT kind, source = 'items'::regclass FROM cdc_hooks.outbox "
+                        "ORDER BY id").fetchall() == [("insert", True), ("truncate", True)]
+    assert conn.execute("SELECT payload::text FROM cdc_hooks.outbox WHERE kind = 'truncate'"
+                        ).fetchone() == ("{}",)

@@ -26,6 +26,10 @@ from ..db import InstalledHook
 from ..match import strict_equal
 
 CHUNK = 1000  # rows per outbox row at most; event id = outbox id * CHUNK + position
+# The row_key of a TRUNCATE's deliveries (no real key is "*": those are JSON arrays):
+# its delivery waits for every older pending one of its listener, and newer ones
+# wait for it (sql/queries.sql insert_deliveries, claim_deliveries).
+ALL_ROWS = "*"
 MAX_EVENT_BYTES = DeliveryConfig.max_event_bytes
 
 log = logging.getLogger("cdc_hooks.relay")
@@ -41,6 +45,7 @@ class Event:
     body: str  # the JSON POSTed to listeners
     occurred_at: datetime
     for_listener: int | None = None  # a backfill's --listener: deliveries for it only
+    changes: dict[str, Any] | None = None  # an update's changed columns (old values)
 
 
 class Stamp(NamedTuple):
@@ -66,6 +71,9 @@ def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: 
         return
     if hook is None:  # outbox rows of a hook removed since: nothing to decode them with
         return
+    if kind == "truncate":
+        yield _truncate(outbox_id, hook.name, stamp)
+        return
     new, old = payload.get("new"), payload.get("old")
     rows = _rows(new) if new is not None else None
     old_rows = _rows(old) if old is not None else None
@@ -90,6 +98,14 @@ def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: 
         # A backfill ('read', cdc_hooks/backfill.py) may be for one listener.
         yield event if payload.get("listener") is None else replace(
             event, for_listener=int(payload["listener"]))
+
+
+def _truncate(outbox_id: int, hook: str, stamp: Stamp) -> Event:
+    """A TRUNCATE: one event without key or data, for every listener whatever its match."""
+    body = {"id": f"evt_{outbox_id * CHUNK}", "hook": hook, "event": "truncate",
+            "created": False, "key": None, "data": None, "occurred_at": stamp.text}
+    return Event(outbox_id * CHUNK, hook, "truncate", ALL_ROWS, {}, jsoncodec.dumps_decoded(body),
+                 stamp.at)
 
 
 def _rows(columns: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -130,7 +146,7 @@ def _event(event_id: int, hook: str, kind: str, key: dict[str, Any] | None,
             size = len(text.encode())
             if size > limit.bytes:
                 text = _marker(body, "size", size)
-    return Event(event_id, hook, kind, row_key, data, text, stamp.at)
+    return Event(event_id, hook, kind, row_key, data, text, stamp.at, None, changes)
 
 
 def _marker(body: dict[str, Any], reason: str, size: int | None) -> str:

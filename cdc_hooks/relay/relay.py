@@ -32,11 +32,12 @@ from ..config import Config
 from ..db import InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
+from ..listeners import takes
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
 from .circuit import Circuit, counts_as_failure
-from .events import expand
+from .events import ALL_ROWS, expand
 from .http import Response, Sender, Target
 from .retry import classify
 from .workers import Workers, report_metrics, share
@@ -68,6 +69,11 @@ class Listener:
     target: Target  # URL, keys and headers the sender uses
     active: bool  # False: paused (deliveries are recorded and held)
     backfill: bool = True  # False: opted out of backfill ('read') events
+    # Its event kinds and changed-column filter (None: none), as sets at load, and
+    # whether it has either: an unfiltered listener costs dispatch one test.
+    kinds: frozenset[str] | None = None
+    changed: frozenset[str] | None = None
+    filtered: bool = False
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
@@ -270,16 +276,17 @@ class Relay:
         hooks = await store.run("installed_hooks")
         self.hooks = {r[0]: InstalledHook.from_row(r) for r in hooks}
         listeners = {}
-        for listener_id, hook, url, match_text, secret, state, backfill, *sending in \
+        for listener_id, hook, url, match_text, secret, state, backfill, kinds, changed, *sending in \
                 await store.active_listeners():
             try:
                 rules = self._compiled.get((listener_id, match_text))
                 if rules is None:
                     rules = rules_from_json(jsoncodec.loads(match_text))
                     self._compiled[(listener_id, match_text)] = rules
-                listeners[listener_id] = Listener(listener_id, hook, url, rules,
-                                                  _target(url, secret, *sending),
-                                                  state == "active", backfill)
+                listeners[listener_id] = Listener(
+                    listener_id, hook, url, rules, _target(url, secret, *sending),
+                    state == "active", backfill, _set(kinds), _set(changed),
+                    kinds is not None or changed is not None)
             except (CdcHooksError, ValueError) as exc:
                 log.error("listener %s is unusable and skipped: %s", listener_id, exc,
                           extra={"listener_id": listener_id})
@@ -359,14 +366,24 @@ class Relay:
         room = {lid: window - held[lid] for lid in self.listeners}
         seen_rows: set[tuple[int, str]] = set()
         deliveries: list[tuple[int, int, str | None, bool, bool]] = []
+        truncated: set[int] = set()  # listeners with a TRUNCATE earlier in this batch
         for event in events:
+            everything = event.row_key == ALL_ROWS  # a TRUNCATE: whatever the match
             for listener in by_hook.get(event.hook, ()):
-                if not deepmatch(listener.rules, event.data) or (
+                if listener.filtered and not takes(listener.kinds, listener.changed, event.kind,
+                                                   event.changes, event.for_listener):
+                    continue
+                if not (everything or deepmatch(listener.rules, event.data)) or (
                         event.kind == "read" and not _takes_backfill(listener, event)):
                     continue
                 first_of_row = event.row_key is None or (listener.id, event.row_key) not in seen_rows
                 if event.row_key is not None:
                     seen_rows.add((listener.id, event.row_key))
+                if everything or (truncated and listener.id in truncated):
+                    # queued behind: a TRUNCATE waits for the listener's older deliveries
+                    # (claim_deliveries), and later ones in this batch wait for it
+                    truncated.add(listener.id)
+                    first_of_row = False
                 send_now = listener.active and first_of_row and room[listener.id] > 0
                 room[listener.id] -= send_now
                 deliveries.append((event.id, listener.id, event.row_key, send_now, first_of_row))
@@ -665,6 +682,8 @@ def _target(url: str, secret: str, headers: dict[str, str], previous_secret: str
     previous_key = None if previous_secret is None else secret_key(previous_secret)
     until = 0.0 if previous_key is None else time.time() + (previous_seconds_left or 0.0)
     return Target(url, secret_key(secret), tuple(headers.items()), previous_key, until)
+def _set(names: list[str] | None) -> frozenset[str] | None:
+    return None if names is None else frozenset(names)
 
 
 def _takes_backfill(listener: Listener, event: Any) -> bool:

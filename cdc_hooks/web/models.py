@@ -122,6 +122,9 @@ class ListenerOut(BaseModel):
         description="Names of its own headers sent with every delivery (values are never shown)")
     secret_overlap_until: datetime | None = Field(
         description="Until then the secret a rotation replaced still signs beside the new one")
+    events: list[str] | None = Field(description="Event kinds it takes; null: every event of the hook")
+    changed: list[str] | None = Field(
+        description="Updates reach it only if one of these columns changed; null: any update")
     created_at: datetime
     updated_at: datetime
     last_delivery: LastDelivery | None
@@ -150,6 +153,12 @@ class ListenerIn(BaseModel):
         default_factory=dict, description='HTTP headers sent with every delivery, e.g. '
         '{"X-Api-Key": "..."}; not webhook-*, Content-Type, Content-Length, Host, '
         "User-Agent, Transfer-Encoding, Connection")
+    events: list[Text] | None = Field(
+        default=None, description="Event kinds to take: any of the hook's events, and 'read' "
+                                  "for backfills (default: every event of the hook)")
+    changed: list[Text] | None = Field(
+        default=None, description="An update is delivered only if one of these provided "
+                                  "columns changed (default: any update)")
 
 
 class ListenerPatch(BaseModel):
@@ -166,6 +175,10 @@ class ListenerPatch(BaseModel):
     backfill: bool | None = Field(default=None, description="Take backfill ('read') events, or not")
     headers: dict[Text, Text] | None = Field(
         default=None, description="Replace its own headers (the whole set; {} removes them)")
+    events: list[Text] | None = Field(
+        default=None, description="Replaces the event kinds; [] resets to every event of the hook")
+    changed: list[Text] | None = Field(
+        default=None, description="Replaces the changed-column filter; [] resets to any update")
 
 
 class SendResult(BaseModel):

@@ -185,10 +185,11 @@ def create_listener(request: Request, db: Db, name: str, form: Form) -> Response
         match = match_from_form(hook.provides, form)
         created = core.add_listener(db, request.app.state.web.config, hook.name, url, match,
                                     form.get("secret", "").strip() or None,
-                                    {"backfill": _checked(form, "backfill")}, _headers(form))
+                                    {"backfill": _checked(form, "backfill")}, _headers(form),
+                                    *_kinds(form))
     except CdcHooksError as exc:  # the headers are not shown again: their values are secrets
         return _listen_page(request, db, hook, rows, url=url, backfill=_checked(form, "backfill"),
-                            error=str(exc), status=422)
+                            error=str(exc), status=422, kinds=form)
     return render(request, "secret.html", listener=views.listener(db, created.id),
                   secret=created.secret, headers=created.headers, created=True)
 
@@ -206,10 +207,27 @@ def _new_headers(form: dict[str, str]) -> dict[str, str] | None:
 
 
 def _listen_page(request: Request, db: Any, hook: Any, rows: list[FilterRow], *, url: str = "",
-                 backfill: bool = True, error: str | None = None, status: int = 200) -> Response:
+                 backfill: bool = True, error: str | None = None, status: int = 200,
+                 kinds: dict[str, str] | None = None) -> Response:
     form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
+    form |= _kinds_fields(kinds or {})
     return render(request, "listen.html", http_status=status, hook=hook, rows=rows, url=url,
-                  backfill=backfill, error=error, **_preview(db, hook.name, hook.provides, form))
+                  backfill=backfill, error=error, **form_kinds(form),
+                  **_preview(db, hook.name, hook.provides, form))
+
+
+def _kinds_fields(form: dict[str, str]) -> dict[str, str]:
+    """The form's event kinds and changed columns, as typed (comma-separated)."""
+    return {name: form.get(name, "") for name in ("events", "changed")}
+
+
+def form_kinds(form: dict[str, str]) -> dict[str, str]:
+    return {f"{name}_text": text for name, text in _kinds_fields(form).items()}
+
+
+def _kinds(form: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(events, changed) of the form; empty: the default."""
+    return core.split_names([form.get("events", "")]), core.split_names([form.get("changed", "")])
 
 
 def _checked(form: dict[str, str], name: str) -> bool:
@@ -220,8 +238,8 @@ def _checked(form: dict[str, str], name: str) -> bool:
 def _preview(db: Any, hook: str, provides: list[str], form: dict[str, str]) -> dict[str, Any]:
     try:
         match = match_from_form(provides, form)
-        return {"events": views.preview(db, hook, match, PREVIEW_EVENTS), "match": match,
-                "preview_error": None}
+        return {"events": views.preview(db, hook, match, PREVIEW_EVENTS, *_kinds(form)),
+                "match": match, "preview_error": None}
     except CdcHooksError as exc:
         return {"events": [], "match": None, "preview_error": str(exc)}
 
@@ -287,27 +305,31 @@ def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     url = form.get("url", "").strip()
     try:
         match = match_from_form(provides, form)
+        events, changed = _kinds(form)
         core.update_listener(db, request.app.state.web.config, listener_id, url=url, match=match,
-                             headers=_new_headers(form), backfill=_checked(form, "backfill"))
+                             headers=_new_headers(form), backfill=_checked(form, "backfill"),
+                             events=events, changed=changed)
     except CdcHooksError as exc:
         return _edit_page(request, db, current, rows_from_form(provides, form), url, str(exc), 422,
-                          backfill=_checked(form, "backfill"))
+                          backfill=_checked(form, "backfill"), kinds=form)
     return redirect("/listeners", f"Listener {listener_id} saved.", request)
 
 
 def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | None = None,
                url: str | None = None, error: str | None = None, status: int = 200,
-               backfill: bool | None = None) -> Response:
+               backfill: bool | None = None, kinds: dict[str, str] | None = None) -> Response:
     hook = views.hook(db, current.hook)
     rows = rows or rows_from_match(hook.provides, current.match or {})
     if current.match_error and error is None:
         error = f"the stored filter is unusable ({current.match_error}): saving replaces it"
     form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
     form |= {f"keep:{r.column}": r.keep for r in rows if r.keep}
+    form |= _kinds_fields(kinds if kinds is not None else {
+        "events": ",".join(current.events or ()), "changed": ",".join(current.changed or ())})
     return render(request, "listen.html", http_status=status, hook=hook, rows=rows, listener=current,
                   url=current.url if url is None else url, error=error,
                   backfill=current.backfill if backfill is None else backfill,
-                  **_preview(db, hook.name, hook.provides, form))
+                  **form_kinds(form), **_preview(db, hook.name, hook.provides, form))
 
 
 # Deliveries --------------------------------------------------------------------

@@ -83,7 +83,7 @@ def _listener_out(row: ListenerRow, counts: tuple[Any, ...]) -> ListenerOut:
         state=row.state,
         disabled_reason=row.disabled_reason, backfill=row.backfill,
         header_names=row.header_names, secret_overlap_until=row.overlap_until,
-        created_at=row.created_at,
+        events=row.events, changed=row.changed, created_at=row.created_at,
         updated_at=row.updated_at,
         last_delivery=last,
         stats=ListenerStats(delivered=delivered, dead=dead, retrying=retrying, queued=queued,
@@ -181,18 +181,25 @@ class PreviewEvent:
     matched: bool
 
 
-def preview(db: Database, hook_name: str, match: Mapping[str, Any],
-            limit: int = 10) -> list[PreviewEvent]:
-    """The hook's last events, newest first, each with whether the filter matches it.
+def preview(db: Database, hook_name: str, match: Mapping[str, Any], limit: int = 10,
+            events: list[str] | None = None, changed: list[str] | None = None
+            ) -> list[PreviewEvent]:
+    """The hook's last events, newest first, each with whether a listener with this
+    filter, event kinds and changed columns would get it (as the relay decides).
 
     Raises MatchError/ListenerError (naming the field) for a filter that cannot be used."""
     declared = core.installed_hook(db, hook_name)
     core.validate_match(declared, dict(match))
+    kinds = core.validate_events(declared, events)
+    columns = core.validate_changed(declared, changed)
     rules = rules_from_json(match)
     found = []
     for event_id, kind, body, occurred_at in db.web_recent_events(hook_name, limit):
-        data = jsoncodec.loads(body).get("data") or {}  # exact numbers, as the relay sees them
-        found.append(PreviewEvent(event_id, kind, occurred_at, data, deepmatch(rules, data)))
+        event = jsoncodec.loads(body)  # exact numbers, as the relay sees them
+        data = event.get("data") or {}
+        matched = core.takes(kinds, None if columns is None else set(columns), kind,
+                             event.get("changes")) and deepmatch(rules, data)
+        found.append(PreviewEvent(event_id, kind, occurred_at, data, matched))
     return found
 
 
