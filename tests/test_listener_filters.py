@@ -259,3 +259,19 @@ def test_truncate_is_refused_for_a_hook_that_does_not_capture_it(conn, config, c
     assert result.exit_code == 2 and '"truncate"' in result.output
     conn.execute("TRUNCATE person")
     assert conn.execute("SELECT count(*) FROM cdc_hooks.outbox").fetchone() == (0,)
+
+
+def test_listeners_update_replaces_and_resets_the_filters(conn, config, cli, receiver):
+    listener, _ = add_listener(cli, config, "person", receiver.url("/x"))
+    assert cli(config, "listeners", "update", str(listener), "--events", "delete",
+               "--changed", "name,address").exit_code == 0
+    filters = "SELECT events, changed FROM cdc_hooks.listeners WHERE id = %s"
+    assert conn.execute(filters, (listener,)).fetchone() == (["delete"], ["name", "address"])
+    assert cli(config, "listeners", "update", str(listener), "--all-events").exit_code == 0
+    assert conn.execute(filters, (listener,)).fetchone() == (None, ["name", "address"])
+    for bad, message in ((["--events", "truncate"], 'does not capture "truncate"'),
+                         (["--changed", "secret"], 'does not provide a column "secret"'),
+                         (["--events", "delete", "--all-events"], "not both")):
+        refused = cli(config, "listeners", "update", str(listener), *bad)
+        assert refused.exit_code == 2 and message in refused.stderr, refused.output
+    assert conn.execute(filters, (listener,)).fetchone() == (None, ["name", "address"])
