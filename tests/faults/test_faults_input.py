@@ -29,7 +29,7 @@ BAD_CONFIGS = [
      'unknown key "timeuot" (did you mean "timeout"?)'),
     ("unknown hook key", HOOK.replace("provides", "provide"),
      'unknown key "provide" (did you mean "provides"?)'),
-    ("unknown event", HOOK + 'events = ["insert", "truncate"]\n', 'unknown event "truncate"'),
+    ("unknown event", HOOK + 'events = ["insert", "upsert"]\n', 'unknown event "upsert"'),
     ("duplicate hook name", HOOK + HOOK, "duplicate hook name"),
     ("missing table", HOOK.replace('table = "person"', 'table = "nope"'), "does not exist"),
     ("missing column", HOOK.replace('"address"', '"nope"'), 'column "nope" does not exist'),
