@@ -62,7 +62,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from receivers import Receiver
 
 from cdc_hooks.cli import main
@@ -164,6 +164,28 @@ def _end_other_sessions(conn: psycopg.Connection[Any]) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("sessions left by an earlier test would not end")
         time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def django_settings(pg_dsn: str) -> None:
+    """Django configured in code on the run's database, once per process (settings
+    can be configured only once): tests/djangoapp installed, for migrations; the
+    models of tests/hookproject name their own app_label."""
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        info = conninfo_to_dict(pg_dsn)
+        settings.configure(
+            INSTALLED_APPS=["djangoapp"], USE_TZ=True,
+            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+            DATABASES={"default": {
+                "ENGINE": "django.db.backends.postgresql", "NAME": info["dbname"],
+                "USER": info.get("user", ""), "PASSWORD": info.get("password", ""),
+                "HOST": info.get("host", ""), "PORT": info.get("port", ""),
+            }},
+        )
+        django.setup()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy
-from psycopg.conninfo import conninfo_to_dict
 from receivers import InProcessRelay, Receiver, wait_until
 from sqlalchemy.orm import Session
 
@@ -29,19 +28,8 @@ APP = '[python]\nmodules = ["hookproject.webhooks"]\n' + DELIVERY
 
 
 @pytest.fixture(scope="session")
-def django_db(pg_dsn: str) -> None:
-    """Django's settings, on the run's database (configured once per process)."""
-    import django
-    from django.conf import settings
-
-    if not settings.configured:
-        params = conninfo_to_dict(pg_dsn)
-        settings.configure(DATABASES={"default": {
-            "ENGINE": "django.db.backends.postgresql", "NAME": params["dbname"],
-            "USER": params.get("user", ""), "PASSWORD": params.get("password", ""),
-            "HOST": params.get("host", ""), "PORT": params.get("port", "")}},
-            USE_TZ=True)
-        django.setup()
+def django_db(django_settings: None) -> None:
+    """Django's settings, on the run's database (tests/conftest.py)."""
 
 
 @pytest.fixture(autouse=True)

@@ -20,11 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import django
 import psycopg
 import pytest
 from click.testing import Result
-from django.conf import settings
 from django.core.management import call_command
 from fastapi.testclient import TestClient
 from psycopg import sql
@@ -56,23 +54,6 @@ allow_private_networks = true
 token = "{TOKEN}"
 """
 REPAIR = "repair_triggers = true\n"  # right after make_config's [database] dsn
-
-
-@pytest.fixture(scope="module")
-def django_settings(pg_dsn: str) -> None:
-    """Django configured in code on the test run's database, with tests/djangoapp."""
-    info = conninfo_to_dict(pg_dsn)
-    if not settings.configured:
-        settings.configure(
-            INSTALLED_APPS=["djangoapp"], USE_TZ=True,
-            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-            DATABASES={"default": {
-                "ENGINE": "django.db.backends.postgresql", "NAME": info["dbname"],
-                "USER": info.get("user", ""), "PASSWORD": info.get("password", ""),
-                "HOST": info.get("host", ""), "PORT": info.get("port", ""),
-            }},
-        )
-        django.setup()
 
 
 @pytest.fixture
