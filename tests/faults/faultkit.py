@@ -530,14 +530,16 @@ class World:
     # Secrets ------------------------------------------------------------------
 
     def leaks(self) -> list[str]:
-        """Where the canary or a listener secret shows up outside listeners.secret."""
+        """Where the canary or a listener secret shows up outside the listeners' own
+        secret columns (secret, and previous_secret: a rotated-out one still signing)."""
         needles = [self.canary, *self.listener_secrets]
         found = []
         tables = [r[0] for r in self.conn.execute(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = 'cdc_hooks' AND c.relkind IN ('r', 'p') ORDER BY 1")]
         for table in tables:
-            strip = sql.SQL(" - 'secret'") if table == "listeners" else sql.SQL("")
+            strip = sql.SQL(" - 'secret' - 'previous_secret'") if table == "listeners" \
+                else sql.SQL("")
             rows = self.conn.execute(sql.SQL("SELECT (to_jsonb(t){})::text FROM {} t").format(
                 strip, sql.Identifier("cdc_hooks", table)))
             found += [f"cdc_hooks.{table}" for (text,) in rows if any(n in text for n in needles)]
