@@ -509,12 +509,12 @@ class RelayStore:
                 await copy.write_row(row)
 
     async def insert_deliveries(self, deliveries: Sequence[tuple[int, int, str | None, bool, bool]],
-                                lease: float) -> list[tuple[Any, ...]]:
+                                lease: float, session: int) -> list[tuple[Any, ...]]:
         """Inserts deliveries (event_id, listener_id, row_key, direct, first: the first
         of its row and listener in the batch); returns (id, event_id, listener_id,
-        attempt) of those leased to this relay."""
+        attempt) of those leased to this relay (claimed by its session)."""
         rows = await self.run("insert_deliveries", {
-            "deliveries": jsoncodec.dumps_rows(deliveries), "lease": lease})
+            "deliveries": jsoncodec.dumps_rows(deliveries), "lease": lease, "session": session})
         return [r for r in rows if r[3] == 1]
 
     async def refresh_statistics(self, min_changes: int) -> None:
@@ -526,24 +526,51 @@ class RelayStore:
         return bool((await self.run("outbox_nonempty"))[0][0])
 
     async def claim_deliveries(self, slots: dict[int, int], total: int,
-                               lease: float) -> list[tuple[Any, ...]]:
+                               lease: float, session: int) -> list[tuple[Any, ...]]:
         return await self.run("claim_deliveries", {
             "listener_ids": list(slots), "slots": list(slots.values()), "total": total,
-            "lease": lease,
+            "lease": lease, "session": session,
         })
 
     async def record_results(self, results: Sequence[Any]) -> None:
         rows = [[r.delivery_id, r.attempt, r.status, r.retry_in, r.code, r.error,
-                 r.duration_ms, r.response] for r in results]
+                 r.duration_ms, r.response, r.session] for r in results]
         await self.run("record_results", {"results": jsoncodec.dumps_rows(rows)})
 
-    async def renew_leases(self, deliveries: Sequence[tuple[int, int]], lease: float) -> None:
+    async def renew_leases(self, deliveries: Sequence[tuple[int, int]], lease: float,
+                           session: int) -> None:
         """(id, attempt) of deliveries still held by this relay: leased `lease` s more."""
         await self.run("renew_leases", {"ids": [d for d, _ in deliveries],
-                                        "attempts": [a for _, a in deliveries], "lease": lease})
+                                        "attempts": [a for _, a in deliveries], "lease": lease,
+                                        "session": session})
 
-    async def release_deliveries(self, ids: Sequence[int]) -> None:
-        await self.run("release_deliveries", {"ids": list(ids)})
+    async def release_deliveries(self, ids: Sequence[int], session: int) -> None:
+        await self.run("release_deliveries", {"ids": list(ids), "session": session})
+
+    async def register_session(self) -> int:
+        """This connection's relay session (relay_sessions): its id, locked for the
+        connection's life."""
+        session, locked = (await self.run("register_relay_session"))[0]
+        assert locked, "a new relay session's lock is free"
+        return int(session)
+
+    async def end_session(self, session: int) -> None:
+        await self.run("end_relay_session", {"session": session})
+
+    async def take_over(self, session: int) -> tuple[int, int, int]:
+        """Takes over the claims of relay sessions that ended: (live sessions,
+        sessions ended, deliveries made due)."""
+        live, ended, freed = (await self.run("take_over_sessions", {"session": session}))[0]
+        return int(live), int(ended), int(freed)
+
+    async def take_slots(self, session: int, wants: dict[int, tuple[int, int]],
+                         cap: int) -> dict[int, int]:
+        """Per listener, (slots wanted, floor) -> slots this session holds now."""
+        rows = await self.run("take_slots", {
+            "session": session, "listener_ids": list(wants),
+            "wants": [w for w, _ in wants.values()], "floors": [f for _, f in wants.values()],
+            "cap": cap})
+        return {int(listener_id): int(slots) for listener_id, slots in rows}
 
     async def disable_listener(self, listener_id: int, reason: str) -> None:
         async with self.conn.transaction():

@@ -125,7 +125,9 @@ GRANT SELECT ON cdc_hooks.hooks, cdc_hooks.schema_version TO {role};
 GRANT SELECT, UPDATE ON cdc_hooks.listeners, cdc_hooks.config_version TO {role};
 GRANT SELECT, DELETE ON cdc_hooks.outbox TO {role};
 GRANT SELECT, INSERT, DELETE ON cdc_hooks.events, cdc_hooks.attempts, cdc_hooks.waiters TO {role};
-GRANT SELECT, INSERT, UPDATE, DELETE ON cdc_hooks.deliveries, cdc_hooks.listener_health TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON cdc_hooks.deliveries, cdc_hooks.listener_health,
+    cdc_hooks.listener_slots TO {role};
+GRANT SELECT, INSERT, DELETE ON cdc_hooks.relay_sessions TO {role};
 
 -- name: forget_hook
 DELETE FROM cdc_hooks.hooks WHERE name = %(name)s;
@@ -269,14 +271,15 @@ COPY cdc_hooks.events (id, hook, kind, row_key, body, occurred_at) FROM STDIN;
 -- delivery, or one after another of its row in this batch (first = false), is
 -- queued behind, and claims check its turn. A TRUNCATE's delivery (row_key '*',
 -- relay/events.py ALL_ROWS) is always queued behind, and so is every delivery
--- made while one of its listener is pending. Returns the leased ones.
+-- made while one of its listener is pending. Returns the leased ones, claimed
+-- by the relay's session (relay_sessions).
 -- deliveries: one JSON array of [event_id, listener_id, row_key, direct, first].
 INSERT INTO cdc_hooks.deliveries (event_id, listener_id, row_key, attempts, next_attempt_at,
-                                  queued_behind)
+                                  queued_behind, claimed_by)
 SELECT x.event_id, x.listener_id, x.row_key, (x.direct AND NOT x.behind)::int,
        CASE WHEN x.direct AND NOT x.behind THEN now() + make_interval(secs => %(lease)s)
             ELSE now() END,
-       x.behind
+       x.behind, CASE WHEN x.direct AND NOT x.behind THEN %(session)s::bigint END
 FROM (
     SELECT u.event_id, u.listener_id, u.row_key, u.direct,
            u.row_key IS NOT NULL AND (NOT u.first OR EXISTS (
@@ -337,13 +340,59 @@ DELETE FROM cdc_hooks.waiters WHERE pid = pg_backend_pid();
 -- Rows left by relays that died: their backends are gone.
 DELETE FROM cdc_hooks.waiters w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_get_activity(w.pid));
 
+-- Relay: sessions, take-over, listener slots (schema version 10) --------------
+
+-- name: register_relay_session
+-- A relay's session, on the connection it claims with: the row and its session
+-- advisory lock, in one statement (the row shows only once committed, locked).
+INSERT INTO cdc_hooks.relay_sessions (pid) VALUES (pg_backend_pid())
+RETURNING id, pg_try_advisory_lock(1667523433, mod(id, 2147483648)::int);
+
+-- name: end_relay_session
+-- A relay stopping: its slots go with the row; its lock with the connection.
+DELETE FROM cdc_hooks.relay_sessions WHERE id = %(session)s;
+
+-- name: take_over_sessions
+-- Sessions whose lock nobody holds have ended (SIGKILL, OOM, lost node,
+-- pg_terminate_backend): their rows (and slots) are deleted and their claimed
+-- deliveries due at once, their attempt number kept, so that a late result of
+-- the old claim is fenced off the next one. The transaction lock taken to test
+-- makes two relays' take-overs of a session one. A claim made for a session
+-- already gone (dispatch racing its take-over) is swept with the next one. The
+-- deliveries are probed only when a session ended (a one-time filter): at rest
+-- this is a read of a few rows. Returns the live sessions and the deliveries
+-- made due.
+WITH ended AS (
+    DELETE FROM cdc_hooks.relay_sessions s
+    WHERE s.id <> %(session)s AND pg_try_advisory_xact_lock(1667523433, mod(s.id, 2147483648)::int)
+    RETURNING s.id
+), freed AS (
+    UPDATE cdc_hooks.deliveries d
+    SET claimed_by = NULL, next_attempt_at = now()
+    WHERE EXISTS (SELECT FROM ended)
+      AND d.status = 'pending' AND d.claimed_by IS NOT NULL
+      AND (d.claimed_by IN (SELECT id FROM ended)
+           OR NOT EXISTS (SELECT FROM cdc_hooks.relay_sessions s WHERE s.id = d.claimed_by))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM cdc_hooks.relay_sessions) - (SELECT count(*) FROM ended),
+       (SELECT count(*) FROM ended), (SELECT count(*) FROM freed);
+
+-- name: take_slots
+-- This session's slots per listener (migration 0010, cdc_hooks.take_slots).
+SELECT listener_id, slots
+FROM cdc_hooks.take_slots(%(session)s, %(listener_ids)s::bigint[], %(wants)s::int[],
+                          %(floors)s::int[], %(cap)s);
+
 -- Relay: delivery ------------------------------------------------------------
 
 -- name: claim_deliveries
 -- Up to `slots` due deliveries per listener and `total` in all (listeners in
 -- the order given: the relay rotates it), each the oldest pending one of its
--- row for that listener (per-row order), leased for `lease` seconds: a relay
--- that dies mid-request leaves them to be claimed again when the lease ends.
+-- row for that listener (per-row order), claimed by the relay's session and
+-- leased for `lease` seconds: a relay whose session ends has its claims taken
+-- over at once (take_over_sessions); one hung but connected leaves them to be
+-- claimed again when the lease ends.
 -- A TRUNCATE's delivery (row_key '*') goes only once no older delivery of its
 -- listener is pending, and one queued behind it waits until it ended: nothing of
 -- the table sent before a TRUNCATE arrives after it. Only deliveries queued
@@ -375,21 +424,23 @@ WITH due AS (
     LIMIT %(total)s
 )
 UPDATE cdc_hooks.deliveries d
-SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.attempts + 1
+SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.attempts + 1,
+    claimed_by = %(session)s
 FROM due, cdc_hooks.events ev
 WHERE d.id = due.id AND ev.id = d.event_id
 RETURNING d.id, d.event_id, d.listener_id, d.attempts, ev.body::text;
 
 -- name: record_results
 -- Results of a batch of attempts, as one JSON array of
--- [id, attempt, status, retry_in, code, error, duration_ms, response] (one
--- string parameter: psycopg dumps big array parameters slowly); a result whose
--- lease was lost (another relay claimed the delivery again since) only lands in
--- the attempt log.
+-- [id, attempt, status, retry_in, code, error, duration_ms, response, session]
+-- (one string parameter: psycopg dumps big array parameters slowly); a result
+-- whose claim was lost (its session's claims were taken over, or its lease
+-- lapsed and another relay claimed the delivery again) only lands in the
+-- attempt log: the fence is the attempt number and the claiming session.
 WITH result AS (
     SELECT (r ->> 0)::bigint AS id, (r ->> 1)::int AS attempt, r ->> 2 AS status,
            (r ->> 3)::float8 AS retry_in, (r ->> 4)::int AS code, r ->> 5 AS error,
-           (r ->> 6)::real AS duration_ms, r ->> 7 AS response
+           (r ->> 6)::real AS duration_ms, r ->> 7 AS response, (r ->> 8)::bigint AS session
     FROM json_array_elements(%(results)s::json) AS r
 ), updated AS (
     UPDATE cdc_hooks.deliveries d
@@ -397,12 +448,14 @@ WITH result AS (
         next_attempt_at = CASE WHEN r.status = 'pending'
                                THEN now() + make_interval(secs => r.retry_in)
                                ELSE d.next_attempt_at END,
-        finished_at = CASE WHEN r.status = 'pending' THEN NULL ELSE now() END
+        finished_at = CASE WHEN r.status = 'pending' THEN NULL ELSE now() END,
+        claimed_by = NULL
     FROM result r
     -- = ANY(ARRAY(...)): primary-key probes, never a hash join over every pending
     -- delivery (the plan chosen without statistics)
     WHERE d.id = ANY(ARRAY(SELECT id FROM result))
       AND d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
+      AND d.claimed_by = r.session
 )
 INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, error, response)
 SELECT id, code, duration_ms, error, response FROM result;
@@ -410,20 +463,22 @@ SELECT id, code, duration_ms, error, response FROM result;
 -- name: renew_leases
 -- Deliveries a relay holds, queued, not yet sent: leased again, so that the lease
 -- cannot lapse while they wait their turn (a claim would take them again). Only
--- while still this relay's (same attempt, pending).
+-- while still this relay's (same attempt and session, pending).
 UPDATE cdc_hooks.deliveries d
 SET next_attempt_at = now() + make_interval(secs => %(lease)s)
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r (id, attempt)
 -- = ANY: primary-key probes whatever the statistics
 WHERE d.id = ANY(%(ids)s::bigint[]) AND d.id = r.id AND d.attempts = r.attempt
-  AND d.status = 'pending';
+  AND d.status = 'pending' AND d.claimed_by = %(session)s;
 
 -- name: release_deliveries
 -- Claimed but never sent (relay stopping, listener paused): due again at once,
--- without spending an attempt.
+-- without spending an attempt; only while the session still holds the claim
+-- (after a take-over, giving back the attempt would let a late result land
+-- over the next claim).
 UPDATE cdc_hooks.deliveries
-SET next_attempt_at = now(), attempts = attempts - 1
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+SET next_attempt_at = now(), attempts = attempts - 1, claimed_by = NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' AND claimed_by = %(session)s;
 
 -- name: disable_listener_gone
 -- Followed by send_listener_disabled in the same transaction, as when disabled

@@ -8,6 +8,16 @@ Three loops share one process, each on its own connection:
 - claim: leases due deliveries per listener within the concurrency limits and
   starts an HTTP task for each; no transaction stays open across a request.
 - record: writes attempt results in batches (one statement per batch).
+- failover: every TAKEOVER_EVERY seconds takes over the claims of relays whose
+  database session ended, and shares each listener's listener_concurrency
+  with the other relays (listener slots).
+
+Claims belong to the relay's session (relay_sessions: a row, and a session
+advisory lock on the claim connection): a result, release or renewal lands only
+while that session holds the claim. A relay that lost its session forgets the
+claims it had not sent; what it had in flight is sent again by whoever claims it
+next (with its original webhook-id), and its late results only reach the
+attempt log.
 
 A database outage ends the loops; the relay reconnects with backoff while
 requests in flight finish, and their results wait for the next connection.
@@ -55,6 +65,10 @@ PREFETCH = 8  # deliveries claimed ahead, as a multiple of the concurrency
 STATISTICS_EVERY = 5000  # events dispatched between checks of the planner's statistics
 MAX_BACKOFF = 10.0
 CAPTURE_CHECK_EVERY = 5.0  # seconds between checks that each hook's triggers are in place
+# Seconds between checks for relay sessions that ended (their claims are then due at
+# once, so a SIGKILLed relay's deliveries wait at most about this long): one statement
+# reading a few rows, the only one an idle relay makes for it.
+TAKEOVER_EVERY = 2.0
 # What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
 SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
                psycopg.errors.InvalidSchemaName)
@@ -88,6 +102,7 @@ class Result:
     duration_ms: float
     response: str | None
     gone: bool
+    session: int  # the relay session that claimed it: the result lands only while it holds it
 
 
 class Relay:
@@ -130,6 +145,13 @@ class Relay:
         self._connected_at: float | None = None
         self._gone: set[int] = set()  # answered 410: sent nothing more until disabled on record
         self._circuits: dict[int, Circuit] = {}  # listeners whose last requests failed
+        self._session_id = 0  # this relay's session (relay_sessions), per connection
+        self._sessions = 1  # relay sessions of the database, at the last take-over check
+        # Per listener, the requests this relay may have in flight: its share of the
+        # listener_concurrency of all relays (listener_slots); none: not sent to.
+        self._slots: dict[int, int] = {}
+        self._slots_short = False  # a listener has fewer slots than this relay's share
+        self._share_slots = asyncio.Event()  # set: divide the slots again now
         self.delivered = 0
         self.sender: Sender | None = None
         self._capture = capturing.Watch()
@@ -204,10 +226,12 @@ class Relay:
                     "(undelivered events are kept)")
             await dispatch.run("prune_waiters")
             await self._reload(dispatch, force=True)
+            await self._start_relay_session(claim)
             self._note_connected()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._dispatch_loop(listen, dispatch))
                 group.create_task(self._claim_loop(claim))
+                group.create_task(self._failover_loop(claim))
                 group.create_task(self._record_loop(record))
                 group.create_task(self._until_stopped())
                 group.create_task(self._maintenance_loop())
@@ -222,6 +246,69 @@ class Relay:
             for store in stores:
                 with contextlib.suppress(Exception):
                     await store.close()
+
+    async def _start_relay_session(self, store: RelayStore) -> None:
+        """A new relay session on the claim connection. Claims of the last one not
+        yet sent are forgotten: that session ended, and its claims are taken over,
+        here or by another relay (its requests still in flight record under it)."""
+        self._unsent()
+        self._released = []  # the last session's too: a release is fenced off the new one
+        self._slots = {}
+        self._session_id = await store.register_session()
+        await self._take_over(store)
+        self._share_slots.clear()
+        await self._take_slots(store)
+
+    async def _failover_loop(self, store: RelayStore) -> None:
+        """Takes over the claims of relay sessions that ended every TAKEOVER_EVERY
+        seconds, and divides the listeners' slots again when the relays or the
+        listeners changed, or this relay got fewer than its share."""
+        checked = time.monotonic()
+        while True:
+            await _wait(self._share_slots, TAKEOVER_EVERY - (time.monotonic() - checked))
+            if time.monotonic() - checked >= TAKEOVER_EVERY:
+                checked = time.monotonic()
+                await self._take_over(store)
+            if self._share_slots.is_set():
+                self._share_slots.clear()
+                await self._take_slots(store)
+
+    async def _take_over(self, store: RelayStore) -> None:
+        live, ended, freed = await store.take_over(self._session_id)
+        if ended:
+            log.warning("%s relay session(s) ended: %s of their claimed deliveries are due "
+                        "again at once", ended, freed)
+        if freed:
+            self._claimable = True
+            self._work_ready.set()
+        if live != self._sessions or self._slots_short:
+            self._sessions = live
+            self._share_slots.set()
+
+    async def _take_slots(self, store: RelayStore) -> None:
+        """This relay's slots of each listener: an even share (rounded up) of
+        listener_concurrency among the relays, as far as the others leave free.
+        While asked for, a listener's slots are at most those already in use (a
+        smaller grant must not find more requests in flight)."""
+        cap = self.delivery.listener_concurrency
+        share = -(-cap // max(1, self._sessions))
+        wants = {}
+        for listener_id in self.listeners.keys() | self._slots.keys():
+            listener = self.listeners.get(listener_id)
+            want = share if listener is not None and listener.active else 0
+            held = self._slots.get(listener_id, 0)
+            floor = min(held, max(self._in_flight[listener_id], want))
+            self._slots[listener_id] = floor
+            wants[listener_id] = (want, floor)
+        if not wants:
+            return
+        granted = await store.take_slots(self._session_id, wants, cap)
+        self._slots = {listener_id: n for listener_id, n in granted.items() if n}
+        self._slots_short = any(granted.get(i, 0) < want for i, (want, _) in wants.items())
+        self._claimable = True
+        self._work_ready.set()
+        self._room.set()
+        self._pump()
 
     async def _maintenance_loop(self) -> None:
         """Listener health and retention every [retention] interval (maintenance.py),
@@ -295,6 +382,8 @@ class Relay:
             listeners[listener_id] = replace(listeners[listener_id], active=False)
         if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
             self._claimable = True  # e.g. a resumed listener's held deliveries
+        if _active(listeners) != _active(self.listeners):
+            self._share_slots.set()
             self._work_ready.set()
         for listener_id in self._circuits.keys() - listeners.keys():  # removed or disabled since
             del self._circuits[listener_id]
@@ -362,8 +451,7 @@ class Relay:
         # Up to the claim window, not more: what dispatch sends itself is this
         # process's alone, and the other relays must find the rest to claim.
         held = self._held
-        window = PREFETCH * self.delivery.listener_concurrency
-        room = {lid: window - held[lid] for lid in self.listeners}
+        room = {lid: PREFETCH * self._slots.get(lid, 0) - held[lid] for lid in self.listeners}
         seen_rows: set[tuple[int, str]] = set()
         deliveries: list[tuple[int, int, str | None, bool, bool]] = []
         truncated: set[int] = set()  # listeners with a TRUNCATE earlier in this batch
@@ -390,7 +478,7 @@ class Relay:
         if not deliveries:
             return [], 0
         bodies = {event.id: event.body for event in events}
-        leased = await store.insert_deliveries(deliveries, self.lease)
+        leased = await store.insert_deliveries(deliveries, self.lease, self._session_id)
         if len(leased) < len(deliveries):  # some wait for the claim loop
             self._claimable = True
         return ([(d_id, e_id, l_id, attempt, bodies[e_id]) for d_id, e_id, l_id, attempt in leased],
@@ -440,7 +528,7 @@ class Relay:
                 self._claimable = True  # woken: new work, or a retry may be due
                 continue
             self._work_ready.clear()
-            claimed = await store.claim_deliveries(wants, total, self.lease)
+            claimed = await store.claim_deliveries(wants, total, self.lease, self._session_id)
             self._hold(claimed)
             self._pump()
             if len(claimed) == min(total, sum(wants.values())):
@@ -475,7 +563,7 @@ class Relay:
                  if row[5] < old]
         if not stale:
             return
-        await store.renew_leases(stale, self.lease)
+        await store.renew_leases(stale, self.lease, self._session_id)
         for listener_id, queue in self._queued.items():
             self._queued[listener_id] = deque(
                 (*row[:5], now) if row[5] < old else row for row in queue)
@@ -487,11 +575,11 @@ class Relay:
         listeners' order turns with every claim, so none always comes first."""
         held = self._held
         room = PREFETCH * self.delivery.concurrency - sum(held.values())
-        window = PREFETCH * self.delivery.listener_concurrency
         listeners = list(self.listeners.values())
         self._turn = (self._turn + 1) % max(len(listeners), 1)
         wants = {}
         for listener in listeners[self._turn:] + listeners[:self._turn]:
+            window = PREFETCH * self._slots.get(listener.id, 0)
             want = min(room, window - held[listener.id])
             if listener.active and want > 0 and (want * 2 >= window or held[listener.id] == 0):
                 wants[listener.id] = want
@@ -504,8 +592,9 @@ class Relay:
         for listener_id, queue in self._queued.items():
             listener = self.listeners.get(listener_id)
             circuit = self._circuits.get(listener_id)
-            while queue and free > 0 and (
-                    self._in_flight[listener_id] < self.delivery.listener_concurrency):
+            while queue and free > 0 and (  # within its slots, or released below
+                    self._in_flight[listener_id] < self._slots.get(listener_id, 0)
+                    or listener is None or not listener.active):
                 if listener is None or not listener.active:
                     self._released.append(queue.popleft()[0])  # removed or paused since the claim
                     continue
@@ -543,6 +632,7 @@ class Relay:
     async def _deliver(self, listener: Listener, delivery_id: int, event_id: int,
                        attempt: int, body: str) -> None:
         assert self.sender is not None
+        session = self._session_id  # that claimed it: sends start only in the claiming session
         try:
             response = await self.sender.post(listener.target, body.encode(),
                                               f"msg_{event_id}_{listener.id}")
@@ -559,7 +649,8 @@ class Relay:
                                    "status": outcome.status, "code": response.code})
             self._results.put_nowait(Result(
                 delivery_id, attempt, listener.id, outcome.status, outcome.retry_in,
-                response.code, response.error, response.duration_ms, response.body, outcome.gone))
+                response.code, response.error, response.duration_ms, response.body, outcome.gone,
+                session))
         finally:
             self._in_flight[listener.id] -= 1
             self._pump()
@@ -593,7 +684,7 @@ class Relay:
         metrics.attempt(listener.hook, listener.id, attempt, outcome.status, 0.0)
         self._results.put_nowait(Result(delivery_id, attempt, listener.id, outcome.status,
                                         outcome.retry_in, None, circuit.skip_error(now), 0.0,
-                                        None, False))
+                                        None, False, self._session_id))
 
     def _stop_sending(self, listener_id: int) -> None:
         """410 Gone: at once, not when the disable is on record and reloaded, this
@@ -615,7 +706,7 @@ class Relay:
         while not self._results.empty() and len(self._unrecorded) < RECORD_BATCH:
             self._unrecorded.append(self._results.get_nowait())
         if self._released:
-            await store.release_deliveries(self._released)
+            await store.release_deliveries(self._released, self._session_id)
             self._released = []
         if not self._unrecorded:
             return
@@ -637,19 +728,25 @@ class Relay:
         """Gives requests in flight until their timeout to finish; the rest are cancelled
         and their leases lapse, so another relay (or the next run) sends them again.
         Claimed deliveries not yet started are released to be due at once."""
-        for queue in self._queued.values():
-            self._released.extend(row[0] for row in queue)
-            queue.clear()
-        while not self._sends.empty():  # admitted, no sender took it yet
-            listener, delivery_id, *_ = self._sends.get_nowait()
-            self._released.append(delivery_id)
-            self._in_flight[listener.id] -= 1
+        self._released.extend(self._unsent())
         deadline = time.monotonic() + self.delivery.timeout + 1
         while sum(self._in_flight.values()) and time.monotonic() < deadline:
             self._room.clear()  # set as each request ends
             await _wait(self._room, deadline - time.monotonic())
         for task in self._senders:  # a request still under way: its lease will lapse
             task.cancel()
+
+    def _unsent(self) -> list[int]:
+        """Takes the claimed deliveries not sent yet (queued, or admitted and not
+        taken by a sender) off the queues: their ids."""
+        unsent = [row[0] for queue in self._queued.values() for row in queue]
+        for queue in self._queued.values():
+            queue.clear()
+        while not self._sends.empty():  # admitted, no sender took it yet
+            listener, delivery_id, *_ = self._sends.get_nowait()
+            unsent.append(delivery_id)
+            self._in_flight[listener.id] -= 1
+        return unsent
 
 
 async def _require_own_sessions(dsn: str, first: RelayStore, second: RelayStore) -> None:
@@ -682,6 +779,11 @@ def _target(url: str, secret: str, headers: dict[str, str], previous_secret: str
     previous_key = None if previous_secret is None else secret_key(previous_secret)
     until = 0.0 if previous_key is None else time.time() + (previous_seconds_left or 0.0)
     return Target(url, secret_key(secret), tuple(headers.items()), previous_key, until)
+
+def _active(listeners: dict[int, Listener]) -> set[int]:
+    return {listener_id for listener_id, listener in listeners.items() if listener.active}
+
+
 def _set(names: list[str] | None) -> frozenset[str] | None:
     return None if names is None else frozenset(names)
 

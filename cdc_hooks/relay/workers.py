@@ -28,12 +28,12 @@ STOP_GRACE = 10.0  # seconds a worker may take beyond its requests' timeout to s
 
 
 def share(config: Config, workers: int) -> Config:
-    """One worker's config: [delivery] concurrency and listener_concurrency are for the
-    whole command, split evenly (at least 1 each)."""
+    """One worker's config: [delivery] concurrency is for the whole command, split
+    evenly (at least 1 each). listener_concurrency is not split: it holds for all
+    relays of the database together, which share it through PostgreSQL."""
     delivery = config.delivery
     return replace(config, delivery=replace(
-        delivery, concurrency=max(1, delivery.concurrency // workers),
-        listener_concurrency=max(1, delivery.listener_concurrency // workers)))
+        delivery, concurrency=max(1, delivery.concurrency // workers)))
 
 
 class Workers:
