@@ -73,8 +73,8 @@ def test_workers_deliver_once_each_and_metrics_count_every_worker(conn, setup, c
         assert f"cdc_hooks.relay [worker {number}]: relay connected" in relay.log()
 
 
-def test_workers_split_the_listener_limit(conn, setup, cli, receiver, start_relay):
-    config = setup("listener_concurrency = 4\n")  # in [delivery]: 2 per worker
+def test_workers_share_the_listener_limit(conn, setup, cli, receiver, start_relay):
+    config = setup("listener_concurrency = 4\n")  # in [delivery]: for all relays together
     add_listener(cli, config, receiver.url("/slow"))
     receiver.set_default("/slow", Reply(200, delay=1.5))
     relay = start_relay(config, "--workers", "2")
@@ -108,11 +108,12 @@ def test_workers_stop_when_the_first_is_killed(conn, setup, start_relay):
     assert "the first relay worker is gone: stopping" in relay.log()
 
 
-def test_limits_are_split_among_workers() -> None:
+def test_concurrency_is_split_among_workers_not_the_listener_limit() -> None:
+    """listener_concurrency holds for all relays of the database (their listener slots)."""
     config = Config(delivery=DeliveryConfig(concurrency=64, listener_concurrency=5))
     assert (share(config, 2).delivery.concurrency, share(config, 2).delivery.listener_concurrency) \
-        == (32, 2)
-    assert share(config, 8).delivery.listener_concurrency == 1  # never 0
+        == (32, 5)
+    assert share(config, 128).delivery.concurrency == 1  # never 0
     assert share(config, 1) == config
 
 
