@@ -1,10 +1,11 @@
 """Relay crashes: `cdc-hooks run` SIGKILLed again and again while a stream drains.
 
 A SIGKILL leaves no chance to clean up: deliveries the relay had claimed stay
-leased until their lease ends (timeout x 3 + 30 s), then another relay sends
-them again. So a request that reached the receiver but whose result was not
-yet recorded arrives twice, with the same webhook-id and body; nothing else
-may be duplicated, and nothing may be lost.
+claimed by its ended database session until the next relay takes them over
+(at its start, and every TAKEOVER_EVERY seconds), then it sends them again. So a
+request that reached the receiver but whose result was not yet recorded arrives
+twice, with the same webhook-id and body; nothing else may be duplicated, and
+nothing may be lost.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from faultkit import (
 )
 from receivers import wait_until
 
-from cdc_hooks.relay.relay import PREFETCH
+from cdc_hooks.relay.relay import TAKEOVER_EVERY
 
 pytestmark = pytest.mark.faults
 
@@ -43,8 +44,8 @@ def leased_deliveries(world: World) -> set[tuple[int, int]]:
 def test_relay_sigkilled_repeatedly_loses_nothing(world, relays):
     rows, kills = scaled(1000, 5000), scaled(2, 10)
     # At most 8 x 100 deliveries/s: the stream lasts through the kills.
-    config = world.setup(delivery(timeout=0.5, retry_schedule=[0.2, 0.2, 0.2],
-                                  listener_concurrency=8))
+    world.setup(delivery(timeout=0.5, retry_schedule=[0.2, 0.2, 0.2],
+                         listener_concurrency=8))
     receiver = world.receiver()
     receiver.on("/hook", answer(delay=0.01))  # keeps requests in flight at each kill
     listener = world.add_listener(receiver.url())
@@ -101,5 +102,5 @@ def test_relay_sigkilled_repeatedly_loses_nothing(world, relays):
     record("Relay SIGKILLed while a stream drains",
            f"{kills} x SIGKILL, every 0.5-2 s (seed {seed}), writes continuing",
            events=events, faults=kills, lost=lost, duplicates=duplicates, recovery=recovery,
-           notes=f"{len(stranded)} deliveries claimed but unrecorded at the kills; their lease "
-                 f"({config.delivery.timeout * (PREFETCH + 1) + 30:g} s) bounds recovery; per-row order kept")
+           notes=f"{len(stranded)} deliveries claimed but unrecorded at the kills, taken over by "
+                 f"the next relay (at its start, then every {TAKEOVER_EVERY:g} s); per-row order kept")
