@@ -382,9 +382,9 @@ class Relay:
             listeners[listener_id] = replace(listeners[listener_id], active=False)
         if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
             self._claimable = True  # e.g. a resumed listener's held deliveries
-        if _active(listeners) != _active(self.listeners):
-            self._share_slots.set()
             self._work_ready.set()
+        if _active(listeners) != _active(self.listeners):
+            self._share_slots.set()  # slots for the listeners now active, none for the others
         for listener_id in self._circuits.keys() - listeners.keys():  # removed or disabled since
             del self._circuits[listener_id]
             metrics.circuit_closed(listener_id)
@@ -725,15 +725,16 @@ class Relay:
             self._work_ready.set()
 
     async def _finish_in_flight(self) -> None:
-        """Gives requests in flight until their timeout to finish; the rest are cancelled
-        and their leases lapse, so another relay (or the next run) sends them again.
+        """Gives requests in flight until their timeout to finish; the rest are cancelled,
+        and their claims taken over once this relay's session ends, so another relay (or
+        the next run) sends them again.
         Claimed deliveries not yet started are released to be due at once."""
         self._released.extend(self._unsent())
         deadline = time.monotonic() + self.delivery.timeout + 1
         while sum(self._in_flight.values()) and time.monotonic() < deadline:
             self._room.clear()  # set as each request ends
             await _wait(self._room, deadline - time.monotonic())
-        for task in self._senders:  # a request still under way: its lease will lapse
+        for task in self._senders:  # a request still under way: taken over, sent again
             task.cancel()
 
     def _unsent(self) -> list[int]:
@@ -779,6 +780,7 @@ def _target(url: str, secret: str, headers: dict[str, str], previous_secret: str
     previous_key = None if previous_secret is None else secret_key(previous_secret)
     until = 0.0 if previous_key is None else time.time() + (previous_seconds_left or 0.0)
     return Target(url, secret_key(secret), tuple(headers.items()), previous_key, until)
+
 
 def _active(listeners: dict[int, Listener]) -> set[int]:
     return {listener_id for listener_id, listener in listeners.items() if listener.active}
