@@ -852,11 +852,11 @@ RETURNING l.id, l.hook, l.url, l.disabled_reason;
 
 -- name: resume_listener_deliveries
 -- On resume: pending deliveries waiting for a retry more than 20 minutes out
--- are due now, with a fresh attempt budget. Sooner ones may be leases of
--- requests in flight (relay.py: at most 3 x 300 s + 30 s): those are left alone.
+-- are due now, with a fresh attempt budget. Claimed ones (claimed_by) are requests
+-- in flight or queued in a relay, whatever their lease: those are left alone.
 UPDATE cdc_hooks.deliveries
 SET next_attempt_at = now(), attempts = 0
-WHERE listener_id = %(id)s AND status = 'pending'
+WHERE listener_id = %(id)s AND status = 'pending' AND claimed_by IS NULL
   AND next_attempt_at > now() + interval '20 minutes';
 
 -- name: wake_relay

@@ -174,3 +174,21 @@ def test_listener_slots_never_add_up_to_more_than_the_limit(conn, installed, ses
     # A listener removed takes its slots with it.
     conn.execute("DELETE FROM cdc_hooks.listeners WHERE id = %s", (listener,))
     assert held(conn, listener) == {}
+
+
+def test_resuming_a_listener_leaves_its_claims_alone_whatever_their_lease(
+        conn, installed, sessions):
+    """A claim's lease may be far out ([delivery] timeout 300 s: 2,730 s): resuming
+    the listener must not give its attempt budget back under the request."""
+    listener = add_listener(conn)
+    delivery = pending_delivery(conn, listener)
+    relay, relay_id = sessions()
+    relay.execute(query("claim_deliveries"), {"listener_ids": [listener], "slots": [1],
+                                              "total": 1, "lease": 2730.0, "session": relay_id})
+    conn.execute(query("resume_listener_deliveries"), {"id": listener})
+    assert state(conn, delivery)[:3] == ("pending", 1, relay_id)
+    # A retry scheduled far out, not claimed, is due at once with a fresh budget.
+    conn.execute("UPDATE cdc_hooks.deliveries SET claimed_by = NULL,"
+                 " next_attempt_at = now() + interval '1 hour' WHERE id = %s", (delivery,))
+    conn.execute(query("resume_listener_deliveries"), {"id": listener})
+    assert state(conn, delivery) == ("pending", 0, None, None, True)
