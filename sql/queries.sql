@@ -356,7 +356,9 @@ DELETE FROM cdc_hooks.relay_sessions WHERE id = %(session)s;
 -- Sessions whose lock nobody holds have ended (SIGKILL, OOM, lost node,
 -- pg_terminate_backend): their rows (and slots) are deleted and their claimed
 -- deliveries due at once, their attempt number kept, so that a late result of
--- the old claim is fenced off the next one. The transaction lock taken to test
+-- the old claim is fenced off the next one. Due as of their creation: claims
+-- take them before a backlog that fell due since (and the later changes of
+-- their rows wait for them). The transaction lock taken to test
 -- makes two relays' take-overs of a session one. A claim made for a session
 -- already gone (dispatch racing its take-over) is swept with the next one. The
 -- deliveries are probed only when a session ended (a one-time filter): at rest
@@ -368,7 +370,7 @@ WITH ended AS (
     RETURNING s.id
 ), freed AS (
     UPDATE cdc_hooks.deliveries d
-    SET claimed_by = NULL, next_attempt_at = now()
+    SET claimed_by = NULL, next_attempt_at = least(d.created_at, now())
     WHERE EXISTS (SELECT FROM ended)
       AND d.status = 'pending' AND d.claimed_by IS NOT NULL
       AND (d.claimed_by IN (SELECT id FROM ended)

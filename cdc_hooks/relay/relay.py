@@ -148,9 +148,12 @@ class Relay:
         self._session_id = 0  # this relay's session (relay_sessions), per connection
         self._sessions = 1  # relay sessions of the database, at the last take-over check
         # Per listener, the requests this relay may have in flight: its share of the
-        # listener_concurrency of all relays (listener_slots); none: not sent to.
+        # listener_concurrency of all relays (listener_slots); none: not sent to. What
+        # it holds on record may be more, for a while: the requests in flight of a
+        # larger share given up.
         self._slots: dict[int, int] = {}
-        self._slots_short = False  # a listener has fewer slots than this relay's share
+        self._slots_held: dict[int, int] = {}  # on record (listener_slots)
+        self._slots_short = False  # a listener has more or fewer slots than its share
         self._share_slots = asyncio.Event()  # set: divide the slots again now
         self.delivered = 0
         self.sender: Sender | None = None
@@ -253,7 +256,7 @@ class Relay:
         here or by another relay (its requests still in flight record under it)."""
         self._unsent()
         self._released = []  # the last session's too: a release is fenced off the new one
-        self._slots = {}
+        self._slots, self._slots_held = {}, {}
         self._session_id = await store.register_session()
         await self._take_over(store)
         self._share_slots.clear()
@@ -288,23 +291,26 @@ class Relay:
     async def _take_slots(self, store: RelayStore) -> None:
         """This relay's slots of each listener: an even share (rounded up) of
         listener_concurrency among the relays, as far as the others leave free.
-        While asked for, a listener's slots are at most those already in use (a
-        smaller grant must not find more requests in flight)."""
+        A share given up is kept on record for the requests still in flight (the
+        next round gives back what they no longer use), and while asked for, a
+        listener's slots are at most those on record."""
         cap = self.delivery.listener_concurrency
         share = -(-cap // max(1, self._sessions))
         wants = {}
-        for listener_id in self.listeners.keys() | self._slots.keys():
+        for listener_id in self.listeners.keys() | self._slots_held.keys():
             listener = self.listeners.get(listener_id)
             want = share if listener is not None and listener.active else 0
-            held = self._slots.get(listener_id, 0)
+            held = self._slots_held.get(listener_id, 0)
             floor = min(held, max(self._in_flight[listener_id], want))
-            self._slots[listener_id] = floor
+            self._slots[listener_id] = min(self._slots.get(listener_id, 0), floor, want)
             wants[listener_id] = (want, floor)
         if not wants:
             return
         granted = await store.take_slots(self._session_id, wants, cap)
-        self._slots = {listener_id: n for listener_id, n in granted.items() if n}
-        self._slots_short = any(granted.get(i, 0) < want for i, (want, _) in wants.items())
+        self._slots_held = {listener_id: n for listener_id, n in granted.items() if n}
+        self._slots = {listener_id: min(n, wants[listener_id][0])
+                       for listener_id, n in self._slots_held.items()}
+        self._slots_short = any(granted.get(i, 0) != want for i, (want, _) in wants.items())
         self._claimable = True
         self._work_ready.set()
         self._room.set()
