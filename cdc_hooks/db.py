@@ -554,9 +554,6 @@ class RelayStore:
         assert locked, "a new relay session's lock is free"
         return int(session)
 
-    async def end_session(self, session: int) -> None:
-        await self.run("end_relay_session", {"session": session})
-
     async def take_over(self, session: int) -> tuple[int, int, int]:
         """Takes over the claims of relay sessions that ended: (live sessions,
         sessions ended, deliveries made due)."""

@@ -348,10 +348,6 @@ DELETE FROM cdc_hooks.waiters w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_get_acti
 INSERT INTO cdc_hooks.relay_sessions (pid) VALUES (pg_backend_pid())
 RETURNING id, pg_try_advisory_lock(1667523433, mod(id, 2147483648)::int);
 
--- name: end_relay_session
--- A relay stopping: its slots go with the row; its lock with the connection.
-DELETE FROM cdc_hooks.relay_sessions WHERE id = %(session)s;
-
 -- name: take_over_sessions
 -- Sessions whose lock nobody holds have ended (SIGKILL, OOM, lost node,
 -- pg_terminate_backend): their rows (and slots) are deleted and their claimed
