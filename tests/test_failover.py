@@ -6,6 +6,7 @@ are in tests/faults/test_faults_failover.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,8 +16,10 @@ import pytest
 from receivers import wait_until
 
 from cdc_hooks import install as installer
-from cdc_hooks.config import Config
+from cdc_hooks.config import Config, DeliveryConfig
 from cdc_hooks.db import query
+from cdc_hooks.relay.http import Target
+from cdc_hooks.relay.relay import Listener, Relay
 from cdc_hooks.signing import generate_secret
 
 Conn = psycopg.Connection[Any]
@@ -192,3 +195,34 @@ def test_resuming_a_listener_leaves_its_claims_alone_whatever_their_lease(
                  " next_attempt_at = now() + interval '1 hour' WHERE id = %s", (delivery,))
     conn.execute(query("resume_listener_deliveries"), {"id": listener})
     assert state(conn, delivery) == ("pending", 0, None, None, True)
+
+
+class SlotsOnRecord:
+    """take_slots as the database answers it when the others leave nothing free:
+    the floor (the relay's pure logic, without PostgreSQL)."""
+
+    def __init__(self) -> None:
+        self.asked: list[dict[int, tuple[int, int]]] = []
+
+    async def take_slots(self, session: int, wants: dict[int, tuple[int, int]],
+                         cap: int) -> dict[int, int]:
+        self.asked.append(dict(wants))
+        return {listener_id: floor for listener_id, (_, floor) in wants.items()}
+
+
+def test_a_relay_gives_up_a_share_as_its_requests_in_flight_end() -> None:
+    """A relay that held a listener's whole limit while busy kept it for good (its
+    floor, the requests in flight, refilled as each ended): a second relay got none."""
+    relay = Relay(Config(dsn="postgresql://x", delivery=DeliveryConfig(listener_concurrency=4)))
+    relay.listeners = {7: Listener(7, "myhook", "http://x/", {}, Target("http://x/", b"k"), True)}
+    relay._slots, relay._slots_held = {7: 4}, {7: 4}
+    relay._in_flight[7] = 4
+    relay._sessions = 2  # another relay came: the share is 2
+    store = SlotsOnRecord()
+    asyncio.run(relay._take_slots(store))  # type: ignore[arg-type]
+    assert store.asked[-1] == {7: (2, 4)}, "on record for the 4 requests still in flight"
+    assert (relay._slots, relay._slots_held, relay._slots_short) == ({7: 2}, {7: 4}, True)
+    relay._in_flight[7] = 1  # admitted since: at most 2
+    asyncio.run(relay._take_slots(store))  # type: ignore[arg-type]
+    assert store.asked[-1] == {7: (2, 2)}
+    assert (relay._slots, relay._slots_held, relay._slots_short) == ({7: 2}, {7: 2}, False)
