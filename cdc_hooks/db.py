@@ -479,8 +479,10 @@ class RelayStore:
         """synchronous_commit off: a commit lost in a server crash is redone (outbox
         rows come back and dispatch again under the same event ids; leases lapse;
         results are attempted again), so at-least-once holds without a WAL flush per
-        claim and per batch. Set here, not as the startup parameter "options", which
-        PgBouncer refuses."""
+        claim and per batch. jit off: the relay's statements take milliseconds, and
+        one whose plan is estimated at a scan of a large backlog (the take-over's
+        probe, not run unless a relay session ended) spent 2 s compiling, every 2 s.
+        Set here, not as the startup parameter "options", which PgBouncer refuses."""
         await self.run("relay_session_settings")
 
     async def close(self) -> None:

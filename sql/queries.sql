@@ -317,7 +317,8 @@ SELECT pg_backend_pid();
 -- name: relay_session_settings
 -- The relay's session (db.py RelayStore.tune_session says why).
 SELECT pg_catalog.set_config('synchronous_commit', 'off', false),
-       pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', false);
+       pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', false),
+       pg_catalog.set_config('jit', 'off', false);
 
 -- name: listen_events
 LISTEN cdc_hooks;
