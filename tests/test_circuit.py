@@ -55,26 +55,30 @@ def test_open_holds_the_listener_until_this_relay_takes_the_probe() -> None:
     circuit = circuits.get(1)
     assert changed == [(1, circuit, "opened")] and circuit is not None
     assert circuit.admits() == "hold"
-    assert circuits.due_probes(11.0, [1]) == [] and circuits.next_change(11.0) == 1.0
-    assert circuits.due_probes(12.0, [1]) == [1]
+    assert circuits.due_probes(11.0, {1}) == [] and circuits.next_change(11.0) == 1.0
+    assert circuits.due_probes(12.0, {1}) == [1]
     circuits.taken({1}, [1], now=12.0)
     assert circuit.admits() == "probe"
     circuit.probe = 42  # sent
-    assert circuit.admits() == "hold" and circuits.due_probes(99.0, [1]) == []
+    assert circuit.admits() == "hold" and circuits.due_probes(99.0, {1}) == []
     rows, _ = circuits.tally([R(1, "failed", delivery_id=42)])
     assert rows == [[1, 1, 1, 1, "failed", "HTTP 500"]] and not circuit.probing
+    circuits.taken({1}, [1], now=20.0)
+    circuit.probe = 43
+    assert circuits.tally([R(1, None, delivery_id=43)]) == ([], [])  # never sent: not a probe
+    assert not circuit.probing
 
 
 def test_a_probe_held_elsewhere_or_with_nothing_to_send_is_asked_for_again_later() -> None:
     circuits = Circuits(3)
     circuits.note([row(1, 0.0, failures=5), row(2, 0.0, failures=5)], now=100.0)
     circuits.taken(set(), [1], now=105.0)  # another relay holds it
-    assert circuits.due_probes(105.0, [1, 2]) == [2]
-    assert circuits.due_probes(105.0 + PROBE_RECHECK, [1]) == [1]
+    assert circuits.due_probes(105.0, {1, 2}) == [2]
+    assert circuits.due_probes(105.0 + PROBE_RECHECK, {1}) == [1]
     circuits.taken({2}, [2], now=105.0)
     assert circuits.unsent_probes() == [2]
     circuits.give_back([2], now=105.0)
-    assert circuits.get(2).admits() == "hold" and circuits.due_probes(105.0, [2]) == []
+    assert circuits.get(2).admits() == "hold" and circuits.due_probes(105.0, {2}) == []
 
 
 def test_its_own_failures_at_the_threshold_hold_sends_until_recorded() -> None:
@@ -84,7 +88,11 @@ def test_its_own_failures_at_the_threshold_hold_sends_until_recorded() -> None:
     assert not circuits.suspect(1)
     circuits.saw(1, "failed")
     assert circuits.suspect(1)
-    circuits.recorded([[1, 3, 3, 3, None, "HTTP 500"]])
+    circuits.recorded([[1, 3, 1, 2, None, "HTTP 500"]])  # 2 of them on record
+    circuits.note([row(1, None, failures=2)], now=0.0)
+    assert circuits.suspect(1)  # 2 on record, 1 not yet
+    circuits.recorded([[1, 1, 1, 1, None, "HTTP 500"]])
+    circuits.note([row(1, None, failures=3)], now=0.0)  # the record says: closed still
     assert not circuits.suspect(1)
 
 

@@ -26,7 +26,7 @@ by the rows its own results update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,14 +81,22 @@ class Circuits:
             self._unrecorded_runs.pop(listener_id, None)
 
     def suspect(self, listener_id: int) -> bool:
-        """This relay's own failures in a row reach the threshold, not yet on record."""
-        return bool(self._unrecorded_runs) and \
-            self._unrecorded_runs.get(listener_id, 0) >= self.threshold > 0
+        """Failures in a row on record, and this relay's since, reach the threshold."""
+        if not self._unrecorded_runs or listener_id not in self._unrecorded_runs:
+            return False
+        circuit = self.known.get(listener_id)
+        on_record = circuit.failures if circuit is not None else 0
+        return on_record + self._unrecorded_runs[listener_id] >= self.threshold > 0
 
     def recorded(self, rows: Iterable[Sequence[Any]]) -> None:
-        """The record path counted these rows (of tally) into the shared circuits."""
-        for listener_id, *_ in rows:
-            self._unrecorded_runs.pop(listener_id, None)
+        """The record path counted these rows (of tally) into the shared circuits: their
+        failures after the last answer are on record now."""
+        for listener_id, _, _, trailing, *_ in rows:
+            left = self._unrecorded_runs.get(listener_id, 0) - trailing
+            if left > 0:
+                self._unrecorded_runs[listener_id] = left
+            else:
+                self._unrecorded_runs.pop(listener_id, None)
 
     def note(self, rows: Iterable[Sequence[Any]], now: float, *, complete: bool = False
              ) -> list[tuple[int, Circuit, str | None]]:
@@ -109,6 +117,8 @@ class Circuits:
             elif circuit is None:
                 circuit = self.known[listener_id] = Circuit()
             circuit.failures, circuit.last_error, circuit.pause = failures, last_error or "", pause
+            if circuit.probing and not probe_held:  # its result is on record, or its lease lapsed
+                circuit.probing, circuit.probe = False, None
             if seconds is None:
                 circuit.open_until, circuit.probing, circuit.probe = 0.0, False, None
             elif not circuit.probing:  # a probe this relay holds keeps its own time
@@ -128,10 +138,11 @@ class Circuits:
         for listener_id in listener_ids:
             self.known.pop(listener_id, None)
 
-    def due_probes(self, now: float, listener_ids: Iterable[int]) -> list[int]:
-        """Listeners whose circuit's pause is over and whose probe this relay may ask for."""
-        return [i for i in listener_ids if (c := self.known.get(i)) is not None and c.open_until
-                and not c.probing and now >= c.open_until]
+    def due_probes(self, now: float, active: Container[int]) -> list[int]:
+        """Listeners (of those active) whose circuit's pause is over and whose probe
+        this relay may ask for."""
+        return [i for i, c in self.known.items()
+                if c.open_until and not c.probing and now >= c.open_until and i in active]
 
     def taken(self, listener_ids: Iterable[int], asked: Iterable[int], now: float) -> None:
         """take_probes answered: this relay holds the probes of listener_ids; the rest of
@@ -170,6 +181,9 @@ class Circuits:
         for result in results:
             verdict = result.verdict
             circuit = self.known.get(result.listener_id)
+            probe = circuit is not None and circuit.probing and circuit.probe == result.delivery_id
+            if probe:
+                circuit.probing, circuit.probe = False, None  # type: ignore[union-attr]
             if verdict is None or (circuit is None and result.listener_id not in failing):
                 continue  # closed, no failures lately: a success writes nothing
             row = rows.get(result.listener_id)
@@ -182,9 +196,8 @@ class Circuits:
                 row[5] = result.error or f"HTTP {result.code}"
             else:
                 row[3] = 0
-            if circuit is not None and circuit.probing and circuit.probe == result.delivery_id:
+            if probe:
                 row[4] = verdict
-                circuit.probing, circuit.probe = False, None
         new = [i for i, row in rows.items() if row[2] and i not in self.known]
         return list(rows.values()), new
 

@@ -481,7 +481,8 @@ class Relay:
         """Asks for the probe of each open circuit whose pause is over (circuit.py)."""
         now = time.monotonic()
         due = self._circuits.due_probes(
-            now, (i for i, listener in self.listeners.items() if listener.active))
+            now, {i for i, listener in self.listeners.items() if listener.active}
+            if self._circuits.known else ())
         if due:
             taken = await store.take_probes(due, self.delivery.timeout + PROBE_LEASE_MARGIN)
             self._circuits.taken(taken, due, now)
@@ -620,6 +621,8 @@ class Relay:
             listener = self.listeners.get(listener_id)
             if not circuit.open_until:
                 metrics.circuit_closed(listener_id)
+                self._claimable = True  # its held deliveries are due
+                self._work_ready.set()
             elif listener is not None:
                 metrics.circuit_opened(listener.hook, listener_id)
             if transition == "closed":
