@@ -76,6 +76,10 @@ class DeliveryConfig:
     disable_after_days: float = 5.0
     # Failed requests in a row that open a listener's circuit (relay/circuit.py); 0: never.
     circuit_breaker: int = 5
+    # ... provided failures are at least this share of its requests (0 < rate <= 1)
+    # over the last circuit_window seconds: a receiver answering most keeps it closed.
+    circuit_failure_rate: float = 0.5
+    circuit_window: float = 30.0
     # An event body (UTF-8 JSON) larger than this is sent without its data (relay/events.py).
     max_event_bytes: int = 1 << 20
 
@@ -316,7 +320,8 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
         raw,
         {"timeout", "retry_schedule", "concurrency", "listener_concurrency",
          "max_response_bytes", "allow_private_networks", "allowed_networks",
-         "disable_after_days", "circuit_breaker", "max_event_bytes"},
+         "disable_after_days", "circuit_breaker", "circuit_failure_rate", "circuit_window",
+         "max_event_bytes"},
         "[delivery]",
     )
     defaults = DeliveryConfig()
@@ -349,10 +354,15 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
                             "[delivery] disable_after_days", 0, 3650)
     breaker = int(_number(raw.get("circuit_breaker", defaults.circuit_breaker),
                           "[delivery] circuit_breaker", 0, 1_000_000, integer=True))
+    rate = _number(raw.get("circuit_failure_rate", defaults.circuit_failure_rate),
+                   "[delivery] circuit_failure_rate", 0, 1, low_open=True)
+    window = _number(raw.get("circuit_window", defaults.circuit_window),
+                     "[delivery] circuit_window", 1, 86400)
     max_event = int(_number(raw.get("max_event_bytes", defaults.max_event_bytes),
                             "[delivery] max_event_bytes", 1, 1 << 30, integer=True))
     return DeliveryConfig(timeout, schedule, concurrency, per_listener, max_bytes,
                           allow_private, tuple(networks), disable_after, breaker,
+                          circuit_failure_rate=rate, circuit_window=window,
                           max_event_bytes=max_event)
 
 
@@ -430,12 +440,17 @@ def _names(raw: Any, where: str, key: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
-def _number(raw: Any, where: str, low: float, high: float, *, integer: bool = False) -> float:
+def _number(raw: Any, where: str, low: float, high: float, *, integer: bool = False,
+            low_open: bool = False) -> float:
+    """raw, checked to be a number (integer: an integer) from low (low_open: above
+    low) to high; NaN and infinities are outside every range."""
     if isinstance(raw, bool) or not isinstance(raw, int | float) or (
         integer and not isinstance(raw, int)
     ):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{where} must be {kind}")
+    if low_open and not low < raw <= high:
+        raise ConfigError(f"{where} must be above {low:g} and at most {high:g} (got {raw})")
     if not low <= raw <= high:
         raise ConfigError(f"{where} must be between {low:g} and {high:g} (got {raw})")
     return float(raw)

@@ -406,6 +406,7 @@ class Database:
     def check_listener_health(self) -> None:
         with self.transaction():
             self.run("forget_listener_health")
+            self.run("forget_circuits")
             self.run("check_listener_health")
 
     def disable_failing_listeners(self, seconds: float, reason: str) -> list[tuple[Any, ...]]:
@@ -423,6 +424,11 @@ class Database:
 
     def resume_listener_deliveries(self, listener_id: int) -> None:
         self.run("resume_listener_deliveries", {"id": listener_id})
+        self.reset_circuit(listener_id)
+
+    def reset_circuit(self, listener_id: int) -> None:
+        """Closes the listener's circuit (relay/circuit.py): resumed, or a new URL."""
+        self.run("reset_circuit", {"id": listener_id})
 
     def wake_relay(self) -> None:
         self.run("wake_relay")
@@ -570,6 +576,27 @@ class RelayStore:
             "wants": [w for w, _ in wants.values()], "floors": [f for _, f in wants.values()],
             "cap": cap})
         return {int(listener_id): int(slots) for listener_id, slots in rows}
+
+    async def circuit_states(self, window: float) -> list[tuple[Any, ...]]:
+        """The circuits a relay must know of (relay/circuit.py CircuitView.note)."""
+        return await self.run("circuit_states", {"window": window})
+
+    async def record_circuits(self, batch: Sequence[list[Any]], new: Sequence[int],
+                              settings: dict[str, float]) -> list[tuple[Any, ...]]:
+        """Counts a batch of results into the listeners' circuits (rows of
+        relay/circuit.py tally); new: listeners that may have no row yet."""
+        if new:
+            await self.run("add_circuits", {"listener_ids": list(new)})
+        return await self.run("record_circuits",
+                              {"batch": jsoncodec.dumps_rows(batch), **settings})
+
+    async def take_probes(self, listener_ids: Sequence[int], lease: float) -> set[int]:
+        """Of these listeners' circuits, those whose probe this relay now holds."""
+        rows = await self.run("take_probes", {"listener_ids": list(listener_ids), "lease": lease})
+        return {r[0] for r in rows}
+
+    async def release_probes(self, listener_ids: Sequence[int]) -> None:
+        await self.run("release_probes", {"listener_ids": list(listener_ids)})
 
     async def disable_listener(self, listener_id: int, reason: str) -> None:
         async with self.conn.transaction():

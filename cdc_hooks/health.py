@@ -3,7 +3,7 @@
 The relay checks every [retention] interval (with pruning, one relay at a
 time). Each check records, per active listener, whether a delivery succeeded
 since the previous check (which ends a failure streak) or deliveries are
-failing (one waits for a retry, or one was given up); ``failing_since`` is when
+failing (one waits for a retry, one was given up, or its circuit is open); ``failing_since`` is when
 a check first saw the streak. A listener is disabled when, at a check:
 
 - it is failing still,

@@ -300,6 +300,8 @@ def update_listener(db: Database, config: Config, listener_id: int, *, url: str 
         db.update_listener(listener_id, url=url, match_json=match_json, secret=secret,
                            overlap=overlap, headers_json=headers_json, backfill=backfill,
                            events=kinds, changed=columns)
+        if url is not None:  # another receiver: its circuit starts closed
+            db.reset_circuit(listener_id)
     return secret
 
 

@@ -67,7 +67,7 @@ class _Stats:
         self.events: dict[str, int] = {}
         self.listeners: dict[tuple[str, int], _ListenerStats] = {}
         self.reconnects = 0
-        # (hook, listener) whose circuit is open: 1 here; summed, how many workers'
+        # (hook, listener) whose shared circuit is open, as this worker last saw it: 1
         self.open_circuits: dict[tuple[str, int], int] = {}
         self.connected: bool | None = None  # None: no relay in this process
         self.loop_lag: float | None = None
@@ -94,8 +94,8 @@ def _all_workers() -> _Stats:
             into.retries += stats.retries
             into.buckets = [a + b for a, b in zip(into.buckets, stats.buckets, strict=True)]
             into.seconds += stats.seconds
-        for key, count in list(part.open_circuits.items()):
-            total.open_circuits[key] = total.open_circuits.get(key, 0) + count
+        for key in list(part.open_circuits):
+            total.open_circuits[key] = 1  # one circuit, shared by every worker
         total.reconnects += part.reconnects
     connected = [p.connected for p in parts if p.connected is not None]
     total.connected = all(connected) if connected else None
@@ -196,7 +196,7 @@ class RelayCollector(Collector):
         yield _attempt_histogram(listeners)
         circuits = GaugeMetricFamily(
             "cdc_hooks_listener_circuit_open", "1 while the listener's circuit breaker is open: its "
-            "due deliveries fail without a request (with --workers: how many workers' are)",
+            "due deliveries wait for a probe, without spending an attempt",
             labels=["hook", "listener"])
         open_circuits = {(hook, str(lid)): n  # a C-level copy first, as the snapshots above
                          for (hook, lid), n in list(totals.open_circuits.items())}

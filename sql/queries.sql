@@ -126,7 +126,7 @@ GRANT SELECT, UPDATE ON cdc_hooks.listeners, cdc_hooks.config_version TO {role};
 GRANT SELECT, DELETE ON cdc_hooks.outbox TO {role};
 GRANT SELECT, INSERT, DELETE ON cdc_hooks.events, cdc_hooks.attempts, cdc_hooks.waiters TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON cdc_hooks.deliveries, cdc_hooks.listener_health,
-    cdc_hooks.listener_slots TO {role};
+    cdc_hooks.listener_slots, cdc_hooks.circuits TO {role};
 GRANT SELECT, INSERT, DELETE ON cdc_hooks.relay_sessions TO {role};
 
 -- name: forget_hook
@@ -495,6 +495,122 @@ SELECT cdc_hooks.send('cdc_hooks.listener_disabled', jsonb_build_object(
            'reason', %(reason)s::text))
 WHERE EXISTS (SELECT FROM cdc_hooks.hooks WHERE name = 'cdc_hooks.listener_disabled');
 
+-- Relay: shared circuits (cdc_hooks/relay/circuit.py) -------------------------
+-- One row per listener that ever failed (migration 0011). Every statement here
+-- runs for failures, probes, or successes while a row holds failures: a
+-- listener that only succeeds costs none of them.
+
+-- name: circuit_states
+-- The circuits a relay must know of (with the listeners, every second): open
+-- ones, and those with failures in their window, whose successes must be
+-- recorded too (live). Per row: seconds until the probe may go (NULL: closed),
+-- whether a relay holds the probe, failures in a row, the last error, the last
+-- pause, live, and NULL where record_circuits says what it changed.
+SELECT listener_id, extract(epoch FROM open_until - now())::float8,
+       coalesce(probe_until > now(), false), failures, last_error, pause, true, NULL::text
+FROM cdc_hooks.circuits
+WHERE open_until IS NOT NULL OR failures > 0
+   OR (failed + prev_failed > 0 AND window_start > now() - make_interval(secs => 2 * %(window)s));
+
+-- name: add_circuits
+-- Rows for listeners whose first failure record_circuits is about to count.
+INSERT INTO cdc_hooks.circuits (listener_id)
+SELECT unnest(%(listener_ids)s::bigint[])
+ON CONFLICT (listener_id) DO NOTHING;
+
+-- name: record_circuits
+-- A batch of results, per listener, as one JSON array of [listener_id, requests,
+-- failed, failed after its last answer, probe ('answered', 'failed' or null),
+-- last error]. Each row is read locked and written once (listener order: no
+-- deadlock between relays), so concurrent relays add up, never overwrite.
+-- The window rolls forward by whole windows; failures in a row open a closed
+-- circuit once they reach `threshold` and the failure rate, over the last
+-- `window` seconds, reaches `rate`; a failed probe opens it again for twice
+-- as long (up to `max_pause`); any answer closes it. Returns what
+-- circuit_states does, with what this batch changed (transition).
+WITH batch AS (
+    SELECT (r ->> 0)::bigint AS listener_id, (r ->> 1)::int AS requests, (r ->> 2)::int AS failed,
+           (r ->> 3)::int AS trailing, r ->> 4 AS probe, r ->> 5 AS error
+    FROM json_array_elements(%(batch)s::json) AS r
+), old AS (
+    SELECT c.* FROM cdc_hooks.circuits c
+    WHERE c.listener_id IN (SELECT listener_id FROM batch)
+    ORDER BY c.listener_id
+    FOR UPDATE
+), counted AS (
+    SELECT o.listener_id, o.open_until, o.pause, b.probe,
+           coalesce(b.error, o.last_error) AS last_error,
+           CASE WHEN b.failed = b.requests THEN o.failures + b.failed ELSE b.trailing END AS failures,
+           b.requests > b.failed AS answered,
+           w.start, w.requests + b.requests AS requests, w.failed + b.failed AS failed,
+           w.prev_requests, w.prev_failed,
+           greatest(0.0, 1.0 - extract(epoch FROM now() - w.start) / %(window)s) AS prev_weight
+    FROM old o
+    JOIN batch b USING (listener_id)
+    CROSS JOIN LATERAL (
+        SELECT v.start, v.requests, v.failed, v.prev_requests, v.prev_failed
+        FROM (VALUES (0, o.window_start, o.requests, o.failed, o.prev_requests, o.prev_failed),
+                     (1, o.window_start + make_interval(secs => %(window)s), 0, 0, o.requests, o.failed),
+                     (2, now(), 0, 0, 0, 0))
+             AS v (k, start, requests, failed, prev_requests, prev_failed)
+        WHERE v.k = CASE WHEN now() < o.window_start + make_interval(secs => %(window)s) THEN 0
+                         WHEN now() < o.window_start + make_interval(secs => 2 * %(window)s) THEN 1
+                         ELSE 2 END
+    ) w
+), decided AS (
+    SELECT c.*,
+           CASE WHEN c.open_until IS NOT NULL AND c.answered THEN 'closed'
+                WHEN c.open_until IS NOT NULL AND c.probe = 'failed' THEN 'reopened'
+                WHEN c.open_until IS NULL AND c.failures >= %(threshold)s
+                     AND c.failed + c.prev_failed * c.prev_weight
+                         >= %(rate)s * (c.requests + c.prev_requests * c.prev_weight)
+                THEN 'opened' END AS transition
+    FROM counted c
+)
+UPDATE cdc_hooks.circuits c
+SET failures = d.failures, window_start = d.start, requests = d.requests, failed = d.failed,
+    prev_requests = d.prev_requests, prev_failed = d.prev_failed, last_error = d.last_error,
+    transition = d.transition,
+    pause = CASE d.transition WHEN 'closed' THEN 0
+                              WHEN 'opened' THEN %(first_pause)s
+                              WHEN 'reopened' THEN least(%(max_pause)s, greatest(d.pause * 2, %(first_pause)s))
+                              ELSE d.pause END,
+    open_until = CASE d.transition WHEN 'closed' THEN NULL
+                                   WHEN 'opened' THEN now() + make_interval(secs => %(first_pause)s)
+                                   WHEN 'reopened' THEN now() + make_interval(secs =>
+                                       least(%(max_pause)s, greatest(d.pause * 2, %(first_pause)s)))
+                                   ELSE d.open_until END,
+    -- the probe's result ends its lease, and so does any change of state
+    probe_until = CASE WHEN d.transition IS NULL AND d.probe IS NULL THEN c.probe_until END
+FROM decided d
+WHERE c.listener_id = d.listener_id
+RETURNING c.listener_id, extract(epoch FROM c.open_until - now())::float8,
+          coalesce(c.probe_until > now(), false), c.failures, c.last_error, c.pause,
+          c.open_until IS NOT NULL OR c.failures > 0 OR c.failed + c.prev_failed > 0, d.transition;
+
+-- name: take_probes
+-- Open circuits whose pause is over and whose probe no relay holds, among the
+-- given listeners, with a delivery due to send as the probe: this relay holds
+-- their probe for `lease` seconds (a compare-and-swap: of relays asking at once,
+-- one gets it). Returns their listener ids.
+UPDATE cdc_hooks.circuits c
+SET probe_until = now() + make_interval(secs => %(lease)s)
+WHERE c.listener_id = ANY(%(listener_ids)s::bigint[]) AND c.open_until <= now()
+  AND (c.probe_until IS NULL OR c.probe_until <= now())
+  AND EXISTS (SELECT FROM cdc_hooks.deliveries d
+              WHERE d.listener_id = c.listener_id AND d.status = 'pending'
+                AND d.next_attempt_at <= now())
+RETURNING c.listener_id;
+
+-- name: release_probes
+-- Probes taken but not sent (nothing claimable, relay stopping): another relay may take them.
+UPDATE cdc_hooks.circuits SET probe_until = NULL
+WHERE listener_id = ANY(%(listener_ids)s::bigint[]);
+
+-- name: reset_circuit
+-- A listener resumed or given another URL starts with a closed circuit.
+DELETE FROM cdc_hooks.circuits WHERE listener_id = %(id)s;
+
 -- name: next_due
 -- When the next pending delivery of the given listeners falls due within
 -- `within` seconds (NULL: none does), and whether some are due already (after a
@@ -803,8 +919,8 @@ SELECT (SELECT max(id) FROM scanned), (SELECT count(*) FROM gone),
 
 -- name: check_listener_health
 -- Each active listener's health since the previous check: a delivery succeeded
--- (ends a failure streak), or deliveries are failing (one waits for a retry, or
--- one was given up). failing_since: when a check first saw it failing with no
+-- (ends a failure streak), or deliveries are failing (one waits for a retry, one
+-- was given up, or its circuit is open). failing_since: when a check first saw it failing with no
 -- success since; failing: whether the latest check did.
 WITH seen AS (
     SELECT l.id, h.failing_since,
@@ -816,7 +932,10 @@ WITH seen AS (
                      AND d.next_attempt_at > now())
            OR EXISTS (SELECT FROM cdc_hooks.deliveries d
                       WHERE d.listener_id = l.id AND d.status = 'dead'
-                        AND d.finished_at > coalesce(h.checked_at, '-infinity')) AS failing
+                        AND d.finished_at > coalesce(h.checked_at, '-infinity'))
+           -- its circuit is open: due deliveries wait for the probe, no attempt recorded
+           OR EXISTS (SELECT FROM cdc_hooks.circuits c
+                      WHERE c.listener_id = l.id AND c.open_until IS NOT NULL) AS failing
     FROM cdc_hooks.listeners l
     LEFT JOIN cdc_hooks.listener_health h ON h.listener_id = l.id
     WHERE l.state = 'active'
@@ -836,6 +955,11 @@ SET failing_since = excluded.failing_since, failing = excluded.failing,
 -- Rows of listeners removed since.
 DELETE FROM cdc_hooks.listener_health h
 WHERE NOT EXISTS (SELECT FROM cdc_hooks.listeners l WHERE l.id = h.listener_id);
+
+-- name: forget_circuits
+-- Circuits of listeners removed since.
+DELETE FROM cdc_hooks.circuits c
+WHERE NOT EXISTS (SELECT FROM cdc_hooks.listeners l WHERE l.id = c.listener_id);
 
 -- name: disable_failing_listeners
 -- Active listeners failing still, with no success for `seconds` and unchanged

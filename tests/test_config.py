@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import string
 import tomllib
@@ -219,11 +220,14 @@ def test_delivery_section() -> None:
     assert parse("[delivery]\nretry_schedule = []").delivery.retry_schedule == ()
     assert parse("[delivery]\ncircuit_breaker = 0").delivery.circuit_breaker == 0
     assert parse("").delivery.circuit_breaker == 5
+    assert (parse("").delivery.circuit_failure_rate, parse("").delivery.circuit_window) == (0.5, 30.0)
+    circuit = parse("[delivery]\ncircuit_failure_rate = 1\ncircuit_window = 1").delivery
+    assert (circuit.circuit_failure_rate, circuit.circuit_window) == (1.0, 1.0)
     assert parse("").delivery.max_event_bytes == 1 << 20
     assert parse("[delivery]\nmax_event_bytes = 1").delivery.max_event_bytes == 1
 
 
-@pytest.mark.parametrize(("text", "message"), [
+DELIVERY_ERRORS = [
     ("timout = 1", 'unknown key "timout" \\(did you mean "timeout"\\?\\)'),
     ("timeout = 0", "timeout must be between 0.1 and 300"),
     ("timeout = 301", "timeout must be between"),
@@ -248,10 +252,38 @@ def test_delivery_section() -> None:
     ('allowed_networks = ["localhost"]', "is not a network"),
     ('allowed_networks = "10.0.0.0/8"', "allowed_networks must be an array"),
     ("allowed_networks = 10", "allowed_networks must be an array"),
-])
+    # zero or negative timeouts, limits, rates, windows (issue 14)
+    ("timeout = -1", "timeout must be between 0.1 and 300"),
+    ("retry_schedule = [1, nan]", "retry_schedule entries must be between 0 and"),
+    ("retry_schedule = [inf]", "retry_schedule entries must be between 0 and"),
+    ("concurrency = -4", "concurrency must be between 1 and 4096"),
+    ("listener_concurrency = 0", "listener_concurrency must be between 1 and 4096"),
+    ("listener_concurrency = -1", "listener_concurrency must be between 1 and 4096"),
+    ("disable_after_days = -1", "disable_after_days must be between 0 and 3650"),
+    ("disable_after_days = nan", "disable_after_days must be between"),
+    ('disable_after_days = "5d"', "disable_after_days must be a number"),
+    ("circuit_failure_rate = 0", "circuit_failure_rate must be above 0 and at most 1 \\(got 0\\)"),
+    ("circuit_failure_rate = -0.5", "circuit_failure_rate must be above 0 and at most 1"),
+    ("circuit_failure_rate = 1.01", "circuit_failure_rate must be above 0 and at most 1"),
+    ("circuit_failure_rate = nan", "circuit_failure_rate must be above 0 and at most 1"),
+    ('circuit_failure_rate = "50%"', "circuit_failure_rate must be a number"),
+    ("circuit_window = 0", "circuit_window must be between 1 and 86400 \\(got 0\\)"),
+    ("circuit_window = -30", "circuit_window must be between 1 and 86400"),
+    ("circuit_window = inf", "circuit_window must be between 1 and 86400"),
+    ("circuit_window = true", "circuit_window must be a number"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), DELIVERY_ERRORS)
 def test_delivery_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse("[delivery]\n" + text)
+
+
+def test_every_delivery_setting_has_a_refused_value() -> None:
+    """Each [delivery] key is checked at load: a new one gets its bad values above."""
+    refused = {text.split(" =")[0] for text, _ in DELIVERY_ERRORS}
+    assert {f.name for f in dataclasses.fields(DeliveryConfig)} <= refused
 
 
 # Finding and reading the file -------------------------------------------------
@@ -294,7 +326,7 @@ def test_unreadable_file(tmp_path: Path, content: bytes) -> None:
 HOOK_KEYS = ["name", "table", "events", "provides", "key", "when_changed", "x"]
 DELIVERY_KEYS = ["timeout", "retry_schedule", "concurrency", "listener_concurrency",
                  "max_response_bytes", "allow_private_networks", "allowed_networks",
-                 "circuit_breaker"]
+                 "circuit_breaker", "circuit_failure_rate", "circuit_window", "disable_after_days"]
 toml_scalars = (st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
                 | st.datetimes() | st.dates() | st.times()
                 | st.sampled_from(["insert", "update", "delete", "person", 'public."People"',

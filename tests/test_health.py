@@ -131,6 +131,25 @@ def test_what_keeps_a_listener_enabled(conn, make_config, cli):
     assert disabled_events(conn) == []
 
 
+def test_an_open_circuit_is_failing_though_its_deliveries_wait_without_attempts(
+        conn, make_config, cli):
+    """Issue 14: while a listener's circuit is open its due deliveries wait for the
+    probe, and no attempt is recorded; it fails still, and ends disabled as before.
+    Resuming it closes its circuit."""
+    config = configure(make_config)
+    bad = add(cli, config, "ping", "http://127.0.0.1:9/bad")
+    held = failing(conn, bad)
+    conn.execute("UPDATE cdc_hooks.deliveries SET next_attempt_at = now() WHERE id = %s", (held,))
+    conn.execute("INSERT INTO cdc_hooks.circuits (listener_id, failures, open_until, pause)"
+                 " VALUES (%s, 5, now() + interval '1 minute', 60)", (bad,))
+    assert check(config) == []  # the streak starts now
+    age(conn, bad)
+    [gone] = check(config)
+    assert gone.listener_id == bad
+    assert cli(config, "listeners", "resume", str(bad)).exit_code == 0
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.circuits").fetchone() == (0,)
+
+
 def test_resume_sends_what_is_pending_and_leaves_dead_letters(conn, make_config, cli):
     config = configure(make_config)
     bad = add(cli, config, "ping", "http://127.0.0.1:9/bad")

@@ -366,32 +366,64 @@ CIRCUIT = DELIVERY.replace("retry_schedule = [0.2, 0.2]", "retry_schedule = [0.3
     + "listener_concurrency = 1\ncircuit_breaker = 3\n"
 
 
-def test_a_failing_receiver_opens_the_circuit(conn, setup, cli, receiver, relay_for):
-    """After circuit_breaker failures in a row, due deliveries fail without a request,
-    on schedule, to dead letters: the broken receiver gets a handful of requests, not
-    one per attempt."""
+def circuit_row(conn: psycopg.Connection[Any], listener_id: int) -> tuple[Any, ...] | None:
+    """(failures, open, pause, probe held) of a listener's shared circuit."""
+    return conn.execute(
+        "SELECT failures, open_until IS NOT NULL, pause, coalesce(probe_until > now(), false)"
+        " FROM cdc_hooks.circuits WHERE listener_id = %s", (listener_id,)).fetchone()
+
+
+def requests_on_record(conn: psycopg.Connection[Any], listener_id: int) -> tuple[int, int]:
+    """(attempts counted on its deliveries, attempts in the log) of a listener."""
+    return conn.execute(
+        "SELECT (SELECT coalesce(sum(attempts), 0) FROM cdc_hooks.deliveries WHERE listener_id = %s),"
+        " (SELECT count(*) FROM cdc_hooks.attempts a JOIN cdc_hooks.deliveries d"
+        "  ON d.id = a.delivery_id WHERE d.listener_id = %s)", (listener_id, listener_id)).fetchone()
+
+
+def test_an_open_circuit_defers_without_spending_attempts(conn, setup, cli, receiver, relay_for):
+    """After circuit_breaker failures, due deliveries wait for the probe: no attempt
+    without a request (issue 14: they burnt the schedule into dead letters), and,
+    held in the table, they are not claimed (and leased, released) over and over."""
     config = setup(CIRCUIT)
     listener_id, _ = add_listener(cli, config, "person", receiver.url())
     receiver.set_default("/hook", Reply(500))
     relay_for(config)
     conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 20) i")
-    wait_settled(conn)
-    rows = delivery_rows(conn, listener_id)
-    assert [(status, attempts) for _, _, status, attempts, _, _ in rows] == [("dead", 4)] * 20
-    errors = [e for d_id, *_ in rows for _, e in attempt_rows(conn, d_id)]
-    skipped = [e for e in errors if e.startswith("not sent: the last")]
-    assert len(errors) == 80 and all(e == "HTTP 500" for e in errors if e not in skipped)
-    assert "(last: HTTP 500)" in skipped[0]
-    assert len(receiver.received()) == 80 - len(skipped) <= 10
     circuit = ("person", listener_id)  # the in-process relay's /metrics gauge
-    assert metrics.STATS.open_circuits.get(circuit) == 1  # nothing answered since
+    wait_until(lambda: metrics.STATS.open_circuits.get(circuit) == 1, message="circuit open")
+    # Two probes failed (pauses 1 s, 2 s): the third waits 4 s; nothing moves meanwhile.
+    wait_until(lambda: (circuit_row(conn, listener_id) or (0, 0, 0))[2] == 4.0, timeout=20,
+               message="the second probe failed")
+    versions = "SELECT id, xmin::text FROM cdc_hooks.deliveries WHERE listener_id = %s ORDER BY id"
+    before = conn.execute(versions, (listener_id,)).fetchall()
+    time.sleep(2.0)
+    assert conn.execute(versions, (listener_id,)).fetchall() == before, "claimed while open"
+    rows = delivery_rows(conn, listener_id)
+    assert {status for _, _, status, _, _, _ in rows} == {"pending"}  # not one dead letter
+    sent = len(receiver.received())
+    assert requests_on_record(conn, listener_id) == (sent, sent) and sent == 3 + 2  # 2 probes
+    assert not any(e.startswith("not sent") for d_id, *_ in rows for _, e in attempt_rows(conn, d_id))
     assert cli(config, "listeners", "remove", str(listener_id)).exit_code == 0
     wait_until(lambda: circuit not in metrics.STATS.open_circuits, message="gauge gone with it")
 
 
+def test_a_receiver_down_for_good_still_ends_in_dead_letters(conn, setup, cli, receiver, relay_for):
+    """Probes spend attempts (they are requests): a delivery whose schedule's requests
+    are all spent is a dead letter, as before."""
+    config = setup(CIRCUIT.replace("[0.3, 0.3, 0.3]", "[0.1]").replace(
+        "circuit_breaker = 3", "circuit_breaker = 2"))
+    listener_id, _ = add_listener(cli, config, "person", receiver.url())
+    receiver.set_default("/hook", Reply(503))
+    relay_for(config)
+    conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 2) i")
+    wait_settled(conn)
+    assert [(s, a) for _, _, s, a, _, _ in delivery_rows(conn, listener_id)] == [("dead", 2)] * 2
+    assert requests_on_record(conn, listener_id) == (4, 4) == (len(receiver.received()),) * 2
+
+
 def test_a_probe_that_is_answered_closes_the_circuit(conn, setup, cli, receiver, relay_for):
-    # The schedule outlasts the first pause (1 s): the deliveries are alive for the probe.
-    config = setup(CIRCUIT.replace("[0.3, 0.3, 0.3]", "[0.5, 0.5, 0.5, 0.5]"))
+    config = setup(CIRCUIT)
     listener_id, _ = add_listener(cli, config, "person", receiver.url())
     receiver.plan("/hook", Reply(503), Reply(503), Reply(503))  # then 200s
     relay_for(config)
@@ -400,11 +432,49 @@ def test_a_probe_that_is_answered_closes_the_circuit(conn, setup, cli, receiver,
     wait_until(lambda: metrics.STATS.open_circuits.get(circuit) == 1, message="circuit open")
     wait_settled(conn)
     assert circuit not in metrics.STATS.open_circuits
+    assert circuit_row(conn, listener_id) == (0, False, 0.0, False)
     rows = delivery_rows(conn, listener_id)
     assert {status for _, _, status, _, _, _ in rows} == {"delivered"}
-    errors = [e for d_id, *_ in rows for _, e in attempt_rows(conn, d_id)]
-    assert any((e or "").startswith("not sent: the last 3 requests failed") for e in errors)
+    assert requests_on_record(conn, listener_id) == (13, 13)  # 3 failures, 10 deliveries
     assert len(ok(receiver.received())) == 10
+
+
+def test_a_receiver_answering_most_requests_keeps_its_circuit_closed(conn, setup, cli, receiver,
+                                                                     relay_for):
+    """Failures in a row (two here, the breaker's threshold) do not open the circuit
+    while failures are under circuit_failure_rate of the window's requests."""
+    config = setup(CIRCUIT.replace("circuit_breaker = 3", "circuit_breaker = 2"))
+    listener_id, _ = add_listener(cli, config, "person", receiver.url())
+    fail, answer = Reply(500), Reply(200)
+    # One failure, then failures two in a row: a third of the requests.
+    receiver.plan("/hook", fail, *[answer] * 4, *[fail, fail, *[answer] * 4] * 3)
+    relay_for(config)
+    conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 16) i")
+    wait_settled(conn)
+    assert {status for _, _, status, _, _, _ in delivery_rows(conn, listener_id)} == {"delivered"}
+    assert len(receiver.received()) == 16 + 7
+    failures, opened, _, _ = circuit_row(conn, listener_id)
+    assert not opened and failures == 0
+
+
+def test_relays_share_one_circuit(conn, setup, cli, receiver, relay_for):
+    """Two relays open it after circuit_breaker failures in total, not each, and one
+    probe at a time goes out."""
+    config = setup(CIRCUIT.replace("circuit_breaker = 3", "circuit_breaker = 10"))
+    listener_id, _ = add_listener(cli, config, "person", receiver.url())
+    receiver.set_default("/hook", Reply(500, delay=0.05))
+    relay_for(config)
+    relay_for(config)
+    conn.execute("INSERT INTO person (name) SELECT 'p' || i FROM generate_series(1, 40) i")
+    pause = lambda: (circuit_row(conn, listener_id) or (0, 0, 0))[2]  # noqa: E731
+    wait_until(lambda: pause() == 2.0, timeout=20, message="the first probe failed")
+    after_first_probe = circuit_row(conn, listener_id)[0]
+    wait_until(lambda: pause() == 4.0, timeout=20, message="the second probe failed")
+    assert circuit_row(conn, listener_id)[0] == after_first_probe + 1  # one probe, one relay
+    # 10 in all open it (each relay sends at most its request in flight then, and one
+    # more before its own failure is on record): not 10 per relay; then 2 probes
+    assert 10 + 2 <= len(receiver.received()) <= 10 + 2 * 2 + 2
+    assert requests_on_record(conn, listener_id)[1] == len(receiver.received())
 
 
 def test_a_request_that_fails_after_its_listener_was_removed(conn, config, cli, receiver, relay_for):
@@ -418,8 +488,8 @@ def test_a_request_that_fails_after_its_listener_was_removed(conn, config, cli, 
     receiver.wait_for(1, "/slow")
     assert cli(config, "listeners", "remove", str(removed)).exit_code == 0
     wait_until(lambda: removed not in running.relay.listeners, message="listener dropped")
-    wait_until(lambda: removed in running.relay._circuits, message="the timeout noted")
-    wait_until(lambda: removed not in running.relay._circuits, message="circuit dropped")
+    wait_until(lambda: removed in running.relay._circuits.known, message="the timeout noted")
+    wait_until(lambda: removed not in running.relay._circuits.known, message="circuit dropped")
     conn.execute("INSERT INTO person (name) VALUES ('second')")
     assert [r.json["data"]["name"] for r in receiver.wait_for(2, "/ok")] == ["first", "second"]
 

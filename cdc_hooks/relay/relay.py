@@ -46,9 +46,9 @@ from ..listeners import takes
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
-from .circuit import Circuit, counts_as_failure
+from .circuit import FIRST_PAUSE, MAX_PAUSE, Circuits, verdict
 from .events import ALL_ROWS, expand
-from .http import Response, Sender, Target
+from .http import Sender, Target
 from .retry import classify
 from .workers import Workers, report_metrics, share
 
@@ -64,6 +64,7 @@ RECORD_GATHER = 0.01  # seconds a batch of results may gather before it is recor
 PREFETCH = 8  # deliveries claimed ahead, as a multiple of the concurrency
 STATISTICS_EVERY = 5000  # events dispatched between checks of the planner's statistics
 MAX_BACKOFF = 10.0
+PROBE_LEASE_MARGIN = 10.0  # seconds a probe is held beyond the request's timeout
 CAPTURE_CHECK_EVERY = 5.0  # seconds between checks that each hook's triggers are in place
 # Seconds between checks for relay sessions that ended (their claims are then due at
 # once, so a SIGKILLed relay's deliveries wait at most about this long): one statement
@@ -103,6 +104,7 @@ class Result:
     response: str | None
     gone: bool
     session: int  # the relay session that claimed it: the result lands only while it holds it
+    verdict: str | None  # what it tells of the receiver, for its circuit (circuit.py)
 
 
 class Relay:
@@ -116,6 +118,10 @@ class Relay:
         self.delivery = config.delivery
         # Long enough for a delivery to wait its turn in the prefetch window, then be sent.
         self.lease = self.delivery.timeout * (PREFETCH + 1) + 30.0
+        self._circuit_settings = {  # record_circuits' parameters
+            "threshold": self.delivery.circuit_breaker, "rate": self.delivery.circuit_failure_rate,
+            "window": self.delivery.circuit_window, "first_pause": FIRST_PAUSE,
+            "max_pause": MAX_PAUSE}
         self.hooks: dict[str, InstalledHook] = {}
         self.listeners: dict[int, Listener] = {}
         self._compiled: dict[tuple[int, str], dict[str, Any]] = {}
@@ -144,7 +150,7 @@ class Relay:
         self._outage_since: float | None = None
         self._connected_at: float | None = None
         self._gone: set[int] = set()  # answered 410: sent nothing more until disabled on record
-        self._circuits: dict[int, Circuit] = {}  # listeners whose last requests failed
+        self._circuits = Circuits(config.delivery.circuit_breaker)  # the shared circuits it knows of
         self._session_id = 0  # this relay's session (relay_sessions), per connection
         self._sessions = 1  # relay sessions of the database, at the last take-over check
         # Per listener, the requests this relay may have in flight: its share of the
@@ -391,10 +397,14 @@ class Relay:
             self._work_ready.set()
         if _active(listeners) != _active(self.listeners):
             self._share_slots.set()  # slots for the listeners now active, none for the others
-        for listener_id in self._circuits.keys() - listeners.keys():  # removed or disabled since
-            del self._circuits[listener_id]
+        gone = self._circuits.known.keys() - listeners.keys()  # removed or disabled since
+        self._circuits.drop(gone)
+        for listener_id in gone:
             metrics.circuit_closed(listener_id)
         self.listeners = listeners
+        if self.delivery.circuit_breaker:
+            self._note_circuits(await store.circuit_states(self.delivery.circuit_window),
+                                complete=True)
 
     # Dispatch ----------------------------------------------------------------
 
@@ -461,6 +471,8 @@ class Relay:
         seen_rows: set[tuple[int, str]] = set()
         deliveries: list[tuple[int, int, str | None, bool, bool]] = []
         truncated: set[int] = set()  # listeners with a TRUNCATE earlier in this batch
+        # An open circuit's deliveries wait in the table for its probe (circuit.py).
+        open_circuits = {i for i, c in self._circuits.known.items() if c.open_until}
         for event in events:
             everything = event.row_key == ALL_ROWS  # a TRUNCATE: whatever the match
             for listener in by_hook.get(event.hook, ()):
@@ -478,7 +490,8 @@ class Relay:
                     # (claim_deliveries), and later ones in this batch wait for it
                     truncated.add(listener.id)
                     first_of_row = False
-                send_now = listener.active and first_of_row and room[listener.id] > 0
+                send_now = listener.active and first_of_row and room[listener.id] > 0 \
+                    and listener.id not in open_circuits
                 room[listener.id] -= send_now
                 deliveries.append((event.id, listener.id, event.row_key, send_now, first_of_row))
         if not deliveries:
@@ -523,6 +536,7 @@ class Relay:
     async def _claim_loop(self, store: RelayStore) -> None:
         while True:
             await self._renew_leases(store)
+            await self._take_probes(store)
             wants, total = self._wants()
             if not wants:  # the window is full: wait for requests to finish
                 self._room.clear()
@@ -537,16 +551,46 @@ class Relay:
             claimed = await store.claim_deliveries(wants, total, self.lease, self._session_id)
             self._hold(claimed)
             self._pump()
+            await self._give_back_probes(store)
             if len(claimed) == min(total, sum(wants.values())):
                 continue  # there may be more due
             due, blocked = await store.seconds_until_due(
-                [i for i, lsn in self.listeners.items() if lsn.active], IDLE_POLL)
+                [i for i, lsn in self.listeners.items()
+                 if lsn.active and not self._circuit_holds(i)], IDLE_POLL)
             # Deliveries due but waiting behind an older one of their row are released
-            # by its result (record sets _work_ready); otherwise sleep until the next is due.
+            # by its result (record sets _work_ready); otherwise sleep until the next is
+            # due, or an open circuit's probe may go.
             self._claimable = blocked
-            self._until_due = IDLE_POLL if due is None else min(due, IDLE_POLL)
+            probe = self._circuits.next_change(time.monotonic())
+            self._until_due = min([IDLE_POLL, *(t for t in (due, probe) if t is not None)])
             if blocked:
                 await _wait(self._work_ready, self._until_due)
+
+    def _circuit_holds(self, listener_id: int) -> bool:
+        """Its circuit is open and this relay has no probe of it to send."""
+        circuit = self._circuits.get(listener_id)
+        return circuit is not None and circuit.admits() == "hold"
+
+    async def _take_probes(self, store: RelayStore) -> None:
+        """Asks for the probe of each open circuit whose pause is over (circuit.py)."""
+        now = time.monotonic()
+        due = self._circuits.due_probes(
+            now, {i for i, listener in self.listeners.items() if listener.active}
+            if self._circuits.known else ())
+        if due:
+            taken = await store.take_probes(due, self.delivery.timeout + PROBE_LEASE_MARGIN)
+            self._circuits.taken(taken, due, now)
+
+    async def _give_back_probes(self, store: RelayStore) -> None:
+        """Probes taken with nothing claimed to send (its due delivery waits behind an
+        older one of its row, or another relay's claim took it): another may send one."""
+        unsent = self._circuits.unsent_probes()
+        if unsent:
+            held = self._held
+            unsent = [i for i in unsent if not held[i]]
+        if unsent:
+            await store.release_probes(unsent)
+            self._circuits.give_back(unsent, time.monotonic())
 
     def _hold(self, rows: list[tuple[Any, ...]]) -> None:
         """Queues leased deliveries (id, event_id, listener_id, attempt, body) to send."""
@@ -587,31 +631,34 @@ class Relay:
         for listener in listeners[self._turn:] + listeners[:self._turn]:
             window = PREFETCH * self._slots.get(listener.id, 0)
             want = min(room, window - held[listener.id])
+            circuit = self._circuits.get(listener.id)
+            if circuit is not None and circuit.open_until:  # open: only its probe, if this relay's
+                want = min(want, 1) if circuit.admits() == "probe" and not held[listener.id] else 0
             if listener.active and want > 0 and (want * 2 >= window or held[listener.id] == 0):
                 wants[listener.id] = want
         return wants, room
 
     def _pump(self) -> None:
-        """Starts queued deliveries within the global and per-listener limits."""
+        """Starts queued deliveries within the global and per-listener limits. Those of
+        a listener whose circuit is open are released: they wait for its probe in the
+        table, without spending an attempt (circuit.py)."""
         free = self.delivery.concurrency - sum(self._in_flight.values())
-        now = time.monotonic()
         for listener_id, queue in self._queued.items():
             listener = self.listeners.get(listener_id)
             circuit = self._circuits.get(listener_id)
             while queue and free > 0 and (  # within its slots, or released below
                     self._in_flight[listener_id] < self._slots.get(listener_id, 0)
                     or listener is None or not listener.active):
-                if listener is None or not listener.active:
-                    self._released.append(queue.popleft()[0])  # removed or paused since the claim
+                admitted = circuit.admits() if circuit else "send"
+                if admitted == "send" and self._circuits.suspect(listener_id):
+                    break  # the record path says in a moment whether the circuit opened
+                if listener is None or not listener.active or admitted == "hold":
+                    self._released.append(queue.popleft()[0])  # removed, paused or held since the claim
                     continue
-                admitted = circuit.admits(now) if circuit else "send"
-                if admitted == "wait":
-                    break
                 delivery_id, event_id, _, attempt, body, _ = queue.popleft()
-                if admitted == "skip":
+                if admitted == "probe":
                     assert circuit is not None
-                    self._skip(listener, delivery_id, attempt, circuit, now)
-                    continue
+                    circuit.probe = delivery_id
                 self._in_flight[listener_id] += 1
                 free -= 1
                 self._sends.put_nowait((listener, delivery_id, event_id, attempt, body))
@@ -646,8 +693,9 @@ class Relay:
                                retry_after=response.retry_after, retryable_error=response.retryable)
             if outcome.gone:
                 self._stop_sending(listener.id)
-            self._note_answer(listener, response)
             metrics.attempt(listener.hook, listener.id, attempt, outcome.status, response.duration_ms)
+            told = verdict(response.code, response.retryable) if self.delivery.circuit_breaker else None
+            self._circuits.saw(listener.id, told)
             if outcome.status != "delivered":
                 log.warning("listener %s event %s attempt %s: %s -> %s", listener.id, event_id,
                             attempt, response.error, outcome.status,
@@ -656,41 +704,41 @@ class Relay:
             self._results.put_nowait(Result(
                 delivery_id, attempt, listener.id, outcome.status, outcome.retry_in,
                 response.code, response.error, response.duration_ms, response.body, outcome.gone,
-                session))
+                session, told))
         finally:
             self._in_flight[listener.id] -= 1
             self._pump()
             self._room.set()
 
-    def _note_answer(self, listener: Listener, response: Response) -> None:
-        """Keeps the listener's circuit (circuit.py) in step with its receiver."""
-        threshold = self.delivery.circuit_breaker
-        if not threshold:
-            return
-        listener_id = listener.id
-        if counts_as_failure(response.code, response.retryable):
-            circuit = self._circuits.setdefault(listener_id, Circuit())
-            if circuit.failed(response.error or f"HTTP {response.code}", time.monotonic(), threshold):
+    def _note_circuits(self, rows: list[tuple[Any, ...]], *, complete: bool = False) -> None:
+        """Takes circuit rows into this relay's view; logs the changes its own results
+        made, and keeps the /metrics gauge in step with every change it learns of."""
+        for listener_id, circuit, transition in self._circuits.note(
+                rows, time.monotonic(), complete=complete):
+            listener = self.listeners.get(listener_id)
+            if not circuit.open_until:
+                metrics.circuit_closed(listener_id)
+                self._claimable = True  # its held deliveries are due
+                self._work_ready.set()
+            elif listener is not None:
                 metrics.circuit_opened(listener.hook, listener_id)
-                log.warning("listener %s: the last %s requests failed (last: %s); due deliveries "
-                            "are retried without a request for %g s, then one is sent as a probe",
+            if transition == "closed":
+                log.info("listener %s answers again: circuit closed", listener_id,
+                         extra={"listener_id": listener_id, "status": "circuit-closed"})
+            elif transition is not None:
+                log.warning("listener %s: the last %s requests failed (last: %s); its deliveries "
+                            "wait, without spending an attempt, %g s for one sent as a probe",
                             listener_id, circuit.failures, circuit.last_error, circuit.pause,
                             extra={"listener_id": listener_id, "status": "circuit-open"})
-        elif response.code is not None:
-            closed = self._circuits.pop(listener_id, None)
-            if closed is not None and closed.open_until:
-                metrics.circuit_closed(listener_id)
-                log.info("listener %s answers again (HTTP %s): circuit closed", listener_id,
-                         response.code, extra={"listener_id": listener_id, "status": "circuit-closed"})
 
-    def _skip(self, listener: Listener, delivery_id: int, attempt: int, circuit: Circuit,
-              now: float) -> None:
-        """An attempt recorded as failed without a request: the circuit is open."""
-        outcome = classify(None, attempt, self.delivery.retry_schedule)
-        metrics.attempt(listener.hook, listener.id, attempt, outcome.status, 0.0)
-        self._results.put_nowait(Result(delivery_id, attempt, listener.id, outcome.status,
-                                        outcome.retry_in, None, circuit.skip_error(now), 0.0,
-                                        None, False, self._session_id))
+    async def _record_circuits(self, store: RelayStore, batch: list[Result]) -> None:
+        """Counts a recorded batch into the shared circuits (circuit.py): only
+        failures, probes, and results of listeners whose circuit holds failures."""
+        rows, new = self._circuits.tally(batch)
+        if rows:
+            self._note_circuits(await store.record_circuits(rows, new, self._circuit_settings))
+            self._circuits.recorded(rows)
+            self._pump()  # an open circuit releases its queued deliveries, a closed one sends on
 
     def _stop_sending(self, listener_id: int) -> None:
         """410 Gone: at once, not when the disable is on record and reloaded, this
@@ -719,6 +767,8 @@ class Relay:
         batch = self._unrecorded
         await store.record_results(batch)
         self._unrecorded = []
+        if self.delivery.circuit_breaker:
+            await self._record_circuits(store, batch)
         self.delivered += sum(1 for r in batch if r.status == "delivered")
         for result in batch:
             if result.gone:

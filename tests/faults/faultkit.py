@@ -150,6 +150,21 @@ def flaky(fraction: float, seed: int, delay: float = 0.0) -> Behaviour:
     return handle
 
 
+def flaky_hanging(fraction: float, hanging: float, seconds: float, seed: int) -> Behaviour:
+    """500 on about `fraction` of the requests, an answer only after `seconds` (past the
+    relay's timeout) on about `hanging` of them, 200 at once on the others."""
+    rng = random.Random(seed)
+
+    async def handle(receiver: FaultReceiver, request: web.Request, hit: Hit) -> web.StreamResponse:
+        draw = rng.random()
+        if draw < hanging:
+            await asyncio.sleep(seconds)
+        return web.Response(status=500 if hanging <= draw < hanging + fraction else 200,
+                            text="flaky")
+
+    return handle
+
+
 def hang(seconds: float) -> Behaviour:
     """Answers 200 only after `seconds`: past any sane timeout."""
     return answer(200, delay=seconds)
@@ -499,11 +514,18 @@ class World:
 
     def settled(self) -> bool:
         """Nothing left to dispatch or deliver (dead letters count as settled, and so
-        do deliveries held for a disabled listener)."""
+        do deliveries held for a disabled listener, or by an open circuit: they wait
+        for its probe)."""
         return self.scalar(
             "SELECT (SELECT count(*) FROM cdc_hooks.outbox) + (SELECT count(*)"
             " FROM cdc_hooks.deliveries d JOIN cdc_hooks.listeners l ON l.id = d.listener_id"
-            " WHERE d.status = 'pending' AND l.state <> 'disabled')") == 0
+            " WHERE d.status = 'pending' AND l.state <> 'disabled' AND NOT EXISTS ("
+            "  SELECT FROM cdc_hooks.circuits c WHERE c.listener_id = l.id"
+            "  AND c.open_until IS NOT NULL))") == 0
+
+    def circuit_open(self, listener_id: int) -> bool:
+        return bool(self.scalar("SELECT EXISTS (SELECT FROM cdc_hooks.circuits WHERE"
+                                " listener_id = %s AND open_until IS NOT NULL)", listener_id))
 
     def wait_settled(self, timeout: float = 120.0) -> None:
         wait_until(self.settled, timeout, interval=0.1,
