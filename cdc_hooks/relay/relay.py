@@ -574,8 +574,11 @@ class Relay:
     async def _take_probes(self, store: RelayStore) -> None:
         """Asks for the probe of each open circuit whose pause is over (circuit.py)."""
         now = time.monotonic()
+        # Only for listeners it has slots of (listener_slots): a relay without a share
+        # of one could never send its probe, and would hold it from the others.
         due = self._circuits.due_probes(
-            now, {i for i, listener in self.listeners.items() if listener.active}
+            now, {i for i, listener in self.listeners.items()
+                  if listener.active and self._slots.get(i, 0)}
             if self._circuits.known else ())
         if due:
             taken = await store.take_probes(due, self.delivery.timeout + PROBE_LEASE_MARGIN)
