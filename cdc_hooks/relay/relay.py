@@ -39,6 +39,7 @@ from ..signing import secret_key
 from .circuit import Circuit, counts_as_failure
 from .events import ALL_ROWS, expand
 from .http import Response, Sender, Target
+from .pacing import Pacing
 from .retry import classify
 from .workers import Workers, report_metrics, share
 
@@ -74,6 +75,7 @@ class Listener:
     kinds: frozenset[str] | None = None
     changed: frozenset[str] | None = None
     filtered: bool = False
+    rate: float | None = None  # deliveries per second at most, across relays (pacing.py)
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
@@ -130,6 +132,7 @@ class Relay:
         self._connected_at: float | None = None
         self._gone: set[int] = set()  # answered 410: sent nothing more until disabled on record
         self._circuits: dict[int, Circuit] = {}  # listeners whose last requests failed
+        self._pacing = Pacing(self._pump)  # the rate-limited listeners' send slots
         self.delivered = 0
         self.sender: Sender | None = None
         self._capture = capturing.Watch()
@@ -212,6 +215,7 @@ class Relay:
                 group.create_task(self._until_stopped())
                 group.create_task(self._maintenance_loop())
                 group.create_task(self._capture_loop(record))
+                group.create_task(self._pacing.run(claim))  # between claims, the connection is free
         except* _Stopped:
             await self._finish_in_flight()
             with contextlib.suppress(psycopg.Error):
@@ -276,8 +280,8 @@ class Relay:
         hooks = await store.run("installed_hooks")
         self.hooks = {r[0]: InstalledHook.from_row(r) for r in hooks}
         listeners = {}
-        for listener_id, hook, url, match_text, secret, state, backfill, kinds, changed, *sending in \
-                await store.active_listeners():
+        for listener_id, hook, url, match_text, secret, state, backfill, kinds, changed, rate, \
+                *sending in await store.active_listeners():
             try:
                 rules = self._compiled.get((listener_id, match_text))
                 if rules is None:
@@ -286,7 +290,7 @@ class Relay:
                 listeners[listener_id] = Listener(
                     listener_id, hook, url, rules, _target(url, secret, *sending),
                     state == "active", backfill, _set(kinds), _set(changed),
-                    kinds is not None or changed is not None)
+                    kinds is not None or changed is not None, rate)
             except (CdcHooksError, ValueError) as exc:
                 log.error("listener %s is unusable and skipped: %s", listener_id, exc,
                           extra={"listener_id": listener_id})
@@ -300,6 +304,7 @@ class Relay:
             del self._circuits[listener_id]
             metrics.circuit_closed(listener_id)
         self.listeners = listeners
+        self._pacing.update({i: lsn.rate for i, lsn in listeners.items() if lsn.rate is not None})
 
     # Dispatch ----------------------------------------------------------------
 
@@ -504,11 +509,14 @@ class Relay:
         for listener_id, queue in self._queued.items():
             listener = self.listeners.get(listener_id)
             circuit = self._circuits.get(listener_id)
+            pace = self._pacing.paces.get(listener_id)  # None: no rate limit
             while queue and free > 0 and (
                     self._in_flight[listener_id] < self.delivery.listener_concurrency):
                 if listener is None or not listener.active:
                     self._released.append(queue.popleft()[0])  # removed or paused since the claim
                     continue
+                if pace is not None and not pace.ready(now, len(queue)):
+                    break  # pacing wakes the pump when a slot is due
                 admitted = circuit.admits(now) if circuit else "send"
                 if admitted == "wait":
                     break
@@ -517,6 +525,8 @@ class Relay:
                     assert circuit is not None
                     self._skip(listener, delivery_id, attempt, circuit, now)
                     continue
+                if pace is not None:
+                    pace.take()
                 self._in_flight[listener_id] += 1
                 free -= 1
                 self._sends.put_nowait((listener, delivery_id, event_id, attempt, body))
