@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -73,9 +74,10 @@ def sending_ports(pid: int, to_port: int) -> set[int]:
     """The local ports of a process's TCP connections to 127.0.0.1:to_port (Linux /proc)."""
     sockets = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
-        if target.startswith("socket:["):
-            sockets.add(target[len("socket:["):-1])
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:["):-1])
     ports = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
