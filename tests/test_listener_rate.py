@@ -26,6 +26,7 @@ from cdc_hooks.client import Client
 from cdc_hooks.config import Config
 from cdc_hooks.db import RelayStore
 from cdc_hooks.hooks import Hook, Registry
+from cdc_hooks.relay.pacing import Pace
 from cdc_hooks.web import create_app
 
 # As test_delivery_controls', but a 429's delivery is retried soon (its Retry-After
@@ -154,6 +155,29 @@ def test_relays_reserve_slots_from_one_sequence_in_the_database(conn, config, cl
     removed = cli(config, "listeners", "remove", str(listener))
     assert removed.exit_code == 0, removed.output
     assert conn.execute("SELECT count(*) FROM cdc_hooks.listener_pace").fetchone() == (0,)
+
+
+def test_a_relay_reserves_a_fifth_of_a_second_of_slots_and_forfeits_the_late_ones():
+    asked: list[int] = []
+
+    async def scenario() -> None:
+        pace = Pace(20, wake=lambda: None, ask=lambda: asked.append(pace.wanted))
+        now = time.monotonic()
+        assert not pace.ready(now, waiting=100) and asked == [4]  # 0.2 s at 20/s
+        assert not pace.ready(now, waiting=100) and asked == [4]  # asked once
+        pace.reserved(ends_in=0.2)  # its slots: now, +50 ms, +100 ms, +150 ms
+        first = pace.slots[0]
+        assert [round(at - first, 6) for at in pace.slots] == [0, 0.05, 0.1, 0.15]
+        assert abs(first - time.monotonic()) < 1
+        assert pace.ready(first, waiting=100)
+        pace.take()
+        assert not pace.ready(first, waiting=100) and asked == [4]  # the next is 50 ms away
+        # Past them all by more than LATE: forfeited, not sent in a bunch; asked again,
+        # for no more slots than deliveries wait.
+        assert not pace.ready(first + 0.3, waiting=2) and asked == [4, 2]
+        pace.close()
+
+    asyncio.run(scenario())
 
 
 # Each interface sets, changes, lists and clears it ---------------------------------------
