@@ -177,11 +177,14 @@ def listeners() -> None:
 @click.option("--changed", "changed", multiple=True, metavar="COLUMN[,COLUMN...]",
               help="An update reaches the listener only if one of these provided columns "
                    "changed (repeatable; default: any update; inserts and deletes always).")
+@click.option("--rate", type=float, metavar="PER_SECOND",
+              help="At most this many deliveries per second to the listener, across every "
+                   "relay; bursts wait their turn (default: no limit).")
 @pass_context
 @friendly_errors
 def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
                   secret: str | None, backfill: bool | None, header_lines: tuple[str, ...],
-                  events: tuple[str, ...], changed: tuple[str, ...]) -> None:
+                  events: tuple[str, ...], changed: tuple[str, ...], rate: float | None) -> None:
     """Add a listener for HOOK that POSTs matching events to URL."""
     config = ctx.config()
     match = match_options_to_json(list(matches))
@@ -189,7 +192,7 @@ def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
     listener_config = {} if backfill is None else {"backfill": backfill}
     with Database.connect(config.dsn) as db:
         created = core.add_listener(db, config, hook, url, match, secret, listener_config, headers,
-                                    core.split_names(events), core.split_names(changed))
+                                    core.split_names(events), core.split_names(changed), rate)
     click.echo(f"listener {created.id} added")
     if secret is None:  # a secret the user chose is not echoed into terminals and logs
         click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
@@ -212,7 +215,8 @@ def listeners_list(ctx: Context) -> None:
          + (f", old secret signs until {r.overlap_until:%Y-%m-%d %H:%M:%S %Z}"
             if r.overlap_until else "")
          + (f", events: {','.join(r.events)}" if r.events else "")
-         + (f", changed: {','.join(r.changed)}" if r.changed else ""),
+         + (f", changed: {','.join(r.changed)}" if r.changed else "")
+         + (f", rate: {r.rate:g}/s" if r.rate is not None else ""),
          describe_outcome(r.last_status, r.last_code, r.last_error)]
         for r in rows
     ])
@@ -263,26 +267,31 @@ _state_command("resume", "active", "Resume (or re-enable) a listener; held deliv
 @click.option("--changed", "changed", multiple=True, metavar="COLUMN[,COLUMN...]",
               help="The changed-column filter, replacing it (repeatable or comma-separated).")
 @click.option("--any-change", is_flag=True, help="Take every update again.")
+@click.option("--rate", type=float, metavar="PER_SECOND",
+              help="At most this many deliveries per second, across every relay.")
+@click.option("--no-rate", is_flag=True, help="Remove the rate limit.")
 @pass_context
 @friendly_errors
 def listeners_update(ctx: Context, listener_id: int, url: str | None, matches: tuple[str, ...],
                      no_match: bool, header_lines: tuple[str, ...], no_headers: bool,
                      backfill: bool | None, events: tuple[str, ...], all_events: bool,
-                     changed: tuple[str, ...], any_change: bool) -> None:
+                     changed: tuple[str, ...], any_change: bool, rate: float | None,
+                     no_rate: bool) -> None:
     """Change a listener: what is not given stays as it is."""
     match = _replacement("--match", "--no-match", matches, no_match, match_options_to_json)
     headers = _replacement("--header", "--no-headers", header_lines, no_headers,
                            core.headers_from_lines)
     kinds = _names_replacement("--events", "--all-events", events, all_events)
     columns = _names_replacement("--changed", "--any-change", changed, any_change)
-    if (url, match, headers, backfill, kinds, columns) == (None,) * 6:
+    new_rate = _rate_replacement(rate, no_rate)
+    if (url, match, headers, backfill, kinds, columns) == (None,) * 6 and new_rate is core.KEEP:
         raise ListenerError("nothing to change: give --url, --match, --no-match, --header, "
                             "--no-headers, --backfill, --no-backfill, --events, --all-events, "
-                            "--changed or --any-change")
+                            "--changed, --any-change, --rate or --no-rate")
     config = ctx.config()
     with Database.connect(config.dsn) as db:
         core.update_listener(db, config, listener_id, url=url, match=match, headers=headers,
-                             backfill=backfill, events=kinds, changed=columns)
+                             backfill=backfill, events=kinds, changed=columns, rate=new_rate)
     click.echo(f"listener {listener_id} updated")
 
 
@@ -303,6 +312,13 @@ def _names_replacement(option: str, clearing: str, given: tuple[str, ...],
     if given and clear:
         raise ListenerError(f"give {option} or {clearing}, not both")
     return [] if clear else core.split_names(given) if given else None
+
+
+def _rate_replacement(rate: float | None, no_rate: bool) -> float | core.Keep | None:
+    """The new rate limit, None to remove it, or KEEP if neither option was given."""
+    if rate is not None and no_rate:
+        raise ListenerError("give --rate or --no-rate, not both")
+    return None if no_rate else core.KEEP if rate is None else rate
 
 
 @listeners.command("rotate")

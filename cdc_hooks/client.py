@@ -106,7 +106,8 @@ class _Endpoints:
                      **options: Any) -> Answer[Record]:
         """A new listener, with its ``secret`` (shown this once). Options: secret, backfill,
         headers ({"X-Api-Key": "..."}: sent with every delivery, values never listed),
-        events (kinds it takes), changed (columns an update must change to reach it)."""
+        events (kinds it takes), changed (columns an update must change to reach it), rate
+        (at most this many deliveries per second, across every relay)."""
         body = {"hook": hook, "url": url, **options}
         if match is not None:
             body["match"] = match_json(match)
@@ -114,7 +115,7 @@ class _Endpoints:
 
     def update_listener(self, listener_id: int, **changes: Any) -> Answer[Record]:
         """Changes url, match, backfill, headers (the whole set), events, changed ([] resets
-        either), state; rotate_secret=True answers the new secret."""
+        either), rate (None removes it), state; rotate_secret=True answers the new secret."""
         if changes.get("match") is not None:
             changes["match"] = match_json(changes["match"])
         return self._call("PATCH", f"/api/listeners/{int(listener_id)}", body=changes)

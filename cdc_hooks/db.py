@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -129,6 +129,7 @@ class ListenerRow:
     overlap_until: datetime | None  # the replaced secret also signs until then
     events: list[str] | None = None  # event kinds it takes (None: every event of its hook)
     changed: list[str] | None = None  # updates only if one of these columns changed
+    rate: float | None = None  # at most this many deliveries per second (None: no limit)
     last_status: str | None = None
     last_code: int | None = None
     last_error: str | None = None
@@ -247,11 +248,11 @@ class Database:
 
     def add_listener(self, hook: str, url: str, match_json: str, config_json: str,
                      secret: str, headers_json: str = "{}", events: list[str] | None = None,
-                     changed: list[str] | None = None) -> int:
+                     changed: list[str] | None = None, rate: float | None = None) -> int:
         row = self.one("add_listener", {"hook": hook, "url": url, "match": match_json,
                                         "config": config_json, "secret": secret,
                                         "headers": headers_json, "events": events,
-                                        "changed": changed})
+                                        "changed": changed, "rate": rate})
         return int(row[0])  # type: ignore[index]
 
     def list_listeners(self) -> list[ListenerRow]:
@@ -274,12 +275,15 @@ class Database:
                         match_json: str | None = None, secret: str | None = None,
                         overlap: float = 0.0, headers_json: str | None = None,
                         backfill: bool | None = None, events: list[str] | None = None,
-                        changed: list[str] | None = None) -> bool:
-        """events/changed: None keeps them, [] resets them to their default."""
+                        changed: list[str] | None = None, set_rate: bool = False,
+                        rate: float | None = None) -> bool:
+        """events/changed: None keeps them, [] resets them to their default; the
+        rate changes (to ``rate``, None: no limit) only with set_rate."""
         return self.one("update_listener", {
             "id": listener_id, "url": url, "match": match_json, "secret": secret,
             "overlap": overlap, "headers": headers_json, "backfill": backfill,
-            "events": events, "changed": changed}) is not None
+            "events": events, "changed": changed, "set_rate": set_rate,
+            "rate": rate}) is not None
 
     # Deliveries ---------------------------------------------------------
 
@@ -611,3 +615,15 @@ class RelayStore:
         rows = await self.run("next_due", {"listener_ids": list(listener_ids), "within": within})
         seconds, due_now = rows[0] if rows else (None, False)
         return (None if seconds is None else max(0.0, float(seconds))), bool(due_now)
+
+    async def reserve_sends(self, seconds: Mapping[int, float]) -> dict[int, float] | None:
+        """Reserves the next `seconds` of each rate-limited listener's sending for this
+        relay (relay/pacing.py); returns in how many seconds each reservation ends,
+        by listener (a removed listener has none), or None if nothing was reserved
+        (one was removed as its first slots were being reserved)."""
+        try:
+            rows = await self.run("reserve_sends", {"ids": list(seconds),
+                                                    "seconds": list(seconds.values())})
+        except psycopg.errors.ForeignKeyViolation:
+            return None
+        return {listener_id: float(ends_in) for listener_id, ends_in in rows}

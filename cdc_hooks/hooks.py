@@ -66,11 +66,13 @@ class Hook:
     def listener(self, url: str, secret: str | None = None,
                  headers: Mapping[str, str] | None = None, *,
                  events: Sequence[str] | None = None, changed: Sequence[str] | None = None,
-                 **config: Any) -> ListenerBuilder:
+                 rate: float | None = None, **config: Any) -> ListenerBuilder:
         """A listener to save; ``headers`` are sent with every delivery (e.g. an API key);
         events: the kinds it takes (default: every event of the hook); changed: an
-        update reaches it only if one of these columns changed (default: any update)."""
-        return ListenerBuilder(self, url, secret, config, headers, events, changed)
+        update reaches it only if one of these columns changed (default: any update);
+        rate: at most this many deliveries per second, across every relay (default:
+        no limit)."""
+        return ListenerBuilder(self, url, secret, config, headers, events, changed, rate)
 
     def send(self, sender: Any = None, *, connection: psycopg.Connection[Any] | None = None,
              **payload: Any) -> int:
@@ -145,8 +147,9 @@ class ListenerBuilder:
 
     def __init__(self, hook: Hook, url: str, secret: str | None, config: Mapping[str, Any],
                  headers: Mapping[str, str] | None = None, events: Sequence[str] | None = None,
-                 changed: Sequence[str] | None = None) -> None:
+                 changed: Sequence[str] | None = None, rate: float | None = None) -> None:
         self.hook, self.url, self.secret, self.config = hook, url, secret, dict(config)
+        self.rate = rate
         self.headers = dict(headers or {})
         self.events = events
         self.changed = None if changed is None else [hook.column(c) for c in changed]
@@ -162,7 +165,7 @@ class ListenerBuilder:
         with Database.connect(config.dsn) as db:
             return add_listener(db, config, self.hook.name, self.url,
                                 rules_to_json(self.rules), self.secret, self.config,
-                                self.headers, self.events, self.changed)
+                                self.headers, self.events, self.changed, self.rate)
 
 
 class Registry:

@@ -5,17 +5,23 @@ and the web interface: the hook must be installed, the match may name only
 provided fields, the URL must be http(s) to an address the delivery policy
 allows, a given secret must be a whsec_ secret, its own headers must be
 valid HTTP and none of those cdc-hooks sets itself, the event kinds (events)
-must be ones the hook captures and the changed-column filter (changed) must
-name provided columns. ``takes`` applies those two filters, for the relay's
-dispatch and the web form's preview alike.
+must be ones the hook captures, the changed-column filter (changed) must
+name provided columns and a rate limit must be a number of deliveries per second
+within bounds. ``takes`` applies the two filters, for the relay's dispatch and
+the web form's preview alike; the relay paces a rate-limited listener's sends
+(relay/pacing.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import math
 import re
 from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from . import jsoncodec
@@ -42,8 +48,21 @@ MAX_HEADERS = 20
 MAX_HEADER_VALUE = 4096
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}")  # RFC 7230 token, bounded
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
+# A listener's rate limit, deliveries per second: from one per 1000 s to far more than
+# a relay sends.
+MIN_RATE = 0.001
+MAX_RATE = 100_000.0
 DEFAULT_OVERLAP = 86_400.0  # seconds the replaced secret keeps signing after a rotation
 MAX_OVERLAP = 30 * 86_400.0
+
+
+class Keep(enum.Enum):
+    """update_listener's default for a setting that None would clear (rate)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,21 @@ def split_names(values: Iterable[str]) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
+def validate_rate(rate: Any) -> float | None:
+    """A rate limit in deliveries per second (None: no limit); raises ListenerError
+    for anything else than a number from MIN_RATE to MAX_RATE."""
+    if rate is None:
+        return None
+    number = math.nan
+    if isinstance(rate, (int, float, Decimal)) and not isinstance(rate, bool):
+        with contextlib.suppress(OverflowError, ValueError):  # 10**400, Decimal("sNaN")
+            number = float(rate)
+    if not MIN_RATE <= number <= MAX_RATE:  # NaN too
+        raise ListenerError(f"rate must be a number of deliveries per second from {MIN_RATE:g} "
+                            f"to {MAX_RATE:g}, not {_shown(repr(rate))}")
+    return number
+
+
 def validate_config(listener_config: Mapping[str, Any]) -> dict[str, Any]:
     """A listener's options; raises ListenerError naming an unknown or bad one."""
     for key, value in listener_config.items():
@@ -211,14 +245,16 @@ def add_listener(db: Database, config: Config, hook: str, url: str,
                  listener_config: Mapping[str, Any] | None = None,
                  headers: Mapping[str, str] | None = None,
                  events: Iterable[str] | None = None,
-                 changed: Iterable[str] | None = None) -> NewListener:
+                 changed: Iterable[str] | None = None, rate: float | None = None) -> NewListener:
     """headers: sent with every delivery; events: the kinds it takes (default: every
     event of the hook); changed: an update reaches it only if one of these columns
-    changed (default: any update)."""
+    changed (default: any update); rate: at most this many deliveries per second,
+    across every relay (default: no limit)."""
     declared = installed_hook(db, hook)
     match_json = validate_match(declared, dict(match or {}))
     kinds = validate_events(declared, events)
     columns = validate_changed(declared, changed)
+    rate = validate_rate(rate)
     check_url(url, policy_of(config))
     if secret is None:
         secret = generate_secret()
@@ -228,7 +264,7 @@ def add_listener(db: Database, config: Config, hook: str, url: str,
     own_headers = validate_headers(headers or {})
     with db.transaction():
         listener_id = db.add_listener(hook, url, match_json, config_json, secret,
-                                      jsoncodec.dumps(own_headers), kinds, columns)
+                                      jsoncodec.dumps(own_headers), kinds, columns, rate)
     return NewListener(listener_id, secret, own_headers)
 
 
@@ -273,12 +309,15 @@ def update_listener(db: Database, config: Config, listener_id: int, *, url: str 
                     match: Mapping[str, Any] | None = None, rotate_secret: bool = False,
                     overlap: float = DEFAULT_OVERLAP, headers: Mapping[str, str] | None = None,
                     backfill: bool | None = None, events: Iterable[str] | None = None,
-                    changed: Iterable[str] | None = None) -> str | None:
+                    changed: Iterable[str] | None = None,
+                    rate: float | Keep | None = KEEP) -> str | None:
     """Changes URL, match, headers (the whole set: {} clears it), whether it takes
     backfill events, its event kinds and/or changed-column filter (None keeps one,
-    empty resets it to its default); returns the new secret when rotated. The
-    secret it replaces still signs every delivery beside it for ``overlap`` seconds."""
+    empty resets it to its default), its rate limit (None: no limit; not given:
+    kept); returns the new secret when rotated. The secret it replaces still signs
+    every delivery beside it for ``overlap`` seconds."""
     overlap = validate_overlap(overlap)
+    new_rate = None if rate is KEEP else validate_rate(rate)
     headers_json = None if headers is None else jsoncodec.dumps(validate_headers(headers))
     current = get_listener(db, listener_id)
     changes_filters = match is not None or events is not None or changed is not None
@@ -299,7 +338,8 @@ def update_listener(db: Database, config: Config, listener_id: int, *, url: str 
     with db.transaction():
         db.update_listener(listener_id, url=url, match_json=match_json, secret=secret,
                            overlap=overlap, headers_json=headers_json, backfill=backfill,
-                           events=kinds, changed=columns)
+                           events=kinds, changed=columns, set_rate=rate is not KEEP,
+                           rate=new_rate)
         if url is not None:  # another receiver: its circuit starts closed
             db.reset_circuit(listener_id)
     return secret

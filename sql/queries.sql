@@ -128,6 +128,7 @@ GRANT SELECT, INSERT, DELETE ON cdc_hooks.events, cdc_hooks.attempts, cdc_hooks.
 GRANT SELECT, INSERT, UPDATE, DELETE ON cdc_hooks.deliveries, cdc_hooks.listener_health,
     cdc_hooks.listener_slots, cdc_hooks.circuits TO {role};
 GRANT SELECT, INSERT, DELETE ON cdc_hooks.relay_sessions TO {role};
+GRANT SELECT, INSERT, UPDATE ON cdc_hooks.listener_pace TO {role};
 
 -- name: forget_hook
 DELETE FROM cdc_hooks.hooks WHERE name = %(name)s;
@@ -174,9 +175,10 @@ SELECT cdc_hooks.send(%(hook)s, %(payload)s::jsonb);
 -- Listeners -----------------------------------------------------------------
 
 -- name: add_listener
-INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret, headers, events, changed)
+INSERT INTO cdc_hooks.listeners (hook, url, match, config, secret, headers, events, changed,
+                                  rate)
 VALUES (%(hook)s, %(url)s, %(match)s::jsonb, %(config)s::jsonb, %(secret)s, %(headers)s::jsonb,
-        nullif(%(events)s::text[], '{}'), nullif(%(changed)s::text[], '{}'))
+        nullif(%(events)s::text[], '{}'), nullif(%(changed)s::text[], '{}'), %(rate)s::float8)
 RETURNING id;
 
 -- name: list_listeners
@@ -185,7 +187,7 @@ SELECT l.id, l.hook, l.url, l.match::text, l.state, l.disabled_reason, l.created
        l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
        ARRAY(SELECT k FROM jsonb_object_keys(l.headers) k ORDER BY lower(k)) AS header_names,
        CASE WHEN l.previous_secret_until > now() THEN l.previous_secret_until END AS overlap_until,
-       l.events, l.changed,
+       l.events, l.changed, l.rate,
        last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
 FROM cdc_hooks.listeners l
 LEFT JOIN LATERAL (
@@ -201,7 +203,7 @@ SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_a
        config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
        ARRAY(SELECT k FROM jsonb_object_keys(l.headers) k ORDER BY lower(k)) AS header_names,
        CASE WHEN l.previous_secret_until > now() THEN l.previous_secret_until END AS overlap_until,
-       l.events, l.changed
+       l.events, l.changed, l.rate
 FROM cdc_hooks.listeners l WHERE id = %(id)s;
 
 -- name: remove_listener_deliveries
@@ -233,6 +235,7 @@ SET url = coalesce(%(url)s, url), match = coalesce(%(match)s::jsonb, match),
                   ELSE nullif(%(events)s::text[], '{}') END,
     changed = CASE WHEN %(changed)s::text[] IS NULL THEN changed
                    ELSE nullif(%(changed)s::text[], '{}') END,
+    rate = CASE WHEN %(set_rate)s::bool THEN %(rate)s::float8 ELSE rate END,
     config = CASE WHEN %(backfill)s::bool IS NULL THEN config
                   ELSE config || jsonb_build_object('backfill', %(backfill)s::bool) END
 WHERE id = %(id)s
@@ -243,9 +246,9 @@ RETURNING id;
 -- takes backfill ('read') events (config {"backfill": false} opts out); events
 -- and changed: its filters (NULL: none); the secret a rotation replaced while it
 -- still signs, with the seconds it has left (relative: the relay's clock need not
--- agree with the database's).
+-- agree with the database's); rate: its rate limit (NULL: none).
 SELECT id, hook, url, match::text, secret, state, config -> 'backfill' IS DISTINCT FROM 'false',
-       events, changed, headers, CASE WHEN previous_secret_until > now() THEN previous_secret END,
+       events, changed, rate, headers, CASE WHEN previous_secret_until > now() THEN previous_secret END,
        extract(epoch FROM previous_secret_until - now())::float8
 FROM cdc_hooks.listeners WHERE state <> 'disabled';
 
@@ -632,6 +635,25 @@ LEFT JOIN LATERAL (
     -- ordered, so the plan is the index (a LIMIT 1 alone invited a sequential scan)
     ORDER BY d.next_attempt_at LIMIT 1
 ) due ON true;
+
+-- Relay: rate limits (cdc_hooks/relay/pacing.py; schema version 12) ----------
+
+-- name: reserve_sends
+-- The next `seconds` of each rate-limited listener's sending (n slots of
+-- 1 / rate seconds), reserved for this relay in one statement: they start where
+-- the slots reserved so far end, or now if that has passed. Returns, per
+-- listener still there, in how many seconds its reservation ends by the
+-- database's clock (relays' clocks need not agree). Rows are locked in id
+-- order, the same in every relay: two relays' reservations cannot deadlock.
+INSERT INTO cdc_hooks.listener_pace AS p (listener_id, next_at)
+SELECT l.id, now() + make_interval(secs => w.seconds)
+FROM unnest(%(ids)s::bigint[], %(seconds)s::float8[]) AS w (id, seconds)
+JOIN cdc_hooks.listeners l ON l.id = w.id
+ORDER BY l.id
+ON CONFLICT (listener_id) DO UPDATE
+-- excluded.next_at - now(): this reservation's length
+SET next_at = greatest(p.next_at, now()) + (excluded.next_at - now())
+RETURNING p.listener_id, extract(epoch FROM p.next_at - now())::float8;
 
 -- Deliveries: inspection and redelivery --------------------------------------
 

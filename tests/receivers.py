@@ -64,6 +64,7 @@ class Received:
     body: bytes
     status: int  # what the receiver answered
     at: float  # time.monotonic() when the request arrived
+    peer_port: int = 0  # the sender's TCP port: which connection (so which process) sent it
 
     @property
     def json(self) -> Any:
@@ -148,7 +149,9 @@ class Receiver:
         reply = self._next_reply(request.path, headers, body)
         if reply.delay:
             await asyncio.sleep(reply.delay)
-        received = Received(request.method, request.path, headers, body, reply.status, at)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        received = Received(request.method, request.path, headers, body, reply.status, at,
+                            peer[1] if peer else 0)
         with self._lock:
             self._received.append(received)
             self._lock.notify_all()

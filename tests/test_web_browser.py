@@ -142,6 +142,7 @@ def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     page.locator("select[name='cond:name']").select_option(label="starts with")
     page.get_by_label("value for name").fill("J")
     page.locator("textarea[name='headers']").fill(f"X-Api-Key: {API_KEY}")
+    page.get_by_label("Rate limit").fill("50")
     expect(page.locator("#preview")).to_contain_text("2 of the last 3 events match")
     expect(page.locator("#preview tr.nomatch")).to_contain_text("Ann")
     shot("create-listener", full_page=True)
@@ -161,6 +162,7 @@ def test_durians_flow_in_chromium(page, web, conn, receiver, shot):
     expect(row).to_contain_text('{"name":{"$startswith":"J"}}')
     expect(row).to_contain_text("active")
     expect(row).to_contain_text("headers: X-Api-Key")
+    expect(row).to_contain_text("rate: 50/s")
     assert secret not in page.content() and API_KEY not in page.content()
 
     # Matching and non-matching rows; the live log shows the matching ones arrive.

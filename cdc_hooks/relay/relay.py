@@ -49,6 +49,7 @@ from ..signing import secret_key
 from .circuit import FIRST_PAUSE, MAX_PAUSE, Circuits, verdict
 from .events import ALL_ROWS, expand
 from .http import Sender, Target
+from .pacing import Pacing
 from .retry import classify
 from .workers import Workers, report_metrics, share
 
@@ -89,6 +90,7 @@ class Listener:
     kinds: frozenset[str] | None = None
     changed: frozenset[str] | None = None
     filtered: bool = False
+    rate: float | None = None  # deliveries per second at most, across relays (pacing.py)
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
@@ -161,6 +163,7 @@ class Relay:
         self._slots_held: dict[int, int] = {}  # on record (listener_slots)
         self._slots_short = False  # a listener has more or fewer slots than its share
         self._share_slots = asyncio.Event()  # set: divide the slots again now
+        self._pacing = Pacing(self._pump)  # the rate-limited listeners' send slots
         self.delivered = 0
         self.sender: Sender | None = None
         self._capture = capturing.Watch()
@@ -245,6 +248,7 @@ class Relay:
                 group.create_task(self._until_stopped())
                 group.create_task(self._maintenance_loop())
                 group.create_task(self._capture_loop(record))
+                group.create_task(self._pacing.run(claim))  # between claims, the connection is free
         except* _Stopped:
             await self._finish_in_flight()
             with contextlib.suppress(psycopg.Error):
@@ -375,8 +379,8 @@ class Relay:
         hooks = await store.run("installed_hooks")
         self.hooks = {r[0]: InstalledHook.from_row(r) for r in hooks}
         listeners = {}
-        for listener_id, hook, url, match_text, secret, state, backfill, kinds, changed, *sending in \
-                await store.active_listeners():
+        for listener_id, hook, url, match_text, secret, state, backfill, kinds, changed, rate, \
+                *sending in await store.active_listeners():
             try:
                 rules = self._compiled.get((listener_id, match_text))
                 if rules is None:
@@ -385,7 +389,7 @@ class Relay:
                 listeners[listener_id] = Listener(
                     listener_id, hook, url, rules, _target(url, secret, *sending),
                     state == "active", backfill, _set(kinds), _set(changed),
-                    kinds is not None or changed is not None)
+                    kinds is not None or changed is not None, rate)
             except (CdcHooksError, ValueError) as exc:
                 log.error("listener %s is unusable and skipped: %s", listener_id, exc,
                           extra={"listener_id": listener_id})
@@ -405,6 +409,7 @@ class Relay:
         if self.delivery.circuit_breaker:
             self._note_circuits(await store.circuit_states(self.delivery.circuit_window),
                                 complete=True)
+        self._pacing.update({i: lsn.rate for i, lsn in listeners.items() if lsn.rate is not None})
 
     # Dispatch ----------------------------------------------------------------
 
@@ -646,9 +651,11 @@ class Relay:
         a listener whose circuit is open are released: they wait for its probe in the
         table, without spending an attempt (circuit.py)."""
         free = self.delivery.concurrency - sum(self._in_flight.values())
+        now = time.monotonic()
         for listener_id, queue in self._queued.items():
             listener = self.listeners.get(listener_id)
             circuit = self._circuits.get(listener_id)
+            pace = self._pacing.paces.get(listener_id)  # None: no rate limit
             while queue and free > 0 and (  # within its slots, or released below
                     self._in_flight[listener_id] < self._slots.get(listener_id, 0)
                     or listener is None or not listener.active):
@@ -658,10 +665,14 @@ class Relay:
                 if listener is None or not listener.active or admitted == "hold":
                     self._released.append(queue.popleft()[0])  # removed, paused or held since the claim
                     continue
+                if pace is not None and not pace.ready(now, len(queue)):
+                    break  # pacing wakes the pump when a slot is due
                 delivery_id, event_id, _, attempt, body, _ = queue.popleft()
                 if admitted == "probe":
                     assert circuit is not None
                     circuit.probe = delivery_id
+                if pace is not None:
+                    pace.take()
                 self._in_flight[listener_id] += 1
                 free -= 1
                 self._sends.put_nowait((listener, delivery_id, event_id, attempt, body))

@@ -153,7 +153,7 @@ def list_listeners(db: Db, hook: Annotated[Text | None, Query(description="Only 
 def create_listener(db: Db, request: Request, body: ListenerIn) -> Response:
     created = core.add_listener(db, request.app.state.web.config, body.hook, body.url,
                                 body.match, body.secret, {"backfill": body.backfill}, body.headers,
-                                body.events, body.changed)
+                                body.events, body.changed, body.rate)
     return exact_answer(ListenerCreated(**views.listener(db, created.id).model_dump(),
                                         secret=created.secret, headers=created.headers),
                         201, NO_STORE)
@@ -167,22 +167,23 @@ def get_listener(db: Db, listener_id: ListenerId) -> Response:
 
 @router.patch("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND,
               response_model=ListenerChanged,
-              summary="Pause/resume, change URL, match, headers, backfill, events or changed, "
-                      "rotate the secret")
+              summary="Pause/resume, change URL, match, headers, backfill, events, changed or "
+                      "rate, rotate the secret")
 def change_listener(db: Db, request: Request, listener_id: ListenerId, body: ListenerPatch) -> Response:
     secret = None
     if body.overlap_seconds is not None and not body.rotate_secret:
         raise RequestValidationError([{"loc": ("body", "overlap_seconds"), "type": "value_error",
                                        "msg": "only with rotate_secret: true"}])
+    rate = body.rate if "rate" in body.model_fields_set else core.KEEP  # null: no limit
     if body.url is not None or body.match is not None or body.rotate_secret or \
             body.backfill is not None or body.headers is not None or body.events is not None \
-            or body.changed is not None:
+            or body.changed is not None or rate is not core.KEEP:
         secret = core.update_listener(db, request.app.state.web.config, listener_id, url=body.url,
                                       match=body.match, rotate_secret=body.rotate_secret,
                                       overlap=core.DEFAULT_OVERLAP if body.overlap_seconds is None
                                       else body.overlap_seconds,
                                       headers=body.headers, backfill=body.backfill,
-                                      events=body.events, changed=body.changed)
+                                      events=body.events, changed=body.changed, rate=rate)
     if body.state is not None:
         core.set_state(db, listener_id, body.state)
     return exact_answer(ListenerChanged(**views.listener(db, listener_id).model_dump(), secret=secret),

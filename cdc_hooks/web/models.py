@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from .. import jsoncodec
 from ..jsoncodec import storable_text
+from ..listeners import MAX_RATE, MIN_RATE
 
 DeliveryStatus = Literal["pending", "delivered", "dead"]
 ListenerState = Literal["active", "paused", "disabled"]
@@ -53,6 +54,7 @@ def iso_time(value: Any) -> Any:
 Text = Annotated[str, AfterValidator(storable_text)]
 IsoTime = Annotated[datetime, BeforeValidator(iso_time)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
+Rate = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE, allow_inf_nan=False)]
 
 
 class FieldProblem(BaseModel):
@@ -125,6 +127,8 @@ class ListenerOut(BaseModel):
     events: list[str] | None = Field(description="Event kinds it takes; null: every event of the hook")
     changed: list[str] | None = Field(
         description="Updates reach it only if one of these columns changed; null: any update")
+    rate: float | None = Field(
+        description="At most this many deliveries per second, across every relay; null: no limit")
     created_at: datetime
     updated_at: datetime
     last_delivery: LastDelivery | None
@@ -159,6 +163,9 @@ class ListenerIn(BaseModel):
     changed: list[Text] | None = Field(
         default=None, description="An update is delivered only if one of these provided "
                                   "columns changed (default: any update)")
+    rate: Rate | None = Field(
+        default=None, description="At most this many deliveries per second, across every "
+                                  "relay; bursts wait their turn (default: no limit)")
 
 
 class ListenerPatch(BaseModel):
@@ -179,6 +186,9 @@ class ListenerPatch(BaseModel):
         default=None, description="Replaces the event kinds; [] resets to every event of the hook")
     changed: list[Text] | None = Field(
         default=None, description="Replaces the changed-column filter; [] resets to any update")
+    rate: Rate | None = Field(
+        default=None, description="A new rate limit, deliveries per second; null removes it "
+                                  "(not given: kept)")
 
 
 class SendResult(BaseModel):

@@ -21,7 +21,7 @@ from markupsafe import Markup, escape
 
 from .. import jsoncodec
 from .. import listeners as core
-from ..errors import CdcHooksError
+from ..errors import CdcHooksError, ListenerError
 from ..guesses import TooManyGuesses
 from . import chart, sessions, views
 from .api import BIGINT, Db
@@ -186,7 +186,7 @@ def create_listener(request: Request, db: Db, name: str, form: Form) -> Response
         created = core.add_listener(db, request.app.state.web.config, hook.name, url, match,
                                     form.get("secret", "").strip() or None,
                                     {"backfill": _checked(form, "backfill")}, _headers(form),
-                                    *_kinds(form))
+                                    *_kinds(form), _rate(form))
     except CdcHooksError as exc:  # the headers are not shown again: their values are secrets
         return _listen_page(request, db, hook, rows, url=url, backfill=_checked(form, "backfill"),
                             error=str(exc), status=422, kinds=form)
@@ -217,8 +217,8 @@ def _listen_page(request: Request, db: Any, hook: Any, rows: list[FilterRow], *,
 
 
 def _kinds_fields(form: dict[str, str]) -> dict[str, str]:
-    """The form's event kinds and changed columns, as typed (comma-separated)."""
-    return {name: form.get(name, "") for name in ("events", "changed")}
+    """The form's event kinds and changed columns (comma-separated) and rate, as typed."""
+    return {name: form.get(name, "") for name in ("events", "changed", "rate")}
 
 
 def form_kinds(form: dict[str, str]) -> dict[str, str]:
@@ -228,6 +228,18 @@ def form_kinds(form: dict[str, str]) -> dict[str, str]:
 def _kinds(form: dict[str, str]) -> tuple[list[str], list[str]]:
     """(events, changed) of the form; empty: the default."""
     return core.split_names([form.get("events", "")]), core.split_names([form.get("changed", "")])
+
+
+def _rate(form: dict[str, str]) -> float | None:
+    """The rate limit field: deliveries per second, or empty for none."""
+    text = form.get("rate", "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ListenerError(f"rate: {text[:40]!r} is not a number of deliveries per second "
+                            "(empty: no limit)") from None
 
 
 def _checked(form: dict[str, str], name: str) -> bool:
@@ -308,7 +320,7 @@ def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
         events, changed = _kinds(form)
         core.update_listener(db, request.app.state.web.config, listener_id, url=url, match=match,
                              headers=_new_headers(form), backfill=_checked(form, "backfill"),
-                             events=events, changed=changed)
+                             events=events, changed=changed, rate=_rate(form))
     except CdcHooksError as exc:
         return _edit_page(request, db, current, rows_from_form(provides, form), url, str(exc), 422,
                           backfill=_checked(form, "backfill"), kinds=form)
@@ -325,7 +337,8 @@ def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | 
     form = {f"cond:{r.column}": r.condition for r in rows} | {f"value:{r.column}": r.value for r in rows}
     form |= {f"keep:{r.column}": r.keep for r in rows if r.keep}
     form |= _kinds_fields(kinds if kinds is not None else {
-        "events": ",".join(current.events or ()), "changed": ",".join(current.changed or ())})
+        "events": ",".join(current.events or ()), "changed": ",".join(current.changed or ()),
+        "rate": "" if current.rate is None else f"{current.rate:g}"})
     return render(request, "listen.html", http_status=status, hook=hook, rows=rows, listener=current,
                   url=current.url if url is None else url, error=error,
                   backfill=current.backfill if backfill is None else backfill,

@@ -83,7 +83,7 @@ def _listener_out(row: ListenerRow, counts: tuple[Any, ...]) -> ListenerOut:
         state=row.state,
         disabled_reason=row.disabled_reason, backfill=row.backfill,
         header_names=row.header_names, secret_overlap_until=row.overlap_until,
-        events=row.events, changed=row.changed, created_at=row.created_at,
+        events=row.events, changed=row.changed, rate=row.rate, created_at=row.created_at,
         updated_at=row.updated_at,
         last_delivery=last,
         stats=ListenerStats(delivered=delivered, dead=dead, retrying=retrying, queued=queued,
