@@ -148,6 +148,11 @@ def test_an_open_circuit_is_failing_though_its_deliveries_wait_without_attempts(
     assert gone.listener_id == bad
     assert cli(config, "listeners", "resume", str(bad)).exit_code == 0
     assert conn.execute("SELECT count(*) FROM cdc_hooks.circuits").fetchone() == (0,)
+    conn.execute("INSERT INTO cdc_hooks.circuits (listener_id, failures, open_until, pause)"
+                 " VALUES (%s, 5, now() + interval '1 minute', 60)", (bad,))
+    result = cli(config, "listeners", "update", str(bad), "--url", "http://127.0.0.1:9/new")
+    assert result.exit_code == 0, result.output  # another receiver: its circuit starts closed
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.circuits").fetchone() == (0,)
 
 
 def test_resume_sends_what_is_pending_and_leaves_dead_letters(conn, make_config, cli):

@@ -7,7 +7,8 @@ Three loops share one process, each on its own connection:
   LISTEN until a trigger notifies (or a fallback poll).
 - claim: leases due deliveries per listener within the concurrency limits and
   starts an HTTP task for each; no transaction stays open across a request.
-- record: writes attempt results in batches (one statement per batch).
+- record: writes attempt results in batches (one statement per batch), and
+  counts failures into the listeners' shared circuits (circuit.py).
 - failover: every TAKEOVER_EVERY seconds takes over the claims of relays whose
   database session ended, and shares each listener's listener_concurrency
   with the other relays (listener slots).
@@ -610,8 +611,8 @@ class Relay:
         """Leases again what has waited in the queues for a third of its lease: a
         lease that lapsed before the send would let a claim take the delivery again
         and send it twice (a listener's queue can wait longer than its own requests
-        take: other listeners share the concurrency, an open circuit holds it). A few
-        times per lease, one statement."""
+        take: other listeners share the concurrency, a relay's own failures hold it
+        until recorded). A few times per lease, one statement."""
         now = time.monotonic()
         if now - self._renewed_at < self.lease / 4:
             return
