@@ -30,6 +30,7 @@ from .rows import (
     HeldListener,
     HookActivity,
     InstalledHook,
+    ListenerBacklog,
     ListenerCounts,
     ListenerRow,
     Minute,
@@ -353,10 +354,10 @@ class Database:
 
     # Metrics ------------------------------------------------------------
 
-    def metrics_backlog(self) -> list[tuple[Any, ...]]:
-        """Per listener (id, hook, state, pending, outbox rows, oldest outbox age s,
-        oldest pending age s); one row of NULL listener columns if there are none."""
-        return self.rows("metrics_backlog", row_type=tuple_row)
+    def metrics_backlog(self) -> list[ListenerBacklog]:
+        """Per listener, with the outbox's figures; one row of None listener columns if
+        there are none."""
+        return self.rows("metrics_backlog", row_type=class_row(ListenerBacklog))
 
     # Operations: retention, listener health, backfill --------------------
     # (cdc_hooks/retention.py, health.py, backfill.py; schema version 2)

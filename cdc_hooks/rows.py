@@ -180,6 +180,20 @@ class UnfinishedBackfill:
 
 
 @dataclass(frozen=True)
+class ListenerBacklog:
+    """A row of metrics_backlog: a listener's backlog, with the outbox's figures (the
+    listener columns all None when there are no listeners)."""
+
+    id: int | None
+    hook: str | None
+    state: str | None
+    pending: int
+    outbox_rows: int
+    outbox_oldest_age: float | None  # seconds
+    oldest_pending_age: float | None  # seconds
+
+
+@dataclass(frozen=True)
 class RecentEvent:
     """A row of recent_events."""
 

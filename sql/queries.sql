@@ -509,9 +509,9 @@ WHERE d.status = 'dead' OR (d.status = 'pending' AND d.attempts > 0) OR l.state 
 GROUP BY l.id
 ORDER BY l.id;
 
--- Web ------------------------------------------------------------------------
--- Queries of the web interface and REST API (cdc_hooks/web): read-only views
--- for pages; every change goes through the queries above.
+-- Listings ---------------------------------------------------------------------
+-- Read-only queries of the service layer (cdc_hooks/services), shown alike by
+-- the CLI, the REST API and the pages; every change goes through the queries above.
 
 -- name: hook_activity
 -- Per installed hook: its listeners and what they were delivered in the last hour.
@@ -656,12 +656,12 @@ WITH pending AS (
     GROUP BY listener_id
 ), outbox AS (
     SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS rows,
-           extract(epoch FROM now() - (SELECT occurred_at FROM cdc_hooks.outbox ORDER BY id LIMIT 1))
+           extract(epoch FROM now() - (SELECT occurred_at FROM cdc_hooks.outbox ORDER BY id LIMIT 1))::float8
                AS oldest_age
 )
 SELECT l.id, l.hook, l.state, coalesce(p.pending, 0) AS pending,
        o.rows AS outbox_rows, o.oldest_age AS outbox_oldest_age,
-       extract(epoch FROM now() - ev.occurred_at) AS oldest_pending_age
+       extract(epoch FROM now() - ev.occurred_at)::float8 AS oldest_pending_age
 FROM outbox o
 LEFT JOIN cdc_hooks.listeners l ON true
 LEFT JOIN pending p ON p.listener_id = l.id

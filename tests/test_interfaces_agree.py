@@ -94,7 +94,13 @@ class Cli:
                 if cells[0].isdigit()]
 
     def redeliver(self, delivery_id: int) -> Outcome:
-        result = self.run("redeliver", str(delivery_id))
+        return self._queued(self.run("redeliver", str(delivery_id)))
+
+    def redeliver_dead(self, listener_id: int) -> Outcome:
+        return self._queued(self.run("redeliver", "--listener", str(listener_id)))
+
+    @staticmethod
+    def _queued(result: Result) -> Outcome:
         if result.exit_code:
             return "refused", result.stderr.strip().removeprefix("error: ")
         return "queued", result.stdout.split()[0]  # "1 delivery queued again"
@@ -120,7 +126,13 @@ class Rest:
         return d["status"], d["webhook_id"], len(d["attempt_log"])
 
     def redeliver(self, delivery_id: int) -> Outcome:
-        answer = self.http.post(f"/api/deliveries/{delivery_id}/redeliver")
+        return self._queued(self.http.post(f"/api/deliveries/{delivery_id}/redeliver"))
+
+    def redeliver_dead(self, listener_id: int) -> Outcome:
+        return self._queued(self.http.post(f"/api/listeners/{listener_id}/redeliver"))
+
+    @staticmethod
+    def _queued(answer: httpx.Response) -> Outcome:
         if answer.is_error:
             return "refused", answer.json()["detail"]
         return "queued", str(len(answer.json()["queued"]))
@@ -145,8 +157,15 @@ class Python:
         return d.status, d.webhook_id, len(d.attempt_log)
 
     def redeliver(self, delivery_id: int) -> Outcome:
+        return self._queued(self.client.redeliver, delivery_id)
+
+    def redeliver_dead(self, listener_id: int) -> Outcome:
+        return self._queued(self.client.redeliver_failed, listener_id)
+
+    @staticmethod
+    def _queued(ask: Callable[[int], Any], given: int) -> Outcome:
         try:
-            return "queued", str(len(self.client.redeliver(delivery_id)))
+            return "queued", str(len(ask(given)))
         except ApiError as exc:
             return "refused", exc.message
 
@@ -179,12 +198,17 @@ class Pages:
         return status, webhook_id, answer.text.count("<tr><td>")
 
     def redeliver(self, delivery_id: int) -> Outcome:
+        return self._queued(f"/deliveries/{delivery_id}/redeliver", r"Delivery \d+ (queued) again")
+
+    def redeliver_dead(self, listener_id: int) -> Outcome:
+        return self._queued(f"/listeners/{listener_id}/redeliver", r"(\d+) failed deliveries")
+
+    def _queued(self, path: str, flashed: str) -> Outcome:
         csrf = self._csrf(self.client.get("/deliveries").text)
-        answer = self.client.post(f"/deliveries/{delivery_id}/redeliver", data={"csrf": csrf},
-                                  follow_redirects=False)
+        answer = self.client.post(path, data={"csrf": csrf}, follow_redirects=False)
         if answer.status_code == 303:
-            flash = self.client.get(answer.headers["location"]).text
-            return "queued", "1" if f"Delivery {delivery_id} queued again." in flash else "?"
+            count = re.search(flashed, self.client.get(answer.headers["location"]).text).group(1)  # type: ignore[union-attr]
+            return "queued", count.replace("queued", "1")
         return "refused", re.search(r'<p class="error" role="alert">([^<]*)</p>',  # type: ignore[union-attr]
                                     answer.text).group(1)
 
@@ -245,3 +269,13 @@ def test_redelivery_answers_the_same_from_every_interface(interfaces, conn):
 def test_every_interface_reports_the_same_status(interfaces):
     assert same({name: asked.status() for name, asked in interfaces.items()}) == \
         {"pending": 1, "dead": 1}
+
+
+def test_redelivering_dead_letters_answers_the_same_from_every_interface(interfaces, conn):
+    assert same({name: asked.redeliver_dead(MISSING) for name, asked in interfaces.items()}) == \
+        ("refused", f"no listener with id {MISSING}")
+    queued = {}
+    for name, asked in interfaces.items():
+        conn.execute("UPDATE cdc_hooks.deliveries SET status = 'dead' WHERE id = %s", (DEAD,))
+        queued[name] = asked.redeliver_dead(1)
+    assert same(queued) == ("queued", "1")
