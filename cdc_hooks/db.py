@@ -11,6 +11,7 @@ import functools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from importlib import resources
 from typing import Any, TypeVar
@@ -26,12 +27,14 @@ from .errors import DatabaseUnavailable
 from .rows import (
     Attempt,
     Delivery,
+    DisabledListener,
     FailingListener,
     HeldListener,
     HookActivity,
     InstalledHook,
     ListenerBacklog,
     ListenerCounts,
+    ListenerMatch,
     ListenerRow,
     Minute,
     RecentEvent,
@@ -249,6 +252,10 @@ class Database:
     def get_listener(self, listener_id: int) -> ListenerRow | None:
         return self.row("get_listener", {"id": listener_id}, row_type=class_row(ListenerRow))
 
+    def hook_listeners(self) -> list[ListenerMatch]:
+        """Every listener's hook, match and state."""
+        return self.rows("hook_listeners", row_type=class_row(ListenerMatch))
+
     def listener_stats(self, listener_id: int | None = None) -> list[ListenerCounts]:
         """Outcomes of each listener's last 1000 deliveries (of one listener if given)."""
         return self.rows("listener_stats", {"id": listener_id}, row_type=class_row(ListenerCounts))
@@ -389,17 +396,17 @@ class Database:
             self.run("forget_listener_health")
             self.run("check_listener_health")
 
-    def disable_failing_listeners(self, seconds: float, reason: str) -> list[tuple[Any, ...]]:
-        """(id, hook, url as shown, reason, event id or None) of each listener disabled,
-        with its cdc_hooks.listener_disabled event."""
+    def disable_failing_listeners(self, seconds: float, reason: str) -> list[DisabledListener]:
+        """Each listener disabled (by id; its URL as shown), with its
+        cdc_hooks.listener_disabled event."""
         with self.transaction():
-            rows = sorted(self.rows("disable_failing_listeners",
-                                    {"seconds": seconds, "reason": reason}, row_type=tuple_row))
+            found = self.rows("disable_failing_listeners", {"seconds": seconds, "reason": reason},
+                              row_type=class_row(DisabledListener))
             disabled = []
-            for row in rows:
-                event = disabled_event(*row)
-                sent = self.value("send_listener_disabled", event)
-                disabled.append((row[0], row[1], event["url"], row[3], sent))
+            for row in sorted(found, key=lambda r: r.id):
+                event = disabled_event(row.id, row.hook, row.url, row.disabled_reason)
+                disabled.append(replace(row, url=event["url"],
+                                        event_id=self.value("send_listener_disabled", event)))
             return disabled
 
     def resume_listener_deliveries(self, listener_id: int) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 import psycopg
 import sqlalchemy
 from psycopg import sql
-from psycopg.rows import tuple_row
 
 from . import jsoncodec
 from .config import Config, HookConfig, TableName
@@ -270,20 +269,21 @@ def _stranded_listeners(db: Database, installed: dict[str, InstalledHook],
     if not installed:
         return []
     stranded = []
-    for listener_id, hook, match_text, state in db.rows("hook_listeners", row_type=tuple_row):
+    for listener in db.hook_listeners():
+        hook = listener.hook
         before, after = installed.get(hook), wanted.get(hook)
-        if before is None or state == "disabled":
+        if before is None or listener.state == "disabled":
             continue
         if after is None:
             whys = [f'hook "{hook}" is removed from the config']
         else:
             whys = [f'match field "{f}" is no longer provided (provides: '
                     f'{", ".join(after.provides) or "nothing"})'
-                    for f in jsoncodec.loads(match_text) if f not in after.provides]
+                    for f in jsoncodec.loads(listener.match) if f not in after.provides]
             whys += [f'event "{e}" is no longer captured (events: {", ".join(after.events)})'
                      for e in before.events if e not in after.events]
         if whys:
-            stranded.append(Stranded(listener_id, hook, "; ".join(whys)))
+            stranded.append(Stranded(listener.id, hook, "; ".join(whys)))
     return stranded
 
 

@@ -65,6 +65,28 @@ class ListenerRow:
 
 
 @dataclass(frozen=True)
+class ListenerMatch:
+    """A row of hook_listeners: what a config change could strand."""
+
+    id: int
+    hook: str
+    match: str
+    state: str
+
+
+@dataclass(frozen=True)
+class DisabledListener:
+    """A row of disable_failing_listeners; Database.disable_failing_listeners masks
+    the URL's credentials and adds the id of its cdc_hooks.listener_disabled event."""
+
+    id: int
+    hook: str
+    url: str
+    disabled_reason: str
+    event_id: int | None = None  # None: the built-in hook is not installed
+
+
+@dataclass(frozen=True)
 class ListenerCounts:
     """A row of listener_stats: outcomes of a listener's last 1000 deliveries."""
 

@@ -110,7 +110,7 @@ SELECT current_user::text;
 
 -- name: hook_listeners
 -- Every listener's hook, match and state: what a config change could strand.
-SELECT id, hook, match::text, state FROM cdc_hooks.listeners ORDER BY id;
+SELECT id, hook, match::text AS match, state FROM cdc_hooks.listeners ORDER BY id;
 
 -- name: missing_roles
 SELECT r FROM unnest(%(roles)s::text[]) AS r WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r);
