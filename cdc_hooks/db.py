@@ -47,7 +47,7 @@ from .urls import redact_url
 SCHEMA = "cdc_hooks"
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 T = TypeVar("T")
-Statement = str | sql.Composable  # a query's name in sql/queries.sql, or a composed statement
+Statement = str | sql.SQL | sql.Composed  # a query's name in sql/queries.sql, or a composed statement
 
 
 def sql_text(name: str) -> str:
@@ -109,7 +109,7 @@ def disabled_event(listener_id: int, hook: str, url: str, reason: str) -> dict[s
     return {"id": listener_id, "hook": hook, "url": redact_url(url), "reason": reason}
 
 
-def _statement(statement: Statement) -> sql.Composable:
+def _statement(statement: Statement) -> sql.SQL | sql.Composed:
     return query(statement) if isinstance(statement, str) else statement
 
 

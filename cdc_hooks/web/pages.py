@@ -350,10 +350,11 @@ def delivery_rows(request: Request, db: Db) -> Response:
 
 def _deliveries(request: Request, db: Any) -> dict[str, Any]:
     query = request.query_params
-    filters = {"listener_id": _id(query.get("listener")), "before": _id(query.get("before")),
-               "status": query.get("status") if query.get("status") in services.deliveries.STATUSES
-               else None}
-    found = services.deliveries.page(db, limit=PAGE_SIZE, **filters)
+    listener_id, before = _id(query.get("listener")), _id(query.get("before"))
+    status = query.get("status") if query.get("status") in services.deliveries.STATUSES else None
+    filters = {"listener_id": listener_id, "before": before, "status": status}
+    found = services.deliveries.page(db, limit=PAGE_SIZE, status=status, listener_id=listener_id,
+                                     before=before)
     items, next_before = found.items, found.next_before
     keep = {k: v for k, v in (("listener", filters["listener_id"]), ("status", filters["status"])) if v}
     return {"items": items, "filters": filters, "live": filters["before"] is None,
