@@ -554,7 +554,7 @@ ORDER BY l.id;
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
        d.last_status AS last_code, d.last_error, d.created_at, d.finished_at,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       a.duration_ms::float8 AS duration_ms,
+       a.duration_ms,
        (extract(epoch FROM d.finished_at - ev.occurred_at) * 1000)::float8 AS latency_ms
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id
@@ -576,7 +576,7 @@ LIMIT %(limit)s;
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
        d.last_status AS last_code, d.last_error, d.created_at, d.finished_at,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       a.duration_ms::float8 AS duration_ms,
+       a.duration_ms,
        (extract(epoch FROM d.finished_at - ev.occurred_at) * 1000)::float8 AS latency_ms,
        l.url, ev.body::text AS body
 FROM cdc_hooks.deliveries d

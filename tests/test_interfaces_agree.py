@@ -62,7 +62,7 @@ def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) ->
                      (delivery_id, delivery_id, status, attempts, code, error, status))
         if attempts:
             conn.execute("INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, "
-                         "error) VALUES (%s, %s, 12.5, %s)", (delivery_id, code, error))
+                         "error) VALUES (%s, %s, 12.3, %s)", (delivery_id, code, error))
     return config
 
 
@@ -249,6 +249,8 @@ def test_every_interface_shows_the_same_delivery(interfaces):
         ("dead", f"msg_{DEAD}_1", 1)
     assert same({name: asked.delivery(MISSING) for name, asked in shown.items()}) == \
         ("refused", "404", 0)
+    durations = interfaces["rest"].http.get(f"/api/deliveries/{DEAD}").json()
+    assert durations["duration_ms"] == durations["attempt_log"][0]["duration_ms"] == 12.3  # as stored
 
 
 def test_redelivery_answers_the_same_from_every_interface(interfaces, conn):
