@@ -98,7 +98,7 @@ import cdc_hooks
 from cdc_hooks.config import Config, load_config, parse_config
 from cdc_hooks.db import Database, queries
 from cdc_hooks.install import install
-from cdc_hooks.listeners import add_listener
+from cdc_hooks.services.listeners import add_listener
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 APP = "cdc_hooks_bench"  # application_name of the benchmark's own connections

@@ -37,10 +37,12 @@ from typing import Any
 import pglast
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
-from .db import Database, InstalledHook, sql_text
+from .db import Database, sql_text
 from .errors import CdcHooksError, NotFound
-from .listeners import installed_hook
+from .rows import InstalledHook
+from .services.listeners import installed_hook
 
 DEFAULT_BATCH = 1000
 
@@ -71,11 +73,11 @@ def start(db: Database, hook_name: str, condition: str | None = None,
     if condition is not None:
         validate_condition(db, hook, condition)
     found = db.backfill_find(hook.name, condition, listener_id)
-    if found and (restart or tuple(found[1]) != hook.key_columns):  # the key changed: start over
-        db.backfill_forget(found[0])
+    if found and (restart or tuple(found.key_columns) != hook.key_columns):  # the key changed: start over
+        db.backfill_forget(found.id)
         found = None
     if found:
-        return Backfill(found[0], hook, condition, listener_id, found[2], found[3], True)
+        return Backfill(found.id, hook, condition, listener_id, found.last_key, found.rows_done, True)
     backfill_id = db.backfill_start(hook.name, condition, listener_id, hook.key_columns)
     return Backfill(backfill_id, hook, condition, listener_id, None, 0, False)
 
@@ -95,7 +97,7 @@ def _refuse_foreign_casts(db: Database) -> None:
     and a cast to json runs its function: one another role wrote would run as the
     operator (the trigger runs it as the writer, who owns it). Refused unless
     the operator is a member of that role anyway."""
-    found = db.run("foreign_json_casts")
+    found = db.rows("foreign_json_casts", row_type=tuple_row)
     if found:
         casts = ", ".join(f"{source} (cast function owned by {owner})" for source, owner in found)
         raise BackfillError(f"refusing to backfill as {db.current_user()}: converting values to "
@@ -125,7 +127,7 @@ def validate_condition(db: Database, hook: InstalledHook, condition: str) -> Non
         with db.transaction():
             db.run("read_only_transaction")
             db.run("probe_timeout")
-            db.fetch(_statement("probe", hook, condition), {})
+            db.run(_statement("probe", hook, condition), {})
             raise psycopg.Rollback
     except psycopg.Error as exc:
         message = exc.diag.message_primary if exc.diag else None
@@ -159,13 +161,13 @@ def _clauses(select: Any) -> dict[str, Any]:
 
 
 def _row_count(db: Database, backfill: Backfill) -> int:
-    return int(db.fetch(_statement("count", backfill.hook, None), {})[0][0])
+    return int(db.value(_statement("count", backfill.hook, None), {}))
 
 
 def estimate(db: Database, backfill: Backfill) -> int:
     """The planner's estimate of the rows the whole backfill reads."""
-    row = db.fetch(_statement("estimate", backfill.hook, backfill.condition), {})[0]
-    plan = row[0][0]["Plan"] if isinstance(row[0], list) else {}
+    explained = db.value(_statement("estimate", backfill.hook, backfill.condition), {})
+    plan = explained[0]["Plan"] if isinstance(explained, list) else {}
     return int(plan.get("Plan Rows", 0))
 
 
@@ -185,8 +187,8 @@ def batches(db: Database, backfill: Backfill, size: int = DEFAULT_BATCH) -> Iter
             db.run("row_security_off")
             key_params = {f"k{i}": v for i, v in enumerate(after or [])}
             try:
-                rows, last, revisited = db.fetch(later if after else first,
-                                                 {**params, **key_params})[0]
+                rows, last, revisited = db.row(later if after else first, {**params, **key_params},
+                                               row_type=tuple_row)  # type: ignore[misc]
             except psycopg.errors.InsufficientPrivilege as exc:
                 raise BackfillError(f"backfill {backfill.id}: {exc.diag.message_primary} (its "
                                     "policies would run with your rights: run the backfill as "

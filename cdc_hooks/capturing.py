@@ -12,9 +12,7 @@ logs each hook that stops (or starts again) capturing, once per change;
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 log = logging.getLogger("cdc_hooks.relay")
 
@@ -32,22 +30,20 @@ class HookCapture:
     def capturing(self) -> bool:
         return self.problem is None
 
-
-def from_rows(rows: Iterable[Sequence[Any]]) -> list[HookCapture]:
-    """From the rows of the hooks_capturing query."""
-    states = []
-    for hook, schema, table, table_exists, missing in rows:
-        name = f"{schema}.{table}"
+    @classmethod
+    def from_row(cls, *, name: str, table_schema: str, table_name: str, table_exists: bool,
+                 missing: list[str]) -> HookCapture:
+        """From a row of the hooks_capturing query."""
+        table = f"{table_schema}.{table_name}"
         problem = None
         if not table_exists:
-            problem = f"table {name} does not exist"
+            problem = f"table {table} does not exist"
         elif missing:
             problem = (f"trigger {', '.join(missing)} is missing (was the table dropped and "
                        "created again?)" if len(missing) == 1 else
                        f"triggers {', '.join(missing)} are missing (was the table dropped and "
                        "created again?)")
-        states.append(HookCapture(hook, name, problem))
-    return states
+        return cls(name, table, problem)
 
 
 class Watch:

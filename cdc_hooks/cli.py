@@ -1,4 +1,4 @@
-"""The ``cdc-hooks`` command: a thin adapter over the core modules."""
+"""The ``cdc-hooks`` command: a thin adapter over the services (cdc_hooks/services)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,14 @@ import click
 import psycopg
 import sqlalchemy
 
-from . import capturing, jsoncodec, logs
+from . import capturing, jsoncodec, logs, services
 from . import install as installer
-from . import listeners as core
 from .config import Config, load_config
 from .db import Database
 from .dsn import check_dsn
-from .errors import CdcHooksError, ListenerError, NotFound
-from .hooks import send as send_event  # `from . import hooks` would be the registry
+from .errors import CdcHooksError, ListenerError
 from .match import match_options_to_json
 from .relay.relay import SCHEMA_GONE, run_forever
-from .urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -130,7 +127,9 @@ def uninstall(ctx: Context, drop_schema: bool) -> None:
 @friendly_errors
 def send(ctx: Context, hook: str, fields: tuple[str, ...]) -> None:
     """Send a custom hook's event (durian's Hook.send): values are strings, KEY:=JSON for others."""
-    event_id = send_event(hook, parse_fields(fields), config=ctx.config())
+    payload = parse_fields(fields)
+    with Database.connect(ctx.config().dsn) as db:
+        event_id = services.hooks.send(db, hook, payload)
     click.echo(f"sent event evt_{event_id}")
 
 
@@ -188,11 +187,12 @@ def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
     """Add a listener for HOOK that POSTs matching events to URL."""
     config = ctx.config()
     match = match_options_to_json(list(matches))
-    headers = core.headers_from_lines(header_lines)
+    headers = services.listeners.headers_from_lines(header_lines)
     listener_config = {} if backfill is None else {"backfill": backfill}
     with Database.connect(config.dsn) as db:
-        created = core.add_listener(db, config, hook, url, match, secret, listener_config, headers,
-                                    core.split_names(events), core.split_names(changed), rate)
+        created = services.listeners.add_listener(
+            db, config, hook, url, match, secret, listener_config, headers,
+            services.listeners.split_names(events), services.listeners.split_names(changed), rate)
     click.echo(f"listener {created.id} added")
     if secret is None:  # a secret the user chose is not echoed into terminals and logs
         click.echo(f"secret: {created.secret}  (shown once; receivers verify signatures with it)")
@@ -206,33 +206,28 @@ def listeners_add(ctx: Context, hook: str, url: str, matches: tuple[str, ...],
 def listeners_list(ctx: Context) -> None:
     """List listeners (secrets are never shown)."""
     with Database.connect(ctx.config().dsn) as db:
-        rows = db.list_listeners()
+        found = services.listeners.list_listeners(db)
     print_table(["ID", "HOOK", "URL", "MATCH", "HEADERS", "STATE", "LAST DELIVERY"], [
-        [r.id, r.hook, redact_url(r.url), _match_column(r.match),
+        [r.id, r.hook, r.url, r.match_text if r.match_error is None else f"unusable: {r.match_error}",
          ", ".join(r.header_names) or "-",
          r.state + (f" ({r.disabled_reason})" if r.disabled_reason else "")
          + ("" if r.backfill else ", no backfill")
-         + (f", old secret signs until {r.overlap_until:%Y-%m-%d %H:%M:%S %Z}"
-            if r.overlap_until else "")
+         + (f", old secret signs until {r.secret_overlap_until:%Y-%m-%d %H:%M:%S %Z}"
+            if r.secret_overlap_until else "")
          + (f", events: {','.join(r.events)}" if r.events else "")
          + (f", changed: {','.join(r.changed)}" if r.changed else "")
          + (f", rate: {r.rate:g}/s" if r.rate is not None else ""),
-         describe_outcome(r.last_status, r.last_code, r.last_error)]
-        for r in rows
+         describe_outcome(r.last_delivery)]
+        for r in found
     ])
 
 
-def _match_column(match_text: str) -> str:
-    error = core.stored_match(match_text)[1]
-    return match_text if error is None else f"unusable: {error}"
-
-
-def describe_outcome(status: str | None, code: int | None, error: str | None) -> str:
-    if status is None:
+def describe_outcome(last: services.listeners.LastDelivery | None) -> str:
+    if last is None:
         return "-"
-    if status == "delivered":
-        return f"delivered ({code})"
-    return f"{'retrying' if status == 'pending' else 'failed'}: {error or code}"
+    if last.status == "delivered":
+        return f"delivered ({last.code})"
+    return f"{'retrying' if last.status == 'pending' else 'failed'}: {last.error or last.code}"
 
 
 def _state_command(name: str, state: str, help_text: str) -> None:
@@ -242,7 +237,7 @@ def _state_command(name: str, state: str, help_text: str) -> None:
     @friendly_errors
     def command(ctx: Context, listener_id: int) -> None:
         with Database.connect(ctx.config().dsn) as db:
-            core.set_state(db, listener_id, state)
+            services.listeners.set_state(db, listener_id, state)
         click.echo(f"listener {listener_id} {state}")
 
 
@@ -280,18 +275,19 @@ def listeners_update(ctx: Context, listener_id: int, url: str | None, matches: t
     """Change a listener: what is not given stays as it is."""
     match = _replacement("--match", "--no-match", matches, no_match, match_options_to_json)
     headers = _replacement("--header", "--no-headers", header_lines, no_headers,
-                           core.headers_from_lines)
+                           services.listeners.headers_from_lines)
     kinds = _names_replacement("--events", "--all-events", events, all_events)
     columns = _names_replacement("--changed", "--any-change", changed, any_change)
     new_rate = _rate_replacement(rate, no_rate)
-    if (url, match, headers, backfill, kinds, columns) == (None,) * 6 and new_rate is core.KEEP:
+    if (url, match, headers, backfill, kinds, columns) == (None,) * 6 and new_rate is services.listeners.KEEP:
         raise ListenerError("nothing to change: give --url, --match, --no-match, --header, "
                             "--no-headers, --backfill, --no-backfill, --events, --all-events, "
                             "--changed, --any-change, --rate or --no-rate")
     config = ctx.config()
     with Database.connect(config.dsn) as db:
-        core.update_listener(db, config, listener_id, url=url, match=match, headers=headers,
-                             backfill=backfill, events=kinds, changed=columns, rate=new_rate)
+        services.listeners.update_listener(db, config, listener_id, url=url, match=match,
+                                           headers=headers, backfill=backfill, events=kinds,
+                                           changed=columns, rate=new_rate)
     click.echo(f"listener {listener_id} updated")
 
 
@@ -311,19 +307,19 @@ def _names_replacement(option: str, clearing: str, given: tuple[str, ...],
     """A filter's new names, [] to reset it to its default, or None if not given."""
     if given and clear:
         raise ListenerError(f"give {option} or {clearing}, not both")
-    return [] if clear else core.split_names(given) if given else None
+    return [] if clear else services.listeners.split_names(given) if given else None
 
 
-def _rate_replacement(rate: float | None, no_rate: bool) -> float | core.Keep | None:
+def _rate_replacement(rate: float | None, no_rate: bool) -> float | services.listeners.Keep | None:
     """The new rate limit, None to remove it, or KEEP if neither option was given."""
     if rate is not None and no_rate:
         raise ListenerError("give --rate or --no-rate, not both")
-    return None if no_rate else core.KEEP if rate is None else rate
+    return None if no_rate else services.listeners.KEEP if rate is None else rate
 
 
 @listeners.command("rotate")
 @click.argument("listener_id", type=int)
-@click.option("--overlap", type=float, default=core.DEFAULT_OVERLAP, show_default=True,
+@click.option("--overlap", type=float, default=services.listeners.DEFAULT_OVERLAP, show_default=True,
               metavar="SECONDS",
               help="The old secret keeps signing beside the new one this long (0: not at all).")
 @pass_context
@@ -332,8 +328,8 @@ def listeners_rotate(ctx: Context, listener_id: int, overlap: float) -> None:
     """Replace a listener's signing secret; prints the new one, once."""
     config = ctx.config()
     with Database.connect(config.dsn) as db:
-        secret = core.rotate(db, config, listener_id, overlap)
-        until = core.get_listener(db, listener_id).overlap_until
+        secret = services.listeners.rotate(db, config, listener_id, overlap)
+        until = services.listeners.get_listener(db, listener_id).secret_overlap_until
     click.echo(f"secret: {secret}  (shown once; receivers verify signatures with it)")
     if until is not None:
         click.echo(f"until {until:%Y-%m-%d %H:%M:%S %Z} deliveries are signed with the old "
@@ -347,7 +343,7 @@ def listeners_rotate(ctx: Context, listener_id: int, overlap: float) -> None:
 def listeners_remove(ctx: Context, listener_id: int) -> None:
     """Remove a listener and its pending deliveries."""
     with Database.connect(ctx.config().dsn) as db:
-        core.remove_listener(db, listener_id)
+        services.listeners.remove_listener(db, listener_id)
     click.echo(f"listener {listener_id} removed")
 
 
@@ -360,10 +356,11 @@ def listeners_remove(ctx: Context, listener_id: int) -> None:
 def deliveries(ctx: Context, failed: bool, listener_id: int | None, limit: int) -> None:
     """List recent deliveries, newest first."""
     with Database.connect(ctx.config().dsn) as db:
-        rows = db.list_deliveries(status="dead" if failed else None, listener_id=listener_id,
-                                  limit=limit)
+        found = services.deliveries.page(db, limit=limit, status="dead" if failed else None,
+                                         listener_id=listener_id)
     print_table(["ID", "EVENT", "LISTENER", "HOOK", "KIND", "STATUS", "ATTEMPTS", "LAST"], [
-        [r[0], f"evt_{r[1]}", r[2], r[3], r[4], r[5], r[6], r[8] or r[7] or "-"] for r in rows
+        [d.id, f"evt_{d.event_id}", d.listener_id, d.hook, d.kind, d.status, d.attempts,
+         d.last_error or d.last_code or "-"] for d in found.items
     ])
 
 
@@ -397,13 +394,13 @@ class Moment(click.ParamType):
 def redeliver(ctx: Context, delivery_id: int | None, listener_id: int | None,
               since: datetime | None) -> None:
     """Send a delivery again (same webhook-id), or dead letters in bulk."""
-    if delivery_id is None and listener_id is None and since is None:
-        raise ListenerError("give a DELIVERY_ID, --listener or --since")
+    if (delivery_id is None) == (listener_id is None and since is None):
+        raise ListenerError("give a DELIVERY_ID, or --listener and/or --since (not both)")
     with Database.connect(ctx.config().dsn) as db:
-        ids = db.redeliver(delivery_id=delivery_id, listener_id=listener_id, since=since,
-                           only_dead=delivery_id is None)
-    if delivery_id is not None and not ids:
-        raise NotFound(f"no finished delivery with id {delivery_id}")
+        if delivery_id is not None:
+            ids = services.deliveries.redeliver(db, delivery_id)
+        else:
+            ids = services.deliveries.redeliver_dead(db, listener_id=listener_id, since=since)
     click.echo(f"{len(ids)} deliver{'y' if len(ids) == 1 else 'ies'} queued again")
 
 
@@ -415,39 +412,37 @@ def status(ctx: Context, minutes: int) -> None:
     """Backlog, lag, recent deliveries and failures, failing and held listeners;
     exit 1 if a hook is not capturing."""
     with Database.connect(ctx.config().dsn) as db:
-        figures = db.status(minutes)
-        failing = db.failing_listeners()
-        held = db.held_listeners()
-        not_capturing = [h for h in db.hooks_capturing() if not h.capturing]
+        report = services.status.report(db, minutes)
     print_table(["WHAT", "VALUE"], [
-        ["outbox chunks not yet dispatched", figures["outbox_chunks"]],
-        ["deliveries pending", figures["pending"]],
-        ["oldest undispatched change (s)", _seconds(figures["oldest_outbox_age"])],
-        ["oldest pending delivery (s)", _seconds(figures["oldest_pending_age"])],
-        [f"delivered, last {minutes} min", figures["delivered"]],
-        [f"failed attempts, last {minutes} min", figures["failed_attempts"]],
-        ["dead letters", figures["dead"]],
+        ["outbox chunks not yet dispatched", report.outbox_chunks],
+        ["deliveries pending", report.pending],
+        ["oldest undispatched change (s)", _seconds(report.oldest_outbox_age)],
+        ["oldest pending delivery (s)", _seconds(report.oldest_pending_age)],
+        [f"delivered, last {minutes} min", report.delivered],
+        [f"failed attempts, last {minutes} min", report.failed_attempts],
+        ["dead letters", report.dead],
     ])
-    if failing:
+    if report.failing_listeners:
         click.echo("\nfailing listeners:")
         print_table(["ID", "HOOK", "URL", "STATE", "DEAD", "RETRYING"], [
-            [r[0], r[1], redact_url(r[2]), r[3] + (f" ({r[4]})" if r[4] else ""), r[5], r[6]]
-            for r in failing
+            [f.id, f.hook, f.url, f.state + (f" ({f.disabled_reason})" if f.disabled_reason else ""),
+             f.dead, f.retrying] for f in report.failing_listeners
         ])
-    if held:
+    if report.held_listeners:
         click.echo("\npaused or disabled listeners:")
         print_table(["ID", "HOOK", "URL", "STATE", "REASON"],
-                    [[r[0], r[1], redact_url(r[2]), r[3], r[4] or "-"] for r in held])
-    if not_capturing:
+                    [[h.id, h.hook, h.url, h.state, h.disabled_reason or "-"]
+                     for h in report.held_listeners])
+    if report.hooks_not_capturing:
         click.echo("\nhooks NOT capturing (their writes commit without events):")
         print_table(["HOOK", "TABLE", "PROBLEM"],
-                    [[h.hook, h.table, h.problem] for h in not_capturing])
+                    [[h.hook, h.table, h.problem] for h in report.hooks_not_capturing])
         click.echo(f"fix: {capturing.REPAIR_HINT}")
         sys.exit(1)
 
 
-def _seconds(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.1f}"
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 @main.command()

@@ -161,7 +161,7 @@ def with_python_hooks(config: Config) -> Config:
     [[hooks]] entry; a name declared twice is refused."""
     if not config.modules:
         return config
-    from .hooks import declarations  # hooks.py imports this module: imported when needed
+    from .registry import declarations  # registry.py imports this module: imported when needed
 
     declared = tuple(parse_hook(raw, origin, origin) for origin, raw in declarations(config.modules))
     hooks = (*config.hooks, *declared)

@@ -11,22 +11,43 @@ import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import RowFactory, args_row, class_row, kwargs_row, scalar_row, tuple_row
 
-from . import capturing, jsoncodec
+from . import jsoncodec
 from .capturing import HookCapture
 from .dsn import check_dsn, connect_error, describe_dsn
 from .errors import DatabaseUnavailable
+from .rows import (
+    Attempt,
+    Delivery,
+    DisabledListener,
+    FailingListener,
+    HeldListener,
+    HookActivity,
+    InstalledHook,
+    ListenerBacklog,
+    ListenerCounts,
+    ListenerMatch,
+    ListenerRow,
+    Minute,
+    RecentEvent,
+    StatusFigures,
+    StoredDelivery,
+    UnfinishedBackfill,
+)
 from .urls import redact_url
 
 SCHEMA = "cdc_hooks"
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+T = TypeVar("T")
+Statement = str | sql.SQL | sql.Composed  # a query's name in sql/queries.sql, or a composed statement
 
 
 def sql_text(name: str) -> str:
@@ -82,63 +103,25 @@ def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[A
         ) from None
 
 
-def disabled_event(row: Sequence[Any]) -> dict[str, Any]:
-    """The cdc_hooks.listener_disabled payload of a disabled listener's (id, hook,
-    url, reason): other receivers get its URL without credentials."""
-    listener_id, hook, url, reason = row
+def disabled_event(listener_id: int, hook: str, url: str, reason: str) -> dict[str, Any]:
+    """The cdc_hooks.listener_disabled payload of a disabled listener: other receivers
+    get its URL without credentials."""
     return {"id": listener_id, "hook": hook, "url": redact_url(url), "reason": reason}
 
 
-@dataclass(frozen=True)
-class InstalledHook:
-    name: str
-    table_schema: str | None
-    table_name: str | None
-    events: tuple[str, ...]
-    provides: tuple[str, ...]
-    key_columns: tuple[str, ...]
-    when_changed: tuple[str, ...]
-    senders: tuple[str, ...] = ()  # custom hooks: roles allowed to send it
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> InstalledHook:
-        """From a row of the installed_hooks query."""
-        name, schema, table, *arrays = row
-        return cls(name, schema, table, *(tuple(a) for a in arrays))
-
-    def params(self) -> dict[str, Any]:
-        """The save_hook query's parameters."""
-        return {"name": self.name, "table_schema": self.table_schema, "table_name": self.table_name,
-                "events": list(self.events), "provides": list(self.provides),
-                "key_columns": list(self.key_columns), "when_changed": list(self.when_changed),
-                "senders": list(self.senders)}
-
-
-@dataclass(frozen=True)
-class ListenerRow:
-    id: int
-    hook: str
-    url: str
-    match: str
-    state: str
-    disabled_reason: str | None
-    created_at: datetime
-    updated_at: datetime
-    backfill: bool  # takes backfill ('read') events (config {"backfill": false} opts out)
-    header_names: list[str]  # its own headers' names: their values are never listed
-    overlap_until: datetime | None  # the replaced secret also signs until then
-    events: list[str] | None = None  # event kinds it takes (None: every event of its hook)
-    changed: list[str] | None = None  # updates only if one of these columns changed
-    rate: float | None = None  # at most this many deliveries per second (None: no limit)
-    last_status: str | None = None
-    last_code: int | None = None
-    last_error: str | None = None
-    last_finished_at: datetime | None = None
+def _statement(statement: Statement) -> sql.SQL | sql.Composed:
+    return query(statement) if isinstance(statement, str) else statement
 
 
 class Database:
     """A synchronous session with the database: one autocommit connection;
-    ``transaction()`` groups statements that must land together."""
+    ``transaction()`` groups statements that must land together.
+
+    Four ways to run a statement (a query's name in sql/queries.sql, or a statement
+    composed from a file of sql/): ``rows`` reads every row, ``row`` the first (or
+    None), ``value`` the first column of the first row, ``run`` none (for its effect).
+    A row is read into the type ``row_type`` makes (psycopg's row factories:
+    ``class_row(rows.Delivery)``, ``scalar_row``), never by position."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
@@ -161,27 +144,34 @@ class Database:
         with self.conn.transaction():
             yield
 
-    def run(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        with self.conn.cursor() as cur:
-            cur.execute(query(name), params)
-            return cur.fetchall() if cur.description else []
+    def rows(self, statement: Statement, params: dict[str, Any] | None = None, *,
+             row_type: RowFactory[T]) -> list[T]:
+        with self.conn.cursor(row_factory=row_type) as cur:
+            cur.execute(_statement(statement), params)
+            return cur.fetchall()
 
-    def one(self, name: str, params: dict[str, Any] | None = None) -> tuple[Any, ...] | None:
-        rows = self.run(name, params)
-        return rows[0] if rows else None
+    def row(self, statement: Statement, params: dict[str, Any] | None = None, *,
+            row_type: RowFactory[T]) -> T | None:
+        found = self.rows(statement, params, row_type=row_type)
+        return found[0] if found else None
 
-    def execute(self, statement: sql.Composable) -> None:
-        self.conn.execute(statement)
+    def value(self, statement: Statement, params: dict[str, Any] | None = None) -> Any:
+        """The first column of the first row; None if there is no row."""
+        return self.row(statement, params, row_type=scalar_row)
+
+    def run(self, statement: Statement, params: dict[str, Any] | None = None) -> None:
+        """Runs a statement for its effect; what it returns is not read."""
+        self.conn.execute(_statement(statement), params)
 
     # Schema -------------------------------------------------------------
 
     def schema_exists(self) -> bool:
-        return bool(self.one("schema_exists")[0])  # type: ignore[index]
+        return bool(self.value("schema_exists"))
 
     def schema_version(self) -> int:
         if not self.schema_exists():
             return 0
-        return int(self.one("schema_version")[0])  # type: ignore[index]
+        return int(self.value("schema_version"))
 
     def pending_migrations(self) -> list[tuple[int, str]]:
         current = self.schema_version()
@@ -192,9 +182,9 @@ class Database:
         self.run("lock_install")
         pending = self.pending_migrations()
         if pending and not self.schema_exists():
-            self.execute(sql.SQL(sql_text("bootstrap.sql")))  # type: ignore[arg-type]
+            self.run(sql.SQL(sql_text("bootstrap.sql")))  # type: ignore[arg-type]
         for version, text in pending:
-            self.execute(sql.SQL(text))  # type: ignore[arg-type]
+            self.run(sql.SQL(text))  # type: ignore[arg-type]
             self.run("record_schema_version", {"version": version})
         return [v for v, _ in pending]
 
@@ -203,73 +193,81 @@ class Database:
     def installed_hooks(self) -> list[InstalledHook]:
         if not self.schema_exists():
             return []
-        return [InstalledHook.from_row(r) for r in self.run("installed_hooks")]
+        return self.rows("installed_hooks", row_type=kwargs_row(InstalledHook.from_row))
 
     def save_hook(self, hook: InstalledHook) -> None:
         self.run("save_hook", hook.params())
 
     def current_user(self) -> str:
-        return str(self.one("current_user")[0])  # type: ignore[index]
+        return str(self.value("current_user"))
 
     def missing_roles(self, roles: Iterable[str]) -> list[str]:
-        return [r[0] for r in self.run("missing_roles", {"roles": list(roles)})]
+        return self.rows("missing_roles", {"roles": list(roles)}, row_type=scalar_row)
 
     def grant_relay(self, role: str) -> None:
-        self.execute(query("grant_relay").format(role=sql.Identifier(role)))
+        self.run(query("grant_relay").format(role=sql.Identifier(role)))
 
     def forget_hook(self, name: str) -> None:
         self.run("forget_hook", {"name": name})
 
     def table_triggers(self, schema: str, table: str) -> list[str]:
-        return [r[0] for r in self.run("table_triggers", {"schema": schema, "table": table})]
+        return self.rows("table_triggers", {"schema": schema, "table": table}, row_type=scalar_row)
 
     def table_partitions(self, schema: str, table: str) -> list[tuple[str, str]]:
-        return [(r[0], r[1]) for r in self.run("table_partitions", {"schema": schema, "table": table})]
+        """(schema, name) of each partition below the table."""
+        return self.rows("table_partitions", {"schema": schema, "table": table},
+                         row_type=args_row(lambda schema, name: (schema, name)))
 
     def table_columns(self, schema: str, table: str) -> list[str] | None:
-        row = self.one("table_columns", {"schema": schema, "table": table})
-        return list(row[0]) if row and row[0] is not None else None
+        columns = self.value("table_columns", {"schema": schema, "table": table})
+        return None if columns is None else list(columns)
 
     def function_comment(self, function: str) -> str | None:
-        row = self.one("function_comment", {"function": function})
-        return row[0] if row else None
+        return self.value("function_comment", {"function": function})  # type: ignore[no-any-return]
 
     def function_exists(self, function: str) -> bool:
-        return bool(self.one("function_exists", {"function": function})[0])  # type: ignore[index]
+        return bool(self.value("function_exists", {"function": function}))
 
     def pending_counts(self) -> tuple[int, int]:
-        row = self.one("pending_counts")
-        return int(row[0]), int(row[1])  # type: ignore[index]
+        """(outbox rows, pending deliveries)."""
+        return self.row("pending_counts", row_type=args_row(lambda outbox, deliveries: (
+            int(outbox), int(deliveries)))) or (0, 0)
 
     def send(self, hook: str, payload_json: str) -> int:
-        return int(self.one("send", {"hook": hook, "payload": payload_json})[0])  # type: ignore[index]
+        return int(self.value("send", {"hook": hook, "payload": payload_json}))
 
     # Listeners ----------------------------------------------------------
 
     def add_listener(self, hook: str, url: str, match_json: str, config_json: str,
                      secret: str, headers_json: str = "{}", events: list[str] | None = None,
                      changed: list[str] | None = None, rate: float | None = None) -> int:
-        row = self.one("add_listener", {"hook": hook, "url": url, "match": match_json,
-                                        "config": config_json, "secret": secret,
-                                        "headers": headers_json, "events": events,
-                                        "changed": changed, "rate": rate})
-        return int(row[0])  # type: ignore[index]
+        return int(self.value("add_listener", {"hook": hook, "url": url, "match": match_json,
+                                               "config": config_json, "secret": secret,
+                                               "headers": headers_json, "events": events,
+                                               "changed": changed, "rate": rate}))
 
     def list_listeners(self) -> list[ListenerRow]:
-        return [ListenerRow(*r) for r in self.run("list_listeners")]
+        return self.rows("list_listeners", row_type=class_row(ListenerRow))
 
     def get_listener(self, listener_id: int) -> ListenerRow | None:
-        row = self.one("get_listener", {"id": listener_id})
-        return ListenerRow(*row) if row else None
+        return self.row("get_listener", {"id": listener_id}, row_type=class_row(ListenerRow))
+
+    def hook_listeners(self) -> list[ListenerMatch]:
+        """Every listener's hook, match and state."""
+        return self.rows("hook_listeners", row_type=class_row(ListenerMatch))
+
+    def listener_stats(self, listener_id: int | None = None) -> list[ListenerCounts]:
+        """Outcomes of each listener's last 1000 deliveries (of one listener if given)."""
+        return self.rows("listener_stats", {"id": listener_id}, row_type=class_row(ListenerCounts))
 
     def remove_listener(self, listener_id: int) -> bool:
         with self.transaction():
             self.run("remove_listener_deliveries", {"id": listener_id})
-            return self.one("remove_listener", {"id": listener_id}) is not None
+            return self.value("remove_listener", {"id": listener_id}) is not None
 
     def set_listener_state(self, listener_id: int, state: str, reason: str | None = None) -> bool:
-        return self.one("set_listener_state",
-                        {"id": listener_id, "state": state, "reason": reason}) is not None
+        return self.value("set_listener_state",
+                          {"id": listener_id, "state": state, "reason": reason}) is not None
 
     def update_listener(self, listener_id: int, *, url: str | None = None,
                         match_json: str | None = None, secret: str | None = None,
@@ -279,7 +277,7 @@ class Database:
                         rate: float | None = None) -> bool:
         """events/changed: None keeps them, [] resets them to their default; the
         rate changes (to ``rate``, None: no limit) only with set_rate."""
-        return self.one("update_listener", {
+        return self.value("update_listener", {
             "id": listener_id, "url": url, "match": match_json, "secret": secret,
             "overlap": overlap, "headers": headers_json, "backfill": backfill,
             "events": events, "changed": changed, "set_rate": set_rate,
@@ -287,73 +285,69 @@ class Database:
 
     # Deliveries ---------------------------------------------------------
 
-    def list_deliveries(self, *, status: str | None = None, listener_id: int | None = None,
-                        since: datetime | None = None, limit: int = 50) -> list[tuple[Any, ...]]:
-        return self.run("list_deliveries", {"status": status, "listener_id": listener_id,
-                                            "since": since, "limit": limit})
+    def deliveries(self, *, status: str | None = None, listener_id: int | None = None,
+                   hook: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, before: int | None = None,
+                   limit: int = 50) -> list[Delivery]:
+        """Newest first; ``before`` (a delivery id) is the cursor of the next page."""
+        return self.rows("deliveries", {
+            "status": status, "listener_id": listener_id, "hook": hook, "since": since,
+            "until": until, "before": before, "limit": limit,
+        }, row_type=class_row(Delivery))
 
-    def delivery_attempts(self, delivery_id: int) -> list[tuple[Any, ...]]:
-        return self.run("delivery_attempts", {"id": delivery_id})
+    def delivery(self, delivery_id: int) -> StoredDelivery | None:
+        return self.row("delivery", {"id": delivery_id}, row_type=class_row(StoredDelivery))
+
+    def delivery_attempts(self, delivery_id: int) -> list[Attempt]:
+        return self.rows("delivery_attempts", {"id": delivery_id}, row_type=class_row(Attempt))
 
     def redeliver(self, *, delivery_id: int | None = None, listener_id: int | None = None,
                   since: datetime | None = None, only_dead: bool = True) -> list[int]:
-        rows = self.run("redeliver", {"id": delivery_id, "listener_id": listener_id,
-                                      "since": since, "only_dead": only_dead})
-        return [r[0] for r in rows]
+        """Ids of the finished deliveries queued again."""
+        return self.rows("redeliver", {"id": delivery_id, "listener_id": listener_id,
+                                       "since": since, "only_dead": only_dead},
+                         row_type=scalar_row)
 
-    def status(self, minutes: int = 5) -> dict[str, Any]:
-        with self.conn.cursor() as cur:
-            cur.execute(query("status"), {"minutes": minutes})
-            row = cur.fetchone()
-            names = [d.name for d in cur.description]  # type: ignore[union-attr]
-        return dict(zip(names, row, strict=True))  # type: ignore[arg-type]
+    # Status -------------------------------------------------------------
 
-    def failing_listeners(self) -> list[tuple[Any, ...]]:
-        return self.run("failing_listeners")
+    def status(self, minutes: int = 5) -> StatusFigures:
+        figures = self.row("status", {"minutes": minutes}, row_type=class_row(StatusFigures))
+        assert figures is not None  # one row of aggregates
+        return figures
 
-    def held_listeners(self) -> list[tuple[Any, ...]]:
-        """(id, hook, url, state, reason) of each listener paused or disabled."""
-        return self.run("held_listeners")
+    def failing_listeners(self) -> list[FailingListener]:
+        return self.rows("failing_listeners", row_type=class_row(FailingListener))
+
+    def held_listeners(self) -> list[HeldListener]:
+        """Each listener paused or disabled, with why."""
+        return self.rows("held_listeners", row_type=class_row(HeldListener))
 
     def hooks_capturing(self) -> list[HookCapture]:
         """Whether each table hook's triggers are in place (capturing.py)."""
-        return capturing.from_rows(self.run("hooks_capturing")) if self.schema_exists() else []
+        if not self.schema_exists():
+            return []
+        return self.rows("hooks_capturing", row_type=kwargs_row(HookCapture.from_row))
 
-    # Web ----------------------------------------------------------------
-    # Read-only views of the web interface and REST API (cdc_hooks/web).
+    def hook_activity(self) -> list[HookActivity]:
+        """Per installed hook: its listeners and what they were delivered in the last hour."""
+        if not self.schema_exists():
+            return []
+        return self.rows("hook_activity", row_type=class_row(HookActivity))
 
-    def web_hook_activity(self) -> list[tuple[Any, ...]]:
-        """(hook, listeners, delivered in the last hour) per installed hook."""
-        return self.run("web_hook_activity") if self.schema_exists() else []
+    def timeline(self, minutes: int = 60) -> list[Minute]:
+        """Delivered and failed attempts for each of the last `minutes` minutes."""
+        return self.rows("timeline", {"minutes": minutes}, row_type=class_row(Minute))
 
-    def web_listener_stats(self, listener_id: int | None = None) -> list[tuple[Any, ...]]:
-        """(id, delivered, dead, retrying, queued) over each listener's last 1000 deliveries."""
-        return self.run("web_listener_stats", {"id": listener_id})
-
-    def web_deliveries(self, *, status: str | None = None, listener_id: int | None = None,
-                       hook: str | None = None, since: datetime | None = None,
-                       until: datetime | None = None, before: int | None = None,
-                       limit: int = 50) -> list[tuple[Any, ...]]:
-        return self.run("web_deliveries", {
-            "status": status, "listener_id": listener_id, "hook": hook, "since": since,
-            "until": until, "before": before, "limit": limit,
-        })
-
-    def web_delivery(self, delivery_id: int) -> tuple[Any, ...] | None:
-        return self.one("web_delivery", {"id": delivery_id})
-
-    def web_recent_events(self, hook: str, limit: int = 10) -> list[tuple[Any, ...]]:
-        return self.run("web_recent_events", {"hook": hook, "limit": limit})
-
-    def web_timeline(self, minutes: int = 60) -> list[tuple[Any, ...]]:
-        """(minute, delivered, failed attempts) for each of the last `minutes` minutes."""
-        return self.run("web_timeline", {"minutes": minutes})
+    def recent_events(self, hook: str, limit: int = 10) -> list[RecentEvent]:
+        return self.rows("recent_events", {"hook": hook, "limit": limit},
+                         row_type=class_row(RecentEvent))
 
     # Web sessions (cdc_hooks/web/sessions.py) ----------------------------
 
-    def web_session(self, id_hash: bytes, login: str) -> tuple[Any, ...] | None:
+    def web_session(self, id_hash: bytes, login: str) -> tuple[str, str | None] | None:
         """(csrf, flash) of a live session logged in with this token's tag, else None."""
-        return self.one("web_session", {"id_hash": id_hash, "login": login})
+        return self.row("web_session", {"id_hash": id_hash, "login": login},
+                        row_type=args_row(lambda csrf, flash: (csrf, flash)))
 
     def start_web_session(self, id_hash: bytes, login: str, csrf: str, seconds: int) -> None:
         self.run("start_web_session", {"id_hash": id_hash, "login": login, "csrf": csrf,
@@ -370,41 +364,34 @@ class Database:
 
     # Metrics ------------------------------------------------------------
 
-    def metrics_backlog(self) -> list[tuple[Any, ...]]:
-        """Per listener (id, hook, state, pending, outbox rows, oldest outbox age s,
-        oldest pending age s); one row of NULL listener columns if there are none."""
-        return self.run("metrics_backlog")
+    def metrics_backlog(self) -> list[ListenerBacklog]:
+        """Per listener, with the outbox's figures; one row of None listener columns if
+        there are none."""
+        return self.rows("metrics_backlog", row_type=class_row(ListenerBacklog))
 
     # Operations: retention, listener health, backfill --------------------
     # (cdc_hooks/retention.py, health.py, backfill.py; schema version 2)
 
-    def fetch(self, statement: sql.Composable,
-              params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """Rows of a statement composed from a template of sql/ (backfill.sql)."""
-        with self.conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
-
     def try_lock_maintenance(self) -> bool:
-        return bool(self.one("try_lock_maintenance")[0])  # type: ignore[index]
+        return bool(self.value("try_lock_maintenance"))
 
     def unlock_maintenance(self) -> None:
         self.run("unlock_maintenance")
 
     def listener_ids(self) -> list[int]:
-        return [r[0] for r in self.run("listener_ids")]
+        return self.rows("listener_ids", row_type=scalar_row)
 
     def prune_deliveries(self, listener_id: int, status: str, seconds: float, batch: int) -> int:
-        row = self.one("prune_deliveries", {"listener_id": listener_id, "status": status,
-                                            "seconds": seconds, "batch": batch})
-        return int(row[0])  # type: ignore[index]
+        return int(self.value("prune_deliveries", {"listener_id": listener_id, "status": status,
+                                                   "seconds": seconds, "batch": batch}))
 
     def prune_attempts(self, seconds: float, batch: int) -> int:
-        return int(self.one("prune_attempts", {"seconds": seconds, "batch": batch})[0])  # type: ignore[index]
+        return int(self.value("prune_attempts", {"seconds": seconds, "batch": batch}))
 
     def prune_events(self, after: int, seconds: float, batch: int) -> tuple[int | None, int, int]:
         """(last id scanned, events deleted, old events scanned) of one window."""
-        row = self.one("prune_events", {"after": after, "seconds": seconds, "batch": batch})
+        row = self.row("prune_events", {"after": after, "seconds": seconds, "batch": batch},
+                       row_type=tuple_row)
         return row[0], int(row[1]), int(row[2])  # type: ignore[index]
 
     def check_listener_health(self) -> None:
@@ -413,17 +400,17 @@ class Database:
             self.run("forget_circuits")
             self.run("check_listener_health")
 
-    def disable_failing_listeners(self, seconds: float, reason: str) -> list[tuple[Any, ...]]:
-        """(id, hook, url as shown, reason, event id or None) of each listener disabled,
-        with its cdc_hooks.listener_disabled event."""
+    def disable_failing_listeners(self, seconds: float, reason: str) -> list[DisabledListener]:
+        """Each listener disabled (by id; its URL as shown), with its
+        cdc_hooks.listener_disabled event."""
         with self.transaction():
-            rows = sorted(self.run("disable_failing_listeners",
-                                   {"seconds": seconds, "reason": reason}))
+            found = self.rows("disable_failing_listeners", {"seconds": seconds, "reason": reason},
+                              row_type=class_row(DisabledListener))
             disabled = []
-            for row in rows:
-                event = disabled_event(row)
-                sent = self.one("send_listener_disabled", event)
-                disabled.append((row[0], row[1], event["url"], row[3], sent[0] if sent else None))
+            for row in sorted(found, key=lambda r: r.id):
+                event = disabled_event(row.id, row.hook, row.url, row.disabled_reason)
+                disabled.append(replace(row, url=event["url"],
+                                        event_id=self.value("send_listener_disabled", event)))
             return disabled
 
     def resume_listener_deliveries(self, listener_id: int) -> None:
@@ -438,20 +425,20 @@ class Database:
         self.run("wake_relay")
 
     def autovacuum_on(self) -> bool:
-        return bool(self.one("autovacuum_on")[0])  # type: ignore[index]
+        return bool(self.value("autovacuum_on"))
 
     def backfill_find(self, hook: str, condition: str | None,
-                      listener_id: int | None) -> tuple[Any, ...] | None:
-        """(id, key_columns, last_key, rows_done) of the unfinished backfill, if any."""
-        return self.one("backfill_find", {"hook": hook, "condition": condition,
-                                          "listener_id": listener_id})
+                      listener_id: int | None) -> UnfinishedBackfill | None:
+        """The unfinished backfill of this hook, condition and listener, if any."""
+        return self.row("backfill_find", {"hook": hook, "condition": condition,
+                                          "listener_id": listener_id},
+                        row_type=class_row(UnfinishedBackfill))
 
     def backfill_start(self, hook: str, condition: str | None, listener_id: int | None,
                        key_columns: Sequence[str]) -> int:
-        row = self.one("backfill_start", {"hook": hook, "condition": condition,
-                                          "listener_id": listener_id,
-                                          "key_columns": list(key_columns)})
-        return int(row[0])  # type: ignore[index]
+        return int(self.value("backfill_start", {"hook": hook, "condition": condition,
+                                                 "listener_id": listener_id,
+                                                 "key_columns": list(key_columns)}))
 
     def backfill_progress(self, backfill_id: int, last_key: Sequence[str], rows: int) -> None:
         self.run("backfill_progress", {"id": backfill_id, "last_key": list(last_key),
@@ -502,6 +489,16 @@ class RelayStore:
         async with self.conn.cursor() as cur:
             await cur.execute(query(name), params)
             return await cur.fetchall() if cur.description else []
+
+    async def installed_hooks(self) -> list[InstalledHook]:
+        async with self.conn.cursor(row_factory=kwargs_row(InstalledHook.from_row)) as cur:
+            await cur.execute(query("installed_hooks"))
+            return await cur.fetchall()
+
+    async def hooks_capturing(self) -> list[HookCapture]:
+        async with self.conn.cursor(row_factory=kwargs_row(HookCapture.from_row)) as cur:
+            await cur.execute(query("hooks_capturing"))
+            return await cur.fetchall()
 
     async def active_listeners(self) -> list[tuple[Any, ...]]:
         return await self.run("active_listeners")
@@ -605,7 +602,7 @@ class RelayStore:
     async def disable_listener(self, listener_id: int, reason: str) -> None:
         async with self.conn.transaction():
             for row in await self.run("disable_listener_gone", {"id": listener_id, "reason": reason}):
-                await self.run("send_listener_disabled", disabled_event(row))
+                await self.run("send_listener_disabled", disabled_event(*row))
 
     async def seconds_until_due(self, listener_ids: Sequence[int],
                                 within: float) -> tuple[float | None, bool]:

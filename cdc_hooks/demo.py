@@ -33,12 +33,13 @@ from psycopg import sql
 from . import install as installer
 from . import jsoncodec
 from .config import BUILTIN_PREFIX, Config, DeliveryConfig, HookConfig, TableName
-from .db import Database, InstalledHook, query, sql_text
+from .db import Database, query, sql_text
 from .dsn import describe_dsn, without_password
 from .errors import CdcHooksError
-from .listeners import add_listener, remove_listener
 from .receiver import Delivery, Receiver
 from .relay.relay import Relay
+from .rows import InstalledHook
+from .services.listeners import add_listener, remove_listener
 from .signing import generate_secret, secret_key, verify
 
 SCHEMA = "cdc_hooks_demo"
@@ -194,7 +195,7 @@ def _check_database(config: Config) -> bool:
 
 def _prepare(config: Config) -> None:
     with Database.connect(config.dsn) as db:
-        db.execute(demo_queries()["create_schema"])
+        db.run(demo_queries()["create_schema"])
     say(f"[2/6] Table {SCHEMA}.person (id, name, address, secret) created")
     plan = installer.install(config)
     say("[3/6] cdc-hooks install: statement-level triggers record the provided columns only")
@@ -217,7 +218,7 @@ def _clean_up(config: Config, *, drop_cdc_hooks: bool) -> None:
     # Every installed hook is the demo's (checked at the start): remove them all.
     installer.uninstall(config, drop_schema=drop_cdc_hooks)
     with Database.connect(config.dsn) as db:
-        db.execute(demo_queries()["drop_schema"])
+        db.run(demo_queries()["drop_schema"])
 
 
 def _remove_demo_listeners(db: Database) -> None:

@@ -37,3 +37,9 @@ class MalformedDsn(DatabaseUnavailable):
     """A DSN that does not parse as meant; the message says where it came from, never what it is."""
 
     exit_code = 2
+
+
+class AlreadyQueued(CdcHooksError):
+    """Redelivery of a delivery that is still pending: it will be sent anyway (HTTP 409)."""
+
+    exit_code = 1

@@ -46,4 +46,4 @@ def check(db: Database, disable_after_days: float) -> list[Disabled]:
     if not disable_after_days:
         return []
     rows = db.disable_failing_listeners(disable_after_days * DAY, reason_for(disable_after_days))
-    return [Disabled(*row) for row in rows]
+    return [Disabled(r.id, r.hook, r.url, r.disabled_reason, r.event_id) for r in rows]

@@ -21,8 +21,9 @@ from psycopg import sql
 
 from . import jsoncodec
 from .config import Config, HookConfig, TableName
-from .db import Database, InstalledHook, connect, migrations, queries, query, sql_text
+from .db import Database, connect, migrations, queries, query, sql_text
 from .errors import ConfigError
+from .rows import InstalledHook
 
 TRIGGER_EVENTS = {
     "insert": ("INSERT", "REFERENCING NEW TABLE AS new_rows"),
@@ -245,11 +246,11 @@ def _plan_repair_trigger(db: Database, plan: Plan, wanted: bool) -> None:
     """[database] repair_triggers: the event trigger that puts a hook's triggers
     back when its table is created again (migration 0007), created or dropped as
     the config says. Either is a superuser's right: refused, naming it, without."""
-    present = bool(db.one("repair_trigger_exists")[0])  # type: ignore[index]
+    present = bool(db.value("repair_trigger_exists"))
     if wanted == present:
         return
-    if not db.one("is_superuser")[0]:  # type: ignore[index]
-        role = db.one("current_role")[0]  # type: ignore[index]
+    if not db.value("is_superuser"):
+        role = db.value("current_role")
         verb, other = ("creating", "false") if wanted else ("dropping", "true")
         raise ConfigError(
             f"[database] repair_triggers = {str(wanted).lower()}: {verb} the event trigger "
@@ -268,20 +269,21 @@ def _stranded_listeners(db: Database, installed: dict[str, InstalledHook],
     if not installed:
         return []
     stranded = []
-    for listener_id, hook, match_text, state in db.run("hook_listeners"):
+    for listener in db.hook_listeners():
+        hook = listener.hook
         before, after = installed.get(hook), wanted.get(hook)
-        if before is None or state == "disabled":
+        if before is None or listener.state == "disabled":
             continue
         if after is None:
             whys = [f'hook "{hook}" is removed from the config']
         else:
             whys = [f'match field "{f}" is no longer provided (provides: '
                     f'{", ".join(after.provides) or "nothing"})'
-                    for f in jsoncodec.loads(match_text) if f not in after.provides]
+                    for f in jsoncodec.loads(listener.match) if f not in after.provides]
             whys += [f'event "{e}" is no longer captured (events: {", ".join(after.events)})'
                      for e in before.events if e not in after.events]
         if whys:
-            stranded.append(Stranded(listener_id, hook, "; ".join(whys)))
+            stranded.append(Stranded(listener.id, hook, "; ".join(whys)))
     return stranded
 
 
@@ -450,7 +452,7 @@ def install(config: Config, *, force: bool = False) -> Plan:
             plan = plan_install(db, desired, force=force, repair_triggers=config.repair_triggers)
             db.migrate()
             for statement in plan.statements:
-                db.execute(statement)
+                db.run(statement)
             for hook in plan.hooks_to_save:
                 db.save_hook(hook)
             for name in plan.hooks_to_forget:
@@ -540,7 +542,7 @@ def check(config: Config) -> list[str]:
 
 def _repair_drift(db: Database, wanted: bool) -> list[str]:
     """The event trigger of [database] repair_triggers, against the config."""
-    present = bool(db.one("repair_trigger_exists")[0])  # type: ignore[index]
+    present = bool(db.value("repair_trigger_exists"))
     if wanted and not present:
         return [f"[database] repair_triggers = true, but the event trigger {REPAIR_TRIGGER} is "
                 "missing (run cdc-hooks install as a superuser)"]
@@ -579,14 +581,14 @@ def uninstall(config: Config, *, drop_schema: bool = False) -> list[str]:
         db.run("lock_install")
         for hook in db.installed_hooks():
             for statement in _drop_statements(db, hook):
-                db.execute(statement)
+                db.run(statement)
             db.forget_hook(hook.name)
             if hook not in BUILTIN_HOOKS:
                 done.append(f"- {hook.name}: removed")
         db.run("refresh_hook_relations")
         if drop_schema:
             outbox, pending = db.pending_counts()
-            db.execute(sql.SQL("DROP SCHEMA cdc_hooks CASCADE"))
+            db.run(sql.SQL("DROP SCHEMA cdc_hooks CASCADE"))
             done.append(f"- schema cdc_hooks dropped ({outbox} outbox chunks and "
                         f"{pending} pending deliveries discarded)")
     return done

@@ -38,6 +38,7 @@ from .config import WEB_TOKEN_ENV, Config, web_token
 from .db import Database
 from .errors import ConfigError, DatabaseUnavailable
 from .guesses import GuessLimit, TooManyGuesses
+from .rows import ListenerBacklog
 
 log = logging.getLogger("cdc_hooks.metrics")
 
@@ -249,7 +250,7 @@ class BacklogCollector(Collector):
     query leaves them out and says cdc_hooks_database_up 0: the scrape itself
     still succeeds."""
 
-    def __init__(self, fetch: Callable[[], list[tuple[Any, ...]]],
+    def __init__(self, fetch: Callable[[], list[ListenerBacklog]],
                  capturing: Callable[[], list[HookCapture]] | None = None) -> None:
         self.fetch = fetch
         self.capturing = capturing
@@ -282,13 +283,13 @@ def _database_up(value: int) -> GaugeMetricFamily:
                              "(0: unreachable, or cdc_hooks not installed)", value=value)
 
 
-def _backlog_families(rows: list[tuple[Any, ...]]) -> Iterator[GaugeMetricFamily]:
-    outbox_rows, outbox_age = rows[0][4], rows[0][5]
+def _backlog_families(rows: list[ListenerBacklog]) -> Iterator[GaugeMetricFamily]:
+    outbox_rows, outbox_age = rows[0].outbox_rows, rows[0].outbox_oldest_age
     yield GaugeMetricFamily("cdc_hooks_outbox_rows", "Captured statements (chunks of up to 1000 "
                             "changed rows) waiting to be dispatched", value=outbox_rows)
     yield GaugeMetricFamily("cdc_hooks_outbox_oldest_age_seconds",
                             "Age of the oldest change waiting to be dispatched (0: none)",
-                            value=float(outbox_age or 0))
+                            value=outbox_age or 0.0)
     pending = GaugeMetricFamily("cdc_hooks_deliveries_pending",
                                 "Deliveries not yet delivered or dead (queued, retrying, paused)",
                                 labels=["hook", "listener"])
@@ -297,14 +298,14 @@ def _backlog_families(rows: list[tuple[Any, ...]]) -> Iterator[GaugeMetricFamily
                                labels=["hook", "listener"])
     state = GaugeMetricFamily("cdc_hooks_listener_state", "1 for the listener's state",
                               labels=["hook", "listener", "state"])
-    for listener_id, hook, listener_state, count, _, _, age in rows:
-        if listener_id is None:  # no listeners: the outbox figures only
+    for row in rows:
+        if row.id is None or row.hook is None:  # no listeners: the outbox figures only
             continue
-        labels = [hook, str(listener_id)]
-        pending.add_metric(labels, count)
-        oldest.add_metric(labels, float(age or 0))
+        labels = [row.hook, str(row.id)]
+        pending.add_metric(labels, row.pending)
+        oldest.add_metric(labels, row.oldest_pending_age or 0.0)
         for name in ("active", "paused", "disabled"):
-            state.add_metric([*labels, name], int(listener_state == name))
+            state.add_metric([*labels, name], int(row.state == name))
     yield from (pending, oldest, state)
 
 
@@ -317,7 +318,7 @@ class OneConnection:
         self._db: Database | None = None
         self._lock = threading.Lock()  # scrapes run on worker threads; not the relay's path
 
-    def metrics_backlog(self) -> list[tuple[Any, ...]]:
+    def metrics_backlog(self) -> list[ListenerBacklog]:
         return self._read(Database.metrics_backlog)
 
     def hooks_capturing(self) -> list[HookCapture]:
@@ -343,7 +344,7 @@ class OneConnection:
             self._db = None
 
 
-def registry(fetch: Callable[[], list[tuple[Any, ...]]],
+def registry(fetch: Callable[[], list[ListenerBacklog]],
              capturing: Callable[[], list[HookCapture]] | None = None) -> CollectorRegistry:
     """The metrics of this process: relay counters, database gauges, process figures."""
     collectors = CollectorRegistry(auto_describe=False)

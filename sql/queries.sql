@@ -110,7 +110,7 @@ SELECT current_user::text;
 
 -- name: hook_listeners
 -- Every listener's hook, match and state: what a config change could strand.
-SELECT id, hook, match::text, state FROM cdc_hooks.listeners ORDER BY id;
+SELECT id, hook, match::text AS match, state FROM cdc_hooks.listeners ORDER BY id;
 
 -- name: missing_roles
 SELECT r FROM unnest(%(roles)s::text[]) AS r WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r);
@@ -183,12 +183,13 @@ RETURNING id;
 
 -- name: list_listeners
 -- Without secrets nor header values: they are shown once, at creation.
-SELECT l.id, l.hook, l.url, l.match::text, l.state, l.disabled_reason, l.created_at, l.updated_at,
+SELECT l.id, l.hook, l.url, l.match::text AS match, l.state, l.disabled_reason, l.created_at, l.updated_at,
        l.config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
        ARRAY(SELECT k FROM jsonb_object_keys(l.headers) k ORDER BY lower(k)) AS header_names,
        CASE WHEN l.previous_secret_until > now() THEN l.previous_secret_until END AS overlap_until,
        l.events, l.changed, l.rate,
-       last.status AS last_status, last.last_status AS last_code, last.last_error, last.finished_at
+       last.status AS last_status, last.last_status AS last_code, last.last_error,
+       last.finished_at AS last_finished_at
 FROM cdc_hooks.listeners l
 LEFT JOIN LATERAL (
     SELECT d.status, d.last_status, d.last_error, d.finished_at
@@ -199,7 +200,7 @@ LEFT JOIN LATERAL (
 ORDER BY l.id;
 
 -- name: get_listener
-SELECT id, hook, url, match::text, state, disabled_reason, created_at, updated_at,
+SELECT id, hook, url, match::text AS match, state, disabled_reason, created_at, updated_at,
        config -> 'backfill' IS DISTINCT FROM 'false' AS backfill,
        ARRAY(SELECT k FROM jsonb_object_keys(l.headers) k ORDER BY lower(k)) AS header_names,
        CASE WHEN l.previous_secret_until > now() THEN l.previous_secret_until END AS overlap_until,
@@ -657,19 +658,6 @@ RETURNING p.listener_id, extract(epoch FROM p.next_at - now())::float8;
 
 -- Deliveries: inspection and redelivery --------------------------------------
 
--- name: list_deliveries
--- next_attempt_at only while pending: a finished delivery keeps its last lease's.
-SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
-       d.last_status, d.last_error, d.created_at, d.finished_at,
-       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END
-FROM cdc_hooks.deliveries d
-JOIN cdc_hooks.events ev ON ev.id = d.event_id
-WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
-  AND (%(listener_id)s::bigint IS NULL OR d.listener_id = %(listener_id)s)
-  AND (%(since)s::timestamptz IS NULL OR d.created_at >= %(since)s)
-ORDER BY d.id DESC
-LIMIT %(limit)s;
-
 -- name: delivery_attempts
 SELECT attempted_at, status_code, duration_ms, error, response
 FROM cdc_hooks.attempts WHERE delivery_id = %(id)s ORDER BY attempted_at;
@@ -688,8 +676,8 @@ RETURNING id;
 -- name: status
 SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS outbox_chunks,
        (SELECT count(*) FROM cdc_hooks.deliveries WHERE status = 'pending') AS pending,
-       (SELECT extract(epoch FROM now() - min(occurred_at)) FROM cdc_hooks.outbox) AS oldest_outbox_age,
-       (SELECT extract(epoch FROM now() - min(created_at))
+       (SELECT extract(epoch FROM now() - min(occurred_at))::float8 FROM cdc_hooks.outbox) AS oldest_outbox_age,
+       (SELECT extract(epoch FROM now() - min(created_at))::float8
           FROM cdc_hooks.deliveries WHERE status = 'pending') AS oldest_pending_age,
        (SELECT count(*) FROM cdc_hooks.deliveries
           WHERE status = 'delivered' AND finished_at > now() - make_interval(mins => %(minutes)s)) AS delivered,
@@ -713,11 +701,11 @@ WHERE d.status = 'dead' OR (d.status = 'pending' AND d.attempts > 0) OR l.state 
 GROUP BY l.id
 ORDER BY l.id;
 
--- Web ------------------------------------------------------------------------
--- Queries of the web interface and REST API (cdc_hooks/web): read-only views
--- for pages; every change goes through the queries above.
+-- Listings ---------------------------------------------------------------------
+-- Read-only queries of the service layer (cdc_hooks/services), shown alike by
+-- the CLI, the REST API and the pages; every change goes through the queries above.
 
--- name: web_hook_activity
+-- name: hook_activity
 -- Per installed hook: its listeners and what they were delivered in the last hour.
 WITH recent AS (
     SELECT l.hook, count(*) AS delivered
@@ -732,7 +720,7 @@ FROM cdc_hooks.hooks h
 LEFT JOIN recent r ON r.hook = h.name
 ORDER BY h.name;
 
--- name: web_listener_stats
+-- name: listener_stats
 -- Outcomes of each listener's last 1000 deliveries (bounded by the
 -- (listener_id, id) index, so a listener with millions costs the same).
 SELECT l.id,
@@ -750,14 +738,16 @@ WHERE %(id)s::bigint IS NULL OR l.id = %(id)s
 GROUP BY l.id
 ORDER BY l.id;
 
--- name: web_deliveries
--- A page of deliveries, newest first; `before` (a delivery id) is the cursor.
+-- name: deliveries
+-- A page of deliveries, newest first; `before` (a delivery id) is the cursor. Every
+-- interface lists with it (services/deliveries.py).
 -- latency_ms: from the change's commit to the delivery's end; next_attempt_at only
 -- while pending (a finished delivery keeps its last lease's).
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
-       d.last_status, d.last_error, d.created_at, d.finished_at,
-       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END,
-       a.duration_ms, extract(epoch FROM d.finished_at - ev.occurred_at) * 1000 AS latency_ms
+       d.last_status AS last_code, d.last_error, d.created_at, d.finished_at,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       a.duration_ms,
+       (extract(epoch FROM d.finished_at - ev.occurred_at) * 1000)::float8 AS latency_ms
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id
 LEFT JOIN LATERAL (
@@ -773,13 +763,14 @@ WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
 ORDER BY d.id DESC
 LIMIT %(limit)s;
 
--- name: web_delivery
--- One delivery with what web_deliveries shows, plus its listener's URL and the body.
+-- name: delivery
+-- One delivery with what deliveries shows, plus its listener's URL and the body.
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
-       d.last_status, d.last_error, d.created_at, d.finished_at,
-       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END,
-       a.duration_ms, extract(epoch FROM d.finished_at - ev.occurred_at) * 1000 AS latency_ms,
-       l.url, ev.body::text
+       d.last_status AS last_code, d.last_error, d.created_at, d.finished_at,
+       CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+       a.duration_ms,
+       (extract(epoch FROM d.finished_at - ev.occurred_at) * 1000)::float8 AS latency_ms,
+       l.url, ev.body::text AS body
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id
 LEFT JOIN cdc_hooks.listeners l ON l.id = d.listener_id
@@ -789,15 +780,15 @@ LEFT JOIN LATERAL (
 ) a ON true
 WHERE d.id = %(id)s;
 
--- name: web_recent_events
+-- name: recent_events
 -- A hook's last events, newest first: what a new listener's filter is previewed on.
-SELECT id, kind, body::text, occurred_at
+SELECT id, kind, body::text AS body, occurred_at
 FROM cdc_hooks.events
 WHERE hook = %(hook)s
 ORDER BY id DESC
 LIMIT %(limit)s;
 
--- name: web_timeline
+-- name: timeline
 -- Per minute of the last `minutes`: deliveries delivered and attempts that failed.
 WITH minutes AS (
     SELECT generate_series(date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1),
@@ -815,7 +806,7 @@ WITH minutes AS (
       AND attempted_at >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1)
     GROUP BY 1
 )
-SELECT m.minute, coalesce(ok.n, 0) AS delivered, coalesce(failed.n, 0) AS failed
+SELECT m.minute AS at, coalesce(ok.n, 0) AS delivered, coalesce(failed.n, 0) AS failed
 FROM minutes m
 LEFT JOIN ok ON ok.minute = m.minute
 LEFT JOIN failed ON failed.minute = m.minute
@@ -857,12 +848,12 @@ WITH pending AS (
     GROUP BY listener_id
 ), outbox AS (
     SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS rows,
-           extract(epoch FROM now() - (SELECT occurred_at FROM cdc_hooks.outbox ORDER BY id LIMIT 1))
+           extract(epoch FROM now() - (SELECT occurred_at FROM cdc_hooks.outbox ORDER BY id LIMIT 1))::float8
                AS oldest_age
 )
 SELECT l.id, l.hook, l.state, coalesce(p.pending, 0) AS pending,
        o.rows AS outbox_rows, o.oldest_age AS outbox_oldest_age,
-       extract(epoch FROM now() - ev.occurred_at) AS oldest_pending_age
+       extract(epoch FROM now() - ev.occurred_at)::float8 AS oldest_pending_age
 FROM outbox o
 LEFT JOIN cdc_hooks.listeners l ON true
 LEFT JOIN pending p ON p.listener_id = l.id

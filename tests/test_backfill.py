@@ -18,7 +18,7 @@ from cdc_hooks import install as installer
 from cdc_hooks.config import Config
 from cdc_hooks.db import Database
 from cdc_hooks.errors import ListenerError
-from cdc_hooks.hooks import Registry
+from cdc_hooks.registry import Registry
 
 Conn = psycopg.Connection[Any]
 Cli = Callable[..., Result]

@@ -33,7 +33,7 @@ from receivers import Receiver, RelayProcesses, free_port, wait_until
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config, load_config
-from cdc_hooks.hooks import Hook, Registry
+from cdc_hooks.registry import Hook, Registry
 from cdc_hooks.web import create_app
 
 PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")

@@ -17,7 +17,7 @@ from psycopg import conninfo, sql
 from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
 from cdc_hooks.db import migrations
-from cdc_hooks.hooks import send
+from cdc_hooks.registry import send
 
 Conn = psycopg.Connection[Any]
 MakeConfig = Callable[..., Config]

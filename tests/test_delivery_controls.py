@@ -16,7 +16,7 @@ from receivers import InProcessRelay, Reply, wait_until
 from cdc_hooks import install as installer
 from cdc_hooks.client import Client
 from cdc_hooks.config import Config
-from cdc_hooks.hooks import Hook, Registry
+from cdc_hooks.registry import Hook, Registry
 from cdc_hooks.web import create_app
 
 API_KEY = "key-4Rt9Wq2Lm7"  # a header value: a secret, never listed

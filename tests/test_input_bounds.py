@@ -29,8 +29,8 @@ from receivers import InProcessRelay, free_port, wait_until
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
 from cdc_hooks.errors import ListenerError, MatchError
-from cdc_hooks.hooks import Registry
-from cdc_hooks.hooks import send as send_event
+from cdc_hooks.registry import Registry
+from cdc_hooks.registry import send as send_event
 
 Conn = psycopg.Connection[Any]
 Cli = Callable[..., Result]

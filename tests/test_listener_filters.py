@@ -16,7 +16,7 @@ from test_web_api import csrf_of, login
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
-from cdc_hooks.hooks import Registry
+from cdc_hooks.registry import Registry
 from cdc_hooks.web import create_app
 
 TOKEN = "test-token-0123456789abcdef"

@@ -25,7 +25,7 @@ from cdc_hooks import install as installer
 from cdc_hooks.client import Client
 from cdc_hooks.config import Config
 from cdc_hooks.db import RelayStore
-from cdc_hooks.hooks import Hook, Registry
+from cdc_hooks.registry import Hook, Registry
 from cdc_hooks.relay.pacing import Pace
 from cdc_hooks.web import create_app
 

@@ -41,7 +41,7 @@ from receivers import (
 from cdc_hooks import install as installer
 from cdc_hooks import metrics
 from cdc_hooks.config import Config, load_config
-from cdc_hooks.hooks import Hook, Registry
+from cdc_hooks.registry import Hook, Registry
 
 HOOKS = """
 [[hooks]]

@@ -13,7 +13,7 @@ import psycopg
 from click.testing import Result
 from receivers import InProcessRelay
 
-from cdc_hooks.db import InstalledHook, migrations, query
+from cdc_hooks.db import Database, migrations, query
 from cdc_hooks.relay.events import expand
 from cdc_hooks.signing import generate_secret
 
@@ -48,8 +48,7 @@ def dispatch_like_version_1(conn: Conn) -> None:
     """What the first release's relay made of the outbox: events, and a pending delivery
     per listener of the hook (in that release's columns). Today's relay refuses to run on
     an older schema."""
-    hooks = {row[0]: InstalledHook(row[0], row[1], row[2], *map(tuple, row[3:]))
-             for row in conn.execute(query("installed_hooks"))}
+    hooks = {h.name: h for h in Database(conn).installed_hooks()}
     with conn.transaction():
         for outbox_id, hook, kind, payload, occurred_at, _ in conn.execute(
                 query("take_outbox"), {"limit": 100}).fetchall():

@@ -29,8 +29,8 @@ from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
 from cdc_hooks.config import Config
 from cdc_hooks.errors import ListenerError
-from cdc_hooks.hooks import Hook, Registry
 from cdc_hooks.match import Is
+from cdc_hooks.registry import Hook, Registry
 
 Conn = psycopg.Connection[Any]
 Cli = Callable[..., Result]

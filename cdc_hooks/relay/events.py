@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 
 from .. import jsoncodec
 from ..config import DeliveryConfig
-from ..db import InstalledHook
 from ..match import strict_equal
+from ..rows import InstalledHook
 
 CHUNK = 1000  # rows per outbox row at most; event id = outbox id * CHUNK + position
 # The row_key of a TRUNCATE's deliveries (no real key is "*": those are JSON arrays):

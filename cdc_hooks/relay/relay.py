@@ -40,12 +40,13 @@ import psycopg
 
 from .. import capturing, jsoncodec, logs, maintenance, metrics
 from ..config import Config
-from ..db import InstalledHook, RelayStore, migrations
+from ..db import RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
-from ..listeners import takes
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
+from ..rows import InstalledHook
+from ..services.listeners import takes
 from ..signing import secret_key
 from .circuit import FIRST_PAUSE, MAX_PAUSE, Circuits, verdict
 from .events import ALL_ROWS, expand
@@ -343,7 +344,7 @@ class Relay:
         seconds or when check_capture is set; on the record connection, which is
         free between batches."""
         while True:
-            self._capture.note(capturing.from_rows(await store.run("hooks_capturing")))
+            self._capture.note(await store.hooks_capturing())
             await _wait(self.check_capture, CAPTURE_CHECK_EVERY)
             self.check_capture.clear()
 
@@ -377,8 +378,7 @@ class Relay:
         if not force and time.monotonic() - self._loaded_at < RELOAD_EVERY:
             return
         self._loaded_at = time.monotonic()
-        hooks = await store.run("installed_hooks")
-        self.hooks = {r[0]: InstalledHook.from_row(r) for r in hooks}
+        self.hooks = {h.name: h for h in await store.installed_hooks()}
         listeners = {}
         for listener_id, hook, url, match_text, secret, state, backfill, kinds, changed, rate, \
                 *sending in await store.active_listeners():

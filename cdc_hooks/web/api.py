@@ -1,4 +1,4 @@
-"""The REST API: JSON over the same core as the CLI (listeners.py, hooks.send, db.py).
+"""The REST API: JSON over the same services as the CLI (cdc_hooks/services).
 
 Endpoints are synchronous (the Database is): FastAPI runs them in its thread
 pool, so they never block the event loop a relay may share (`run --web`).
@@ -14,11 +14,8 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
-from .. import jsoncodec
-from .. import listeners as core
+from .. import jsoncodec, services
 from ..db import Database
-from ..hooks import send as send_custom_event
-from . import views
 from .auth import TokenFirst, require_token
 from .limits import BodyTooLarge
 from .models import (
@@ -38,6 +35,7 @@ from .models import (
     SendResult,
     StatusOut,
     Text,
+    shown,
 )
 
 BIGINT = 2**63 - 1
@@ -128,7 +126,7 @@ router = APIRouter(prefix="/api", dependencies=[Depends(require_token), Depends(
 
 @router.get("/hooks", tags=["hooks"], summary="Installed hooks")
 def list_hooks(db: Db) -> list[HookOut]:
-    return views.hooks(db)
+    return [shown(HookOut, h) for h in services.hooks.list_hooks(db)]
 
 
 @router.post("/hooks/{name}/send", tags=["hooks"], status_code=201, responses=_NOT_FOUND,
@@ -136,8 +134,8 @@ def list_hooks(db: Db) -> list[HookOut]:
 def send_event(db: Db, name: Annotated[Text, Path(description="A custom hook's name")],
                payload: Annotated[JsonObject, Body(description="The event's data: provided fields only")]
                ) -> SendResult:
-    views.hook(db, name)  # 404 for an unknown hook, before the database refuses it
-    event_id = send_custom_event(name, payload, connection=db.conn)
+    services.hooks.get_hook(db, name)  # 404 for an unknown hook, before the database refuses it
+    event_id = services.hooks.send(db, name, payload)
     return SendResult(id=f"evt_{event_id}", event_id=event_id)
 
 
@@ -145,24 +143,28 @@ def send_event(db: Db, name: Annotated[Text, Path(description="A custom hook's n
             response_model=list[ListenerOut])
 def list_listeners(db: Db, hook: Annotated[Text | None, Query(description="Only this hook's")] = None
                    ) -> Response:
-    return exact_answer(views.listeners(db, hook=hook))
+    return exact_answer([shown(ListenerOut, v) for v in services.listeners.list_listeners(db, hook=hook)])
 
 
 @router.post("/listeners", tags=["listeners"], status_code=201, response_model=ListenerCreated,
              summary="Add a listener; the answer carries its secret, shown this once")
 def create_listener(db: Db, request: Request, body: ListenerIn) -> Response:
-    created = core.add_listener(db, request.app.state.web.config, body.hook, body.url,
-                                body.match, body.secret, {"backfill": body.backfill}, body.headers,
-                                body.events, body.changed, body.rate)
-    return exact_answer(ListenerCreated(**views.listener(db, created.id).model_dump(),
+    created = services.listeners.add_listener(
+        db, request.app.state.web.config, body.hook, body.url, body.match, body.secret,
+        {"backfill": body.backfill}, body.headers, body.events, body.changed, body.rate)
+    return exact_answer(ListenerCreated(**_listener(db, created.id).model_dump(),
                                         secret=created.secret, headers=created.headers),
                         201, NO_STORE)
+
+
+def _listener(db: Database, listener_id: int) -> ListenerOut:
+    return shown(ListenerOut, services.listeners.get_listener(db, listener_id))
 
 
 @router.get("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND,
             response_model=ListenerOut)
 def get_listener(db: Db, listener_id: ListenerId) -> Response:
-    return exact_answer(views.listener(db, listener_id))
+    return exact_answer(_listener(db, listener_id))
 
 
 @router.patch("/listeners/{listener_id}", tags=["listeners"], responses=_NOT_FOUND,
@@ -174,33 +176,34 @@ def change_listener(db: Db, request: Request, listener_id: ListenerId, body: Lis
     if body.overlap_seconds is not None and not body.rotate_secret:
         raise RequestValidationError([{"loc": ("body", "overlap_seconds"), "type": "value_error",
                                        "msg": "only with rotate_secret: true"}])
-    rate = body.rate if "rate" in body.model_fields_set else core.KEEP  # null: no limit
+    rate = body.rate if "rate" in body.model_fields_set else services.listeners.KEEP  # null: no limit
     if body.url is not None or body.match is not None or body.rotate_secret or \
             body.backfill is not None or body.headers is not None or body.events is not None \
-            or body.changed is not None or rate is not core.KEEP:
-        secret = core.update_listener(db, request.app.state.web.config, listener_id, url=body.url,
-                                      match=body.match, rotate_secret=body.rotate_secret,
-                                      overlap=core.DEFAULT_OVERLAP if body.overlap_seconds is None
-                                      else body.overlap_seconds,
-                                      headers=body.headers, backfill=body.backfill,
-                                      events=body.events, changed=body.changed, rate=rate)
+            or body.changed is not None or rate is not services.listeners.KEEP:
+        secret = services.listeners.update_listener(
+            db, request.app.state.web.config, listener_id, url=body.url, match=body.match,
+            rotate_secret=body.rotate_secret,
+            overlap=services.listeners.DEFAULT_OVERLAP if body.overlap_seconds is None
+            else body.overlap_seconds,
+            headers=body.headers, backfill=body.backfill, events=body.events, changed=body.changed,
+            rate=rate)
     if body.state is not None:
-        core.set_state(db, listener_id, body.state)
-    return exact_answer(ListenerChanged(**views.listener(db, listener_id).model_dump(), secret=secret),
+        services.listeners.set_state(db, listener_id, body.state)
+    return exact_answer(ListenerChanged(**_listener(db, listener_id).model_dump(), secret=secret),
                         headers=NO_STORE)
 
 
 @router.delete("/listeners/{listener_id}", tags=["listeners"], status_code=204, responses=_NOT_FOUND,
                summary="Remove a listener and its deliveries")
 def delete_listener(db: Db, listener_id: ListenerId) -> Response:
-    core.remove_listener(db, listener_id)
+    services.listeners.remove_listener(db, listener_id)
     return Response(status_code=204)
 
 
 @router.post("/listeners/{listener_id}/redeliver", tags=["listeners"], responses=_NOT_FOUND,
              summary="Queue every dead letter of a listener again")
 def redeliver_failed(db: Db, listener_id: ListenerId) -> Redelivered:
-    return Redelivered(queued=views.redeliver_failed(db, listener_id))
+    return Redelivered(queued=services.deliveries.redeliver_dead(db, listener_id=listener_id))
 
 
 @router.get("/deliveries", tags=["deliveries"], summary="Deliveries, newest first, a page at a time")
@@ -214,24 +217,24 @@ def list_deliveries(
     before: Annotated[int | None, Query(ge=1, le=BIGINT, description="Cursor: next_before")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> DeliveryPage:
-    items, next_before = views.deliveries(db, limit=limit, status=status, listener_id=listener,
-                                          hook=hook, since=since, until=until, before=before)
-    return DeliveryPage(items=items, next_before=next_before)
+    return shown(DeliveryPage, services.deliveries.page(
+        db, limit=limit, status=status, listener_id=listener, hook=hook, since=since, until=until,
+        before=before))
 
 
 @router.get("/deliveries/{delivery_id}", tags=["deliveries"], responses=_NOT_FOUND,
             response_model=DeliveryDetail, summary="A delivery with its attempts and their responses")
 def get_delivery(db: Db, delivery_id: DeliveryId) -> Response:
-    return exact_answer(views.delivery(db, delivery_id))
+    return exact_answer(shown(DeliveryDetail, services.deliveries.get_delivery(db, delivery_id)))
 
 
 @router.post("/deliveries/{delivery_id}/redeliver", tags=["deliveries"],
              responses={**_NOT_FOUND, 409: {"model": Problem, "description": "Already queued"}},
              summary="Send a finished delivery again (same webhook-id)")
 def redeliver(db: Db, delivery_id: DeliveryId) -> Redelivered:
-    return Redelivered(queued=views.redeliver(db, delivery_id))
+    return Redelivered(queued=services.deliveries.redeliver(db, delivery_id))
 
 
 @router.get("/status", tags=["status"], summary="Backlog, lag, rates, failing listeners")
 def get_status(db: Db, minutes: Annotated[int, Query(ge=1, le=1440)] = 5) -> StatusOut:
-    return views.status(db, minutes)
+    return shown(StatusOut, services.status.report(db, minutes))

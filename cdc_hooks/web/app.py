@@ -19,11 +19,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import services
 from ..config import WEB_TOKEN_ENV, Config, web_token
 from ..db import Database
-from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
+from ..errors import AlreadyQueued, CdcHooksError, ConfigError, DatabaseUnavailable, NotFound
 from ..guesses import GuessLimit, TooManyGuesses
-from . import api, metrics, pages, views
+from . import api, metrics, pages
 from .auth import LoginRequired, require_token
 from .dbpool import Connections
 from .limits import BodyLimit
@@ -101,7 +102,7 @@ def _add_health(app: FastAPI) -> None:
     def readyz(request: Request) -> Readiness:
         try:
             with Database.connect(request.app.state.web.config.dsn) as db:
-                problems = views.readiness(db)
+                problems = services.status.readiness(db)
         except (DatabaseUnavailable, psycopg.Error) as exc:
             problems = [_first_line(exc)]
         if problems:
@@ -136,10 +137,21 @@ async def _answer(request: Request, status: int, detail: str, errors: list[Field
     return await run_in_threadpool(pages.error_page, request, status, detail)
 
 
+def status_code_of(exc: CdcHooksError) -> int:
+    """The HTTP status of an error the services raised: the caller's mistake is a 4xx."""
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, DatabaseUnavailable):
+        return 503
+    if isinstance(exc, AlreadyQueued):
+        return 409
+    return 422
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CdcHooksError)
     async def core_error(request: Request, exc: CdcHooksError) -> Response:
-        return await _answer(request, views.status_code_of(exc), str(exc))
+        return await _answer(request, status_code_of(exc), str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from markupsafe import Markup, escape
 
-from .views import Minute
+from ..rows import Minute
 
 WIDTH, HEIGHT = 720, 160
 LEFT, BOTTOM, TOP = 44, 22, 8  # room for the axis labels

@@ -8,15 +8,21 @@ the field instead of a database error.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from .. import jsoncodec
 from ..jsoncodec import storable_text
-from ..listeners import MAX_RATE, MIN_RATE
+from ..services.listeners import MAX_RATE, MIN_RATE
 
+Model = TypeVar("Model", bound=BaseModel)
 DeliveryStatus = Literal["pending", "delivered", "dead"]
+
+
+def shown(model: type[Model], answer: Any) -> Model:
+    """A service's answer (a dataclass of cdc_hooks.services) as this model of it."""
+    return model.model_validate(answer, from_attributes=True)
 ListenerState = Literal["active", "paused", "disabled"]
 
 

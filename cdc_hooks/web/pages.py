@@ -2,7 +2,7 @@
 listeners, the delivery log, an overview. htmx refreshes the live parts.
 
 Every change is a POST of a form carrying the session's CSRF token, handled by
-the same core as the CLI and the API; the answer is a redirect with a flash
+the same services as the CLI and the API; the answer is a redirect with a flash
 message, except where a secret is shown (once, never stored in the session).
 """
 
@@ -19,11 +19,10 @@ from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
-from .. import jsoncodec
-from .. import listeners as core
+from .. import jsoncodec, services
 from ..errors import CdcHooksError, ListenerError
 from ..guesses import TooManyGuesses
-from . import chart, sessions, views
+from . import chart, sessions
 from .api import BIGINT, Db
 from .auth import (
     SessionFirst,
@@ -149,8 +148,8 @@ def overview_fragment(request: Request, db: Db) -> Response:
 def _overview(db: Any) -> dict[str, Any]:
     if not db.schema_exists():
         return {"installed": False}
-    minutes = views.timeline(db, 60)
-    return {"installed": True, "status": views.status(db, 5), "chart": chart.svg(minutes),
+    minutes = services.status.timeline(db, 60)
+    return {"installed": True, "status": services.status.report(db, 5), "chart": chart.svg(minutes),
             "last_hour": sum(m.delivered for m in minutes),
             "failed_last_hour": sum(m.failed for m in minutes)}
 
@@ -159,44 +158,44 @@ def _overview(db: Any) -> dict[str, Any]:
 
 
 @router.get("/hooks")
-def hooks(request: Request, db: Db) -> Response:
-    return render(request, "hooks.html", hooks=views.hooks(db))
+def hooks_page(request: Request, db: Db) -> Response:
+    return render(request, "hooks.html", hooks=services.hooks.list_hooks(db))
 
 
 @router.get("/hooks/{name}/listen")
 def listen_form(request: Request, db: Db, name: str) -> Response:
-    hook = views.hook(db, name)
+    hook = services.hooks.get_hook(db, name)
     return _listen_page(request, db, hook, [FilterRow(c) for c in hook.provides])
 
 
 @router.get("/hooks/{name}/preview")
 def preview_fragment(request: Request, db: Db, name: str) -> Response:
-    hook = views.hook(db, name)
+    hook = services.hooks.get_hook(db, name)
     return render(request, "_preview.html", **_preview(db, hook.name, hook.provides,
                                                         dict(request.query_params)))
 
 
 @router.post("/hooks/{name}/listen")
 def create_listener(request: Request, db: Db, name: str, form: Form) -> Response:
-    hook = views.hook(db, name)
+    hook = services.hooks.get_hook(db, name)
     rows = rows_from_form(hook.provides, form)
     url = form.get("url", "").strip()
     try:
         match = match_from_form(hook.provides, form)
-        created = core.add_listener(db, request.app.state.web.config, hook.name, url, match,
-                                    form.get("secret", "").strip() or None,
-                                    {"backfill": _checked(form, "backfill")}, _headers(form),
-                                    *_kinds(form), _rate(form))
+        created = services.listeners.add_listener(
+            db, request.app.state.web.config, hook.name, url, match,
+            form.get("secret", "").strip() or None, {"backfill": _checked(form, "backfill")},
+            _headers(form), *_kinds(form), _rate(form))
     except CdcHooksError as exc:  # the headers are not shown again: their values are secrets
         return _listen_page(request, db, hook, rows, url=url, backfill=_checked(form, "backfill"),
                             error=str(exc), status=422, kinds=form)
-    return render(request, "secret.html", listener=views.listener(db, created.id),
+    return render(request, "secret.html", listener=services.listeners.get_listener(db, created.id),
                   secret=created.secret, headers=created.headers, created=True)
 
 
 def _headers(form: dict[str, str]) -> dict[str, str]:
     """The headers textarea: "Name: value" lines."""
-    return core.headers_from_lines(form.get("headers", "").splitlines())
+    return services.listeners.headers_from_lines(form.get("headers", "").splitlines())
 
 
 def _new_headers(form: dict[str, str]) -> dict[str, str] | None:
@@ -227,7 +226,8 @@ def form_kinds(form: dict[str, str]) -> dict[str, str]:
 
 def _kinds(form: dict[str, str]) -> tuple[list[str], list[str]]:
     """(events, changed) of the form; empty: the default."""
-    return core.split_names([form.get("events", "")]), core.split_names([form.get("changed", "")])
+    return (services.listeners.split_names([form.get("events", "")]),
+            services.listeners.split_names([form.get("changed", "")]))
 
 
 def _rate(form: dict[str, str]) -> float | None:
@@ -250,7 +250,7 @@ def _checked(form: dict[str, str], name: str) -> bool:
 def _preview(db: Any, hook: str, provides: list[str], form: dict[str, str]) -> dict[str, Any]:
     try:
         match = match_from_form(provides, form)
-        return {"events": views.preview(db, hook, match, PREVIEW_EVENTS, *_kinds(form)),
+        return {"events": services.hooks.preview(db, hook, match, PREVIEW_EVENTS, *_kinds(form)),
                 "match": match, "preview_error": None}
     except CdcHooksError as exc:
         return {"events": [], "match": None, "preview_error": str(exc)}
@@ -260,67 +260,69 @@ def _preview(db: Any, hook: str, provides: list[str], form: dict[str, str]) -> d
 
 
 @router.get("/listeners")
-def listeners(request: Request, db: Db, hook: str | None = None) -> Response:
-    return render(request, "listeners.html", listeners=views.listeners(db, hook=hook or None),
-                  hook=hook)
+def listeners_page(request: Request, db: Db, hook: str | None = None) -> Response:
+    return render(request, "listeners.html",
+                  listeners=services.listeners.list_listeners(db, hook=hook or None), hook=hook)
 
 
 @router.post("/listeners/{listener_id}/pause")
 def pause(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
-    core.set_state(db, listener_id, "paused")
+    services.listeners.set_state(db, listener_id, "paused")
     return redirect("/listeners", f"Listener {listener_id} paused: deliveries wait for resume.", request)
 
 
 @router.post("/listeners/{listener_id}/resume")
 def resume(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
-    core.set_state(db, listener_id, "active")
+    services.listeners.set_state(db, listener_id, "active")
     return redirect("/listeners", f"Listener {listener_id} resumed.", request)
 
 
 @router.get("/listeners/{listener_id}/{action}")
 def confirm(request: Request, db: Db, listener_id: Id, action: str) -> Response:
     if action == "edit":
-        return _edit_page(request, db, views.listener(db, listener_id))
+        return _edit_page(request, db, services.listeners.get_listener(db, listener_id))
     if action not in ("delete", "rotate"):
         return error_page(request, 404, "no such page")
-    return render(request, "confirm.html", listener=views.listener(db, listener_id), action=action)
+    return render(request, "confirm.html", listener=services.listeners.get_listener(db, listener_id),
+                  action=action)
 
 
 @router.post("/listeners/{listener_id}/delete")
 def delete(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
-    core.remove_listener(db, listener_id)
+    services.listeners.remove_listener(db, listener_id)
     return redirect("/listeners", f"Listener {listener_id} deleted.", request)
 
 
 @router.post("/listeners/{listener_id}/rotate")
 def rotate(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
     try:
-        overlap = float(form.get("overlap") or core.DEFAULT_OVERLAP)
+        overlap = float(form.get("overlap") or services.listeners.DEFAULT_OVERLAP)
     except ValueError:
         return error_page(request, 422, "overlap: give a number of seconds")
-    secret = core.rotate(db, request.app.state.web.config, listener_id, overlap)
-    return render(request, "secret.html", listener=views.listener(db, listener_id), secret=secret,
-                  created=False)
+    secret = services.listeners.rotate(db, request.app.state.web.config, listener_id, overlap)
+    return render(request, "secret.html", listener=services.listeners.get_listener(db, listener_id),
+                  secret=secret, created=False)
 
 
 @router.post("/listeners/{listener_id}/redeliver")
 def redeliver_failed(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
-    queued = views.redeliver_failed(db, listener_id)
+    queued = services.deliveries.redeliver_dead(db, listener_id=listener_id)
     return redirect(f"/deliveries?listener={listener_id}",
                     f"{len(queued)} failed deliveries of listener {listener_id} queued again.", request)
 
 
 @router.post("/listeners/{listener_id}/edit")
 def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
-    current = views.listener(db, listener_id)
-    provides = views.hook(db, current.hook).provides
+    current = services.listeners.get_listener(db, listener_id)
+    provides = services.hooks.get_hook(db, current.hook).provides
     url = form.get("url", "").strip()
     try:
         match = match_from_form(provides, form)
         events, changed = _kinds(form)
-        core.update_listener(db, request.app.state.web.config, listener_id, url=url, match=match,
-                             headers=_new_headers(form), backfill=_checked(form, "backfill"),
-                             events=events, changed=changed, rate=_rate(form))
+        services.listeners.update_listener(
+            db, request.app.state.web.config, listener_id, url=url, match=match,
+            headers=_new_headers(form), backfill=_checked(form, "backfill"), events=events,
+            changed=changed, rate=_rate(form))
     except CdcHooksError as exc:
         return _edit_page(request, db, current, rows_from_form(provides, form), url, str(exc), 422,
                           backfill=_checked(form, "backfill"), kinds=form)
@@ -330,7 +332,7 @@ def edit(request: Request, db: Db, listener_id: Id, form: Form) -> Response:
 def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | None = None,
                url: str | None = None, error: str | None = None, status: int = 200,
                backfill: bool | None = None, kinds: dict[str, str] | None = None) -> Response:
-    hook = views.hook(db, current.hook)
+    hook = services.hooks.get_hook(db, current.hook)
     rows = rows or rows_from_match(hook.provides, current.match or {})
     if current.match_error and error is None:
         error = f"the stored filter is unusable ({current.match_error}): saving replaces it"
@@ -349,8 +351,9 @@ def _edit_page(request: Request, db: Any, current: Any, rows: list[FilterRow] | 
 
 
 @router.get("/deliveries")
-def deliveries(request: Request, db: Db) -> Response:
-    return render(request, "deliveries.html", listeners=views.listeners(db), **_deliveries(request, db))
+def deliveries_page(request: Request, db: Db) -> Response:
+    return render(request, "deliveries.html", listeners=services.listeners.list_listeners(db),
+                  **_deliveries(request, db))
 
 
 @router.get("/fragments/deliveries")
@@ -360,10 +363,12 @@ def delivery_rows(request: Request, db: Db) -> Response:
 
 def _deliveries(request: Request, db: Any) -> dict[str, Any]:
     query = request.query_params
-    filters = {"listener_id": _id(query.get("listener")), "before": _id(query.get("before")),
-               "status": query.get("status") if query.get("status") in ("pending", "delivered", "dead")
-               else None}
-    items, next_before = views.deliveries(db, limit=PAGE_SIZE, **filters)
+    listener_id, before = _id(query.get("listener")), _id(query.get("before"))
+    status = query.get("status") if query.get("status") in services.deliveries.STATUSES else None
+    filters = {"listener_id": listener_id, "before": before, "status": status}
+    found = services.deliveries.page(db, limit=PAGE_SIZE, status=status, listener_id=listener_id,
+                                     before=before)
+    items, next_before = found.items, found.next_before
     keep = {k: v for k, v in (("listener", filters["listener_id"]), ("status", filters["status"])) if v}
     return {"items": items, "filters": filters, "live": filters["before"] is None,
             "query": urlencode(keep),
@@ -371,13 +376,13 @@ def _deliveries(request: Request, db: Any) -> dict[str, Any]:
 
 
 @router.get("/deliveries/{delivery_id}")
-def delivery(request: Request, db: Db, delivery_id: Id) -> Response:
-    return render(request, "delivery.html", d=views.delivery(db, delivery_id))
+def delivery_page(request: Request, db: Db, delivery_id: Id) -> Response:
+    return render(request, "delivery.html", d=services.deliveries.get_delivery(db, delivery_id))
 
 
 @router.post("/deliveries/{delivery_id}/redeliver")
 def redeliver(request: Request, db: Db, delivery_id: Id, form: Form) -> Response:
-    views.redeliver(db, delivery_id)
+    services.deliveries.redeliver(db, delivery_id)
     return redirect(f"/deliveries/{delivery_id}", f"Delivery {delivery_id} queued again.", request)
 
 

@@ -14,7 +14,7 @@ from faultkit import World, delivery, record
 from receivers import wait_until
 
 from cdc_hooks.errors import CdcHooksError
-from cdc_hooks.hooks import send
+from cdc_hooks.registry import send
 
 pytestmark = pytest.mark.faults
 
@@ -78,7 +78,7 @@ BAD_COMMANDS = [
     ("field without a value", ["send", "myhook", "message"], "expected KEY=VALUE", 2),
     ("unknown listener: pause", ["listeners", "pause", "999"], "no listener with id 999", 1),
     ("unknown listener: remove", ["listeners", "remove", "999"], "no listener with id 999", 1),
-    ("unknown delivery: redeliver", ["redeliver", "999"], "no finished delivery with id 999", 1),
+    ("unknown delivery: redeliver", ["redeliver", "999"], "no delivery with id 999", 1),
     ("redeliver what?", ["redeliver"], "give a DELIVERY_ID", 2),
     ("backfill of an unknown hook", ["backfill", "nope"], 'unknown hook "nope"', 2),
 ]

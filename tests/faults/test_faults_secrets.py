@@ -20,8 +20,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from receivers import wait_until
 
-from cdc_hooks import listeners as core
 from cdc_hooks.db import Database
+from cdc_hooks.services import listeners
 
 pytestmark = pytest.mark.faults
 
@@ -51,7 +51,7 @@ def test_no_secret_leaks_anywhere(world, relays):
     assert world.cli("send", "myhook", "message=from the cli", "n:=2").exit_code == 0
     assert world.cli("backfill", "person", "--where", "id < 50").exit_code == 0
     with Database.connect(config.dsn) as db:
-        rotated = core.update_listener(db, config, 1, rotate_secret=True)
+        rotated = listeners.update_listener(db, config, 1, rotate_secret=True)
     assert rotated is not None
     world.listener_secrets.append(rotated)
     world.conn.execute("ALTER TABLE person RENAME COLUMN address TO street")  # fallback path

@@ -1,9 +1,9 @@
 """Listeners: who receives which hook's events, with what filter.
 
-The one place that validates a listener, shared by the CLI, the Python API
-and the web interface: the hook must be installed, the match may name only
-provided fields, the URL must be http(s) to an address the delivery policy
-allows, a given secret must be a whsec_ secret, its own headers must be
+The one place that validates, changes and shows a listener, shared by the
+CLI, the Python API, the REST API and the pages: the hook must be installed,
+the match may name only provided fields, the URL must be http(s) to an
+address the delivery policy allows, a given secret must be a whsec_ secret, its own headers must be
 valid HTTP and none of those cdc-hooks sets itself, the event kinds (events)
 must be ones the hook captures, the changed-column filter (changed) must
 name provided columns and a rate limit must be a number of deliveries per second
@@ -21,17 +21,19 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from . import jsoncodec
-from .config import Config
-from .db import Database, InstalledHook, ListenerRow
-from .errors import ListenerError, MatchError, NotFound
-from .match import rules_from_json
-from .netpolicy import NetworkPolicy, check_url
-from .signing import generate_secret, secret_key
-from .urls import same_shown_url
+from .. import jsoncodec
+from ..config import Config
+from ..db import Database
+from ..errors import ListenerError, MatchError, NotFound
+from ..match import rules_from_json
+from ..netpolicy import NetworkPolicy, check_url
+from ..rows import InstalledHook, ListenerCounts, ListenerRow
+from ..signing import generate_secret, secret_key
+from ..urls import redact_url, same_shown_url
 
 # Options a listener may carry (listeners.config): name -> type.
 LISTENER_OPTIONS: dict[str, type] = {
@@ -268,11 +270,92 @@ def add_listener(db: Database, config: Config, hook: str, url: str,
     return NewListener(listener_id, secret, own_headers)
 
 
-def get_listener(db: Database, listener_id: int) -> ListenerRow:
+def _stored(db: Database, listener_id: int) -> ListenerRow:
     row = db.get_listener(listener_id)
     if row is None:
         raise NotFound(f"no listener with id {listener_id}")
     return row
+
+
+@dataclass(frozen=True)
+class LastDelivery:
+    status: str
+    code: int | None
+    error: str | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ListenerStats:
+    """Over the listener's last 1000 deliveries."""
+
+    delivered: int
+    dead: int
+    retrying: int
+    queued: int
+    success_rate: float | None  # delivered / (delivered + dead + retrying)
+
+
+@dataclass(frozen=True)
+class ListenerView:
+    """A listener as every interface shows it: no secret, no header value, the URL
+    with credentials masked, the match parsed (None, with match_error, if unusable)."""
+
+    id: int
+    hook: str
+    url: str
+    match: dict[str, Any] | None
+    match_error: str | None
+    match_text: str  # the stored match, as PostgreSQL writes it
+    state: str
+    disabled_reason: str | None
+    backfill: bool
+    header_names: list[str]
+    secret_overlap_until: datetime | None
+    events: list[str] | None
+    changed: list[str] | None
+    rate: float | None  # deliveries per second at most (None: no limit)
+    created_at: datetime
+    updated_at: datetime
+    last_delivery: LastDelivery | None
+    stats: ListenerStats
+
+
+def list_listeners(db: Database, *, hook: str | None = None,
+                   listener_id: int | None = None) -> list[ListenerView]:
+    """Listeners (of one hook, or the one listener, if given), by id."""
+    counts = {c.id: c for c in db.listener_stats(listener_id)}
+    return [_view(row, counts.get(row.id)) for row in db.list_listeners()
+            if (hook is None or row.hook == hook) and (listener_id is None or row.id == listener_id)]
+
+
+def get_listener(db: Database, listener_id: int) -> ListenerView:
+    found = list_listeners(db, listener_id=listener_id)
+    if not found:
+        raise NotFound(f"no listener with id {listener_id}")
+    return found[0]
+
+
+def _view(row: ListenerRow, counts: ListenerCounts | None) -> ListenerView:
+    last = None
+    if row.last_status is not None:
+        last = LastDelivery(row.last_status, row.last_code, row.last_error, row.last_finished_at)
+    match, match_error = stored_match(row.match)
+    return ListenerView(
+        id=row.id, hook=row.hook, url=redact_url(row.url), match=match, match_error=match_error,
+        match_text=row.match, state=row.state, disabled_reason=row.disabled_reason,
+        backfill=row.backfill, header_names=row.header_names,
+        secret_overlap_until=row.overlap_until, events=row.events, changed=row.changed, rate=row.rate,
+        created_at=row.created_at, updated_at=row.updated_at, last_delivery=last,
+        stats=_stats(counts))
+
+
+def _stats(counts: ListenerCounts | None) -> ListenerStats:
+    if counts is None:
+        return ListenerStats(0, 0, 0, 0, None)
+    tried = counts.delivered + counts.dead + counts.retrying
+    return ListenerStats(counts.delivered, counts.dead, counts.retrying, counts.queued,
+                         counts.delivered / tried if tried else None)
 
 
 def remove_listener(db: Database, listener_id: int) -> None:
@@ -292,7 +375,7 @@ def set_state(db: Database, listener_id: int, state: str) -> None:
     install removed its hook or a field it matches stays paused until changed.
     """
     if state == "active":
-        current = get_listener(db, listener_id)
+        current = _stored(db, listener_id)
         try:
             validate_match(installed_hook(db, current.hook), jsoncodec.loads(current.match))
         except (ListenerError, MatchError) as exc:
@@ -319,7 +402,7 @@ def update_listener(db: Database, config: Config, listener_id: int, *, url: str 
     overlap = validate_overlap(overlap)
     new_rate = None if rate is KEEP else validate_rate(rate)
     headers_json = None if headers is None else jsoncodec.dumps(validate_headers(headers))
-    current = get_listener(db, listener_id)
+    current = _stored(db, listener_id)
     changes_filters = match is not None or events is not None or changed is not None
     declared = installed_hook(db, current.hook) if changes_filters else None
     if url is not None and same_shown_url(url, current.url):

@@ -26,13 +26,13 @@ from typing import Any, ClassVar
 
 import psycopg
 
-from . import jsoncodec
+from . import services
 from .config import DEFAULT_EVENTS, Config, HookConfig, hook_label, load_config, parse_hook
 from .db import Database
 from .errors import CdcHooksError, ConfigError, ListenerError
-from .listeners import NewListener, add_listener
 from .match import rules_from_python, rules_to_json
 from .orm import ModelTable, model_table
+from .services.listeners import NewListener
 
 
 class Hook:
@@ -163,9 +163,9 @@ class ListenerBuilder:
     def save(self) -> NewListener:
         config = self.hook.registry.config
         with Database.connect(config.dsn) as db:
-            return add_listener(db, config, self.hook.name, self.url,
-                                rules_to_json(self.rules), self.secret, self.config,
-                                self.headers, self.events, self.changed, self.rate)
+            return services.listeners.add_listener(
+                db, config, self.hook.name, self.url, rules_to_json(self.rules), self.secret,
+                self.config, self.headers, self.events, self.changed, self.rate)
 
 
 class Registry:
@@ -252,27 +252,9 @@ hooks = Registry()
 
 def send(hook: str, payload: Mapping[str, Any], *,
          connection: psycopg.Connection[Any] | None = None, config: Config | None = None) -> int:
-    """Records a custom hook's event (cdc_hooks.send) and returns its id. Values are
-    written as a table column of their PostgreSQL type would be (jsoncodec.dumps_postgres)."""
-    if jsoncodec.deeper_than(dict(payload), jsoncodec.MAX_DEPTH):
-        raise ListenerError(f'send "{hook}": the payload is {jsoncodec.TOO_DEEP}')
-    try:
-        if connection is not None:
-            return _record(Database(connection), hook, payload)
-        with Database.connect((config or hooks.config).dsn) as db:
-            return _record(db, hook, payload)
-    except (psycopg.errors.UndefinedObject, psycopg.errors.WrongObjectType,
-            psycopg.errors.InvalidParameterValue, psycopg.errors.InsufficientPrivilege) as exc:
-        raise ListenerError(exc.diag.message_primary or str(exc)) from None
-    except psycopg.errors.InvalidSchemaName:
-        raise ListenerError("cdc_hooks is not installed: run cdc-hooks install") from None
-
-
-def _record(db: Database, hook: str, payload: Mapping[str, Any]) -> int:
-    # A timestamptz is written in the session's time zone, as the capture
-    # triggers write one in the application's session.
-    try:
-        payload_json = jsoncodec.dumps_postgres(payload, db.conn.info.timezone)
-    except (TypeError, ValueError) as exc:
-        raise ListenerError(f'send "{hook}": {exc}') from None
-    return db.send(hook, payload_json)
+    """Records a custom hook's event (services.hooks.send) and returns its id; with
+    ``connection``, inside the caller's transaction, else on the config's database."""
+    if connection is not None:
+        return services.hooks.send(Database(connection), hook, payload)
+    with Database.connect((config or hooks.config).dsn) as db:
+        return services.hooks.send(db, hook, payload)
