@@ -38,7 +38,7 @@ import pglast
 import psycopg
 from psycopg import sql
 
-from .db import Database, InstalledHook, sql_text
+from .db import Database, InstalledHook, query
 from .errors import CdcHooksError, NotFound
 from .listeners import installed_hook
 
@@ -236,14 +236,4 @@ def _statement(name: str, hook: InstalledHook, condition: str | None, *,
         "revisited": sql.SQL("({}) <= ({})").format(
             sql.SQL(", ").join(key), last_key) if after else sql.SQL("false"),
     }
-    return sql.SQL(_templates()[name]).format(**fragments)  # type: ignore[arg-type]
-
-
-def _templates() -> dict[str, str]:
-    text = sql_text("backfill.sql")
-    parts = text.split("-- name: ")[1:]
-    found = {}
-    for part in parts:
-        name, _, body = part.partition("\n")
-        found[name.strip()] = body.strip().rstrip(";")
-    return found
+    return query(name, "backfill.sql").format(**fragments)

@@ -19,7 +19,7 @@ from . import listeners as core
 from .config import Config, load_config
 from .db import Database
 from .dsn import check_dsn
-from .errors import CdcHooksError, ListenerError, NotFound
+from .errors import CdcHooksError, ListenerError, NotFound, first_line
 from .hooks import send as send_event  # `from . import hooks` would be the registry
 from .match import match_options_to_json
 from .relay.relay import SCHEMA_GONE, run_forever
@@ -48,8 +48,7 @@ def friendly_errors(func: F) -> F:
             click.echo(f"error: PostgreSQL: {message or str(exc).strip()}", err=True)
             sys.exit(1)
         except sqlalchemy.exc.SQLAlchemyError as exc:  # install.py unwraps PostgreSQL's errors
-            click.echo(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
-                       err=True)
+            click.echo(f"error: {first_line(exc)}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]

@@ -35,15 +35,21 @@ def sql_text(name: str) -> str:
 
 
 @functools.cache
-def queries() -> dict[str, str]:
-    """The named queries of sql/queries.sql."""
-    text = sql_text("queries.sql")
-    parts = _QUERY_HEADER.split(text)
+def named_queries(file: str) -> dict[str, str]:
+    """The blocks of a file in sql/, each under its ``-- name: NAME`` line, by name."""
+    parts = _QUERY_HEADER.split(sql_text(file))
     return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def query(name: str) -> sql.SQL:
-    return sql.SQL(queries()[name])  # type: ignore[arg-type]
+def queries() -> dict[str, str]:
+    """The named queries of sql/queries.sql."""
+    return named_queries("queries.sql")
+
+
+def query(name: str, file: str = "queries.sql") -> sql.SQL:
+    """A named query of a file in sql/ (default queries.sql)."""
+    # type: ignore: sql.SQL asks for a LiteralString; this text is the package's own file.
+    return sql.SQL(named_queries(file)[name])  # type: ignore[arg-type]
 
 
 @functools.cache

@@ -37,3 +37,13 @@ class MalformedDsn(DatabaseUnavailable):
     """A DSN that does not parse as meant; the message says where it came from, never what it is."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """What went wrong, in one line: the first non-blank line of the message (psycopg's
+    says what happened, "connection refused"; the lines after it are hints), else the
+    exception's type."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

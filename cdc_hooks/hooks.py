@@ -29,7 +29,7 @@ import psycopg
 from . import jsoncodec
 from .config import DEFAULT_EVENTS, Config, HookConfig, hook_label, load_config, parse_hook
 from .db import Database
-from .errors import CdcHooksError, ConfigError, ListenerError
+from .errors import CdcHooksError, ConfigError, ListenerError, first_line
 from .listeners import NewListener, add_listener
 from .match import rules_from_python, rules_to_json
 from .orm import ModelTable, model_table
@@ -239,8 +239,7 @@ def _import(module: str) -> None:
     try:
         importlib.import_module(module)
     except Exception as exc:  # whatever the module raised: one line, not a traceback
-        message = str(exc).strip().splitlines()
-        detail = f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+        detail = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"[python] modules: cannot import {module}: {detail}") from exc
 
 

@@ -165,6 +165,23 @@ def dumps_pretty(value: Any) -> str:
     return _PRETTY.encode(value)
 
 
+def _number_or_text(value: Any) -> simplejson.RawJSON | str:
+    try:
+        return _raw_number(value)
+    except TypeError:
+        return str(value)
+
+
+_SPACED = simplejson.JSONEncoder(ensure_ascii=False, allow_nan=False, use_decimal=False,
+                                 default=_number_or_text)
+
+
+def dumps_spaced(value: Any) -> str:
+    """One line spaced for reading (", ", ": "), for people rather than the wire:
+    numbers keep their text, what JSON cannot carry is shown as str()."""
+    return _SPACED.encode(value)
+
+
 def dumps_decoded(value: Any) -> str:
     """dumps, for values that loads made (numbers are int or JsonNumber, never a float,
     which orjson would write as null if not finite): orjson, the same text ten times

@@ -28,12 +28,13 @@ from receivers import InProcessRelay, Reply, free_port, wait_until
 
 from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
+from cdc_hooks.binding import parse_bind
 from cdc_hooks.config import Config
 from cdc_hooks.errors import ConfigError, MatchError
 from cdc_hooks.guesses import LIMIT, GuessLimit
 from cdc_hooks.web import create_app
 from cdc_hooks.web.forms import CONDITIONS, exact_value, match_from_form, rows_from_match
-from cdc_hooks.web.serve import WebServer, parse_bind
+from cdc_hooks.web.serve import WebServer
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -31,7 +31,7 @@ from .. import capturing, jsoncodec, logs, maintenance, metrics
 from ..config import Config
 from ..db import InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
-from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
+from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable, first_line
 from ..listeners import takes
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
@@ -177,7 +177,7 @@ class Relay:
                 if gone is not None:  # dropped under us: say so and stop, loudly
                     raise CdcHooksError(
                         f"cdc_hooks is no longer installed in {describe_dsn(self.dsn)} "
-                        f"({_first_line(gone)}): changes are not captured; run cdc-hooks install")
+                        f"({first_line(gone)}): changes are not captured; run cdc-hooks install")
         finally:
             lag.stop()
             await self._finish_in_flight()
@@ -231,7 +231,7 @@ class Relay:
             try:
                 await asyncio.to_thread(maintenance.run, self.config, self._stopping.is_set)
             except (psycopg.Error, CdcHooksError) as exc:
-                log.warning("maintenance failed, next try in %g s: %s", interval, _first_line(exc))
+                log.warning("maintenance failed, next try in %g s: %s", interval, first_line(exc))
             await self._sleep(interval)
 
     async def _capture_loop(self, store: RelayStore) -> None:
@@ -255,7 +255,7 @@ class Relay:
         if self._outage_since is None:  # log each outage once, not every retry
             self._outage_since = time.monotonic()
             log.warning("database at %s unavailable (%s); reconnecting with backoff",
-                        describe_dsn(self.dsn), redact(self.dsn, _first_line(exc)))
+                        describe_dsn(self.dsn), redact(self.dsn, first_line(exc)))
 
     def _note_connected(self) -> None:
         metrics.connected()
@@ -692,12 +692,6 @@ def _takes_backfill(listener: Listener, event: Any) -> bool:
         return event.for_listener == listener.id
     return listener.backfill
 
-
-def _first_line(exc: BaseException) -> str:
-    """psycopg's first line says what happened ("server closed the connection
-    unexpectedly"); the lines after it are hints."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import WEB_TOKEN_ENV, Config, web_token
 from ..db import Database
-from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
+from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable, first_line
 from ..guesses import GuessLimit, TooManyGuesses
 from . import api, metrics, pages, views
 from .auth import LoginRequired, require_token
@@ -103,7 +103,7 @@ def _add_health(app: FastAPI) -> None:
             with Database.connect(request.app.state.web.config.dsn) as db:
                 problems = views.readiness(db)
         except (DatabaseUnavailable, psycopg.Error) as exc:
-            problems = [_first_line(exc)]
+            problems = [first_line(exc)]
         if problems:
             return JSONResponse(Readiness(ready=False, problems=problems).model_dump(),  # type: ignore[return-value]
                                 status_code=503)
@@ -162,18 +162,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(psycopg.OperationalError)
     async def connection_lost(request: Request, exc: psycopg.OperationalError) -> Response:
-        return await _answer(request, 503, f"the database connection failed: {_first_line(exc)}")
+        return await _answer(request, 503, f"the database connection failed: {first_line(exc)}")
 
     @app.exception_handler(psycopg.DataError)
     async def unstorable(request: Request, exc: psycopg.DataError) -> Response:
         # A value the checks above let through but PostgreSQL refuses: still the caller's.
         message = exc.diag.message_primary or str(exc)
         return await _answer(request, 422, f"a value cannot be stored: {message}")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 # Headers ---------------------------------------------------------------------
