@@ -76,7 +76,7 @@ class Listener:
     filtered: bool = False
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
+@dataclass(slots=True)  # not frozen: a frozen __init__ is several times slower; this is per attempt
 class Result:
     delivery_id: int
     attempt: int

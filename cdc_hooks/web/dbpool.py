@@ -1,9 +1,9 @@
 """Database sessions for requests, from a small pool.
 
-Measured on loopback: opening a connection took ~10 ms of an API request
-whose queries take 1-2 ms; with the pool, GET /api/listeners went from ~50 to
-~250 requests/s for one client (94 -> 536/s for eight). Connections are checked
-before use, so a database restart costs a reconnect, not an error.
+Opening a connection costs several times what an API request's queries take,
+so requests borrow open ones (figures: bench/RESULTS-relay.md, "Figures behind
+design choices"). Connections are checked before use, so a database restart
+costs a reconnect, not an error.
 """
 
 from __future__ import annotations
