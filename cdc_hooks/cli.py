@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .db import Database
 from .dsn import check_dsn
 from .errors import CdcHooksError, ListenerError, NotFound, first_line
+from .extras import needs
 from .hooks import send as send_event  # `from . import hooks` would be the registry
 from .match import match_options_to_json
 from .relay.relay import SCHEMA_GONE, run_forever
@@ -460,7 +461,8 @@ def web(ctx: Context, bind: str | None) -> None:
 
     Auth: [web] token in the config or CDC_HOOKS_WEB_TOKEN; refuses a non-loopback
     address without one."""
-    from .web.serve import serve_forever  # the web stack loads only for this command
+    with needs("web", "cdc-hooks web"):  # the web stack loads only for this command
+        from .web.serve import serve_forever
 
     config = ctx.config()
     configure_logging()

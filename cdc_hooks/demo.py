@@ -33,6 +33,7 @@ from .config import BUILTIN_PREFIX, Config, DeliveryConfig, HookConfig, TableNam
 from .db import Database, InstalledHook, query
 from .dsn import describe_dsn, without_password
 from .errors import CdcHooksError
+from .extras import needs
 from .listeners import add_listener, remove_listener
 from .receiver import Delivery, Receiver
 from .relay.relay import Relay
@@ -120,8 +121,8 @@ def _run_demo(dsn: str | None, *, keep_running: bool) -> int:
 @contextlib.contextmanager
 def embedded_server() -> Iterator[tuple[str, Path]]:
     """An embedded PostgreSQL in a temporary directory, stopped and deleted afterwards."""
-    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), needs("embedded", "the demo without --dsn"):
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import pgserver
     folder = Path(tempfile.mkdtemp(prefix="cdc-hooks-demo-"))
     try:

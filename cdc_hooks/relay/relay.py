@@ -32,6 +32,7 @@ from ..config import Config
 from ..db import InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable, first_line
+from ..extras import needs
 from ..listeners import takes
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
@@ -720,7 +721,8 @@ def run_forever(config: Config, web: str | None = None, metrics_bind: str | None
 
     servers: list[Any] = []  # each binds now: a bad address fails before the relay starts
     if web is not None:  # imported here: the relay alone does not load the web stack
-        from ..web.serve import WebServer
+        with needs("web", "run --web"):
+            from ..web.serve import WebServer
 
         servers.append(WebServer(config, web))
     if metrics_bind is not None:
