@@ -17,13 +17,14 @@ from . import capturing, jsoncodec, logs
 from . import install as installer
 from . import listeners as core
 from .config import Config, load_config
-from .db import Database
+from .db import SCHEMA_GONE, Database
 from .dsn import check_dsn
 from .errors import CdcHooksError, ListenerError, NotFound, first_line
 from .extras import needs
 from .hooks import send as send_event  # `from . import hooks` would be the registry
 from .match import match_options_to_json
-from .relay.relay import SCHEMA_GONE, run_forever
+from .metrics import MetricsServer
+from .relay.relay import Server, run_forever
 from .urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -448,7 +449,14 @@ def run(ctx: Context, web_bind: str | None, metrics_bind: str | None, workers: i
     """Run the relay until SIGTERM/SIGINT."""
     config = ctx.config()
     configure_logging()
-    run_forever(config, web=web_bind, metrics_bind=metrics_bind, workers=workers)
+    servers: list[Server] = []  # each binds now: a bad address fails before the relay starts
+    if web_bind is not None:
+        with needs("web", "run --web"):  # the relay alone does not load the web stack
+            from .web.serve import WebServer
+        servers.append(WebServer(config, web_bind))
+    if metrics_bind is not None:
+        servers.append(MetricsServer(config, metrics_bind))
+    run_forever(config, servers, workers=workers)
 
 
 @main.command()

@@ -26,6 +26,9 @@ from .errors import DatabaseUnavailable
 from .urls import redact_url
 
 SCHEMA = "cdc_hooks"
+# What statements raise once the cdc_hooks schema (or part of it) is dropped.
+SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
+               psycopg.errors.InvalidSchemaName)
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 

@@ -21,18 +21,18 @@ import logging
 import sys
 import time
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
 from .. import capturing, jsoncodec, logs, maintenance, metrics
 from ..config import Config
-from ..db import InstalledHook, RelayStore, migrations
+from ..db import SCHEMA_GONE, InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable, first_line
-from ..extras import needs
 from ..listeners import takes
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
@@ -56,9 +56,6 @@ PREFETCH = 8  # deliveries claimed ahead, as a multiple of the concurrency
 STATISTICS_EVERY = 5000  # events dispatched between checks of the planner's statistics
 MAX_BACKOFF = 10.0
 CAPTURE_CHECK_EVERY = 5.0  # seconds between checks that each hook's triggers are in place
-# What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
-SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
-               psycopg.errors.InvalidSchemaName)
 
 
 @dataclass(frozen=True)
@@ -709,24 +706,23 @@ class _Stopped(Exception):
     """Ends a connected session when the relay is asked to stop."""
 
 
-def run_forever(config: Config, web: str | None = None, metrics_bind: str | None = None,
-                workers: int = 1, report_to: Connection | None = None) -> None:
-    """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop); with
-    web=HOST:PORT it also serves the web interface in the same event loop, with
-    metrics_bind=HOST:PORT Prometheus metrics (both also serve /metrics). With
-    workers > 1, that many relays in as many processes (relay/workers.py); this
-    process is the first, and reports for all. report_to: this process is one of
-    the others, reporting its metrics there."""
+class Server(Protocol):
+    """A server that runs beside the relay, in its event loop (the web interface,
+    /metrics), bound before the relay starts."""
+
+    async def serve(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_forever(config: Config, servers: Sequence[Server] = (), workers: int = 1,
+                report_to: Connection | None = None) -> None:
+    """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop), and the
+    servers beside it in the same event loop, stopped with it. With workers > 1,
+    that many relays in as many processes (relay/workers.py); this process is the
+    first, and reports for all. report_to: this process is one of the others,
+    reporting its metrics there."""
     import signal
-
-    servers: list[Any] = []  # each binds now: a bad address fails before the relay starts
-    if web is not None:  # imported here: the relay alone does not load the web stack
-        with needs("web", "run --web"):
-            from ..web.serve import WebServer
-
-        servers.append(WebServer(config, web))
-    if metrics_bind is not None:
-        servers.append(metrics.MetricsServer(config, metrics_bind))
 
     async def main() -> None:
         mine = share(config, workers)  # each worker's share of the limits

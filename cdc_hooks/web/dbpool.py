@@ -11,13 +11,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
+from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..db import Database, connect, session_options
 from ..dsn import check_dsn, describe_dsn
 from ..errors import DatabaseUnavailable
 
+BIGINT = 2**63 - 1  # ids are bigint: a larger one in a path or query is refused, not looked up
 POOL_SIZE = 8  # FastAPI's thread pool runs 40 sync endpoints at most; 8 keep up with a UI
 
 
@@ -63,3 +66,12 @@ class Connections:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+
+
+def database(request: Request) -> Iterator[Database]:
+    """A pooled connection for the request: the dependency of API routes and pages."""
+    with request.app.state.web.connections.database() as db:
+        yield db
+
+
+Db = Annotated[Database, Depends(database)]

@@ -24,7 +24,6 @@ from .. import listeners as core
 from ..errors import CdcHooksError
 from ..guesses import TooManyGuesses
 from . import chart, sessions, views
-from .api import BIGINT, Db
 from .auth import (
     SessionFirst,
     checked_form,
@@ -34,6 +33,7 @@ from .auth import (
     page_session,
     remember_login_csrf,
 )
+from .dbpool import BIGINT, Db
 from .forms import CONDITIONS, FilterRow, match_from_form, rows_from_form, rows_from_match
 
 PREVIEW_EVENTS = 10
