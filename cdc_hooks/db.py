@@ -26,6 +26,7 @@ from .errors import DatabaseUnavailable
 from .urls import redact_url
 
 SCHEMA = "cdc_hooks"
+Statement = sql.SQL | sql.Composed  # what psycopg runs: SQL text of sql/, composed with identifiers
 # What statements raise once the cdc_hooks schema (or part of it) is dropped.
 SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
                psycopg.errors.InvalidSchemaName)
@@ -51,8 +52,7 @@ def queries() -> dict[str, str]:
 
 def query(name: str, file: str = "queries.sql") -> sql.SQL:
     """A named query of a file in sql/ (default queries.sql)."""
-    # type: ignore: sql.SQL asks for a LiteralString; this text is the package's own file.
-    return sql.SQL(named_queries(file)[name])  # type: ignore[arg-type]
+    return sql.SQL(named_queries(file)[name])
 
 
 @functools.cache
@@ -77,11 +77,16 @@ def session_options(*, autocommit: bool = True) -> dict[str, Any]:
     return {"autocommit": autocommit, "connect_timeout": 10, "prepare_threshold": None}
 
 
-def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+def required_dsn(dsn: str | None) -> str:
     if not dsn:
         raise DatabaseUnavailable(
             "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN"
         )
+    return dsn
+
+
+def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    dsn = required_dsn(dsn)
     check_dsn(dsn)
     try:
         return psycopg.connect(dsn, **session_options(autocommit=autocommit))
@@ -178,7 +183,7 @@ class Database:
         rows = self.run(name, params)
         return rows[0] if rows else None
 
-    def execute(self, statement: sql.Composable) -> None:
+    def execute(self, statement: Statement) -> None:
         self.conn.execute(statement)
 
     # Schema -------------------------------------------------------------
@@ -200,9 +205,9 @@ class Database:
         self.run("lock_install")
         pending = self.pending_migrations()
         if pending and not self.schema_exists():
-            self.execute(sql.SQL(sql_text("bootstrap.sql")))  # type: ignore[arg-type]
+            self.execute(sql.SQL(sql_text("bootstrap.sql")))
         for version, text in pending:
-            self.execute(sql.SQL(text))  # type: ignore[arg-type]
+            self.execute(sql.SQL(text))
             self.run("record_schema_version", {"version": version})
         return [v for v, _ in pending]
 
@@ -383,7 +388,7 @@ class Database:
     # Operations: retention, listener health, backfill --------------------
     # (cdc_hooks/retention.py, health.py, backfill.py; schema version 2)
 
-    def fetch(self, statement: sql.Composable,
+    def fetch(self, statement: Statement,
               params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """Rows of a statement composed from a template of sql/ (backfill.sql)."""
         with self.conn.cursor() as cur:

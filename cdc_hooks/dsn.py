@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -97,6 +98,6 @@ def _url_with_stray_at(dsn: str) -> bool:
     return authority.count("@") > 1 or "@" in path
 
 
-def _entries(params: dict[str, str | None], key: str) -> list[str]:
+def _entries(params: Mapping[str, str | int | None], key: str) -> list[str]:
     value = params.get(key)
-    return [] if not value else value.split(",")
+    return [] if not value else str(value).split(",")

@@ -38,17 +38,18 @@ from .orm import ModelTable, model_table
 class Hook:
     """A custom hook: not bound to a table, sent explicitly (durian's Hook)."""
 
-    name: ClassVar[str] = ""
-    provides_args: ClassVar[Sequence[str] | None] = None
-    senders: ClassVar[Sequence[str] | None] = None  # roles that may send it (config: senders)
+    # Defaults a subclass may set (durian's style); the constructor's arguments override them.
+    name: str = ""
+    provides_args: Sequence[str] | None = None
+    senders: Sequence[str] | None = None  # roles that may send it (config: senders)
 
     def __init__(self, name: str | None = None, provides_args: Sequence[str] | None = None,
                  registry: Registry | None = None, senders: Sequence[str] | None = None) -> None:
-        self.name = name or type(self).name  # type: ignore[misc]
+        self.name = name or type(self).name
         # Kept as given: config.parse_hook refuses what is not a list of names.
-        self.provides_args = (provides_args if provides_args is not None  # type: ignore[misc]
+        self.provides_args = (provides_args if provides_args is not None
                               else type(self).provides_args)
-        self.senders = senders if senders is not None else type(self).senders  # type: ignore[misc]
+        self.senders = senders if senders is not None else type(self).senders
         if not self.name:
             raise CdcHooksError(f"{type(self).__name__} needs a name")
         self.registry = registry or hooks

@@ -134,7 +134,9 @@ def numeric_text(value: Decimal) -> str:
     """As PostgreSQL writes the numeric: every digit of the scale, no exponent, no -0."""
     if not value.is_finite():
         raise ValueError(f"{value} is not a JSON number")
-    if value.adjusted() >= NUMERIC_MAX_DIGITS or -value.as_tuple().exponent > NUMERIC_MAX_SCALE:  # type: ignore[operator]
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # a finite Decimal's ('n', 'N', 'F': NaN and infinities)
+    if value.adjusted() >= NUMERIC_MAX_DIGITS or -exponent > NUMERIC_MAX_SCALE:
         raise ValueError(f"{value} is beyond PostgreSQL numeric's range")
     text = format(value, "f")
     return text[1:] if not value and text.startswith("-") else text
@@ -315,7 +317,9 @@ def _timestamp(value: datetime, where: str, timezone: tzinfo) -> str:
         local = value.astimezone(timezone)
     except OverflowError:
         raise ValueError(f'"{where}": {value} is out of range in time zone {timezone}') from None
-    return f"{local.date().isoformat()}T{_clock(local)}{_offset(local.utcoffset(), hours_only=False)}"
+    offset = local.utcoffset()
+    assert offset is not None  # astimezone gives an aware datetime
+    return f"{local.date().isoformat()}T{_clock(local)}{_offset(offset, hours_only=False)}"
 
 
 @_postgres.register

@@ -22,7 +22,7 @@ import threading
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from aiohttp import web
@@ -38,6 +38,7 @@ from .db import Database
 from .errors import ConfigError, DatabaseUnavailable
 from .guesses import GuessLimit, TooManyGuesses
 
+T = TypeVar("T")
 log = logging.getLogger("cdc_hooks.metrics")
 
 # Upper bounds (seconds) of the attempt duration buckets: 1 ms to 10 s.
@@ -322,7 +323,7 @@ class OneConnection:
     def hooks_capturing(self) -> list[HookCapture]:
         return self._read(Database.hooks_capturing)
 
-    def _read(self, method: Callable[[Database], Any]) -> Any:
+    def _read(self, method: Callable[[Database], T]) -> T:
         with self._lock:
             try:
                 return method(self._database())

@@ -38,7 +38,7 @@ from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
 from .circuit import Circuit, counts_as_failure
-from .events import ALL_ROWS, expand
+from .events import ALL_ROWS, Event, expand
 from .http import Response, Sender, Target
 from .retry import classify
 from .workers import Workers, report_metrics, share
@@ -335,7 +335,7 @@ class Relay:
                 # changes always gets them.
                 await self._reload(store, force=True)
                 self._config_version = rows[0][5]
-            events = []
+            events: list[Event] = []
             for outbox_id, hook, kind, payload, occurred_at, _ in sorted(rows):
                 events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at,
                                      self.delivery.max_event_bytes))
@@ -684,7 +684,7 @@ def _set(names: list[str] | None) -> frozenset[str] | None:
     return None if names is None else frozenset(names)
 
 
-def _takes_backfill(listener: Listener, event: Any) -> bool:
+def _takes_backfill(listener: Listener, event: Event) -> bool:
     """Backfill events go to listeners that did not opt out, or to the one asked for."""
     if event.for_listener is not None:
         return event.for_listener == listener.id

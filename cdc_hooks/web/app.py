@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -97,16 +97,15 @@ def _add_health(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["health"], summary="The database answers and the relay keeps up",
              responses={503: {"model": Readiness, "description": "Not ready"}},
-             openapi_extra={"security": []})
-    def readyz(request: Request) -> Readiness:
+             openapi_extra={"security": []}, response_model=Readiness)
+    def readyz(request: Request) -> Readiness | JSONResponse:
         try:
             with Database.connect(request.app.state.web.config.dsn) as db:
                 problems = views.readiness(db)
         except (DatabaseUnavailable, psycopg.Error) as exc:
             problems = [first_line(exc)]
         if problems:
-            return JSONResponse(Readiness(ready=False, problems=problems).model_dump(),  # type: ignore[return-value]
-                                status_code=503)
+            return JSONResponse(Readiness(ready=False, problems=problems).model_dump(), status_code=503)
         return Readiness(ready=True, problems=[])
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
@@ -123,13 +122,13 @@ def _wants_json(request: Request) -> bool:
 
 
 def _problem(status: int, detail: str, errors: list[FieldProblem] | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+             headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(Problem(detail=detail, errors=errors).model_dump(exclude_none=True),
                         status_code=status, headers=headers)
 
 
 async def _answer(request: Request, status: int, detail: str, errors: list[FieldProblem] | None = None,
-                  headers: dict[str, str] | None = None) -> Response:
+                  headers: Mapping[str, str] | None = None) -> Response:
     if _wants_json(request):
         return _problem(status, detail, errors, headers)
     # On a worker thread: drawing a page may look its session up in the database.

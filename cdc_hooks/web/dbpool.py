@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..db import Database, connect, session_options
+from ..db import Database, connect, required_dsn, session_options
 from ..dsn import check_dsn, describe_dsn
 from ..errors import DatabaseUnavailable
 
@@ -34,12 +34,11 @@ class Connections:
     def _opened(self) -> ConnectionPool:
         with self._lock:
             if self._pool is None:
-                if not self.dsn:
-                    connect(self.dsn)  # raises the CLI's "no database configured"
+                dsn = required_dsn(self.dsn)
                 # A malformed DSN is refused here: the pool would log libpq's words on it.
-                check_dsn(self.dsn)
+                check_dsn(dsn)
                 self._pool = ConnectionPool(
-                    self.dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
+                    dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
                     check=ConnectionPool.check_connection, name="cdc-hooks-web",
                     kwargs=session_options())
                 self._pool.open(wait=False)
