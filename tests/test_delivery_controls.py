@@ -12,8 +12,8 @@ import pytest
 import standardwebhooks
 from fastapi.testclient import TestClient
 from receivers import InProcessRelay, Reply, wait_until
+from shared import PING_HOOK, bearer, web_section
 
-from cdc_hooks import install as installer
 from cdc_hooks.client import Client
 from cdc_hooks.config import Config
 from cdc_hooks.hooks import Hook, Registry
@@ -21,27 +21,13 @@ from cdc_hooks.web import create_app
 
 API_KEY = "key-4Rt9Wq2Lm7"  # a header value: a secret, never listed
 TOKEN = "controls-test-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CONFIG = f"""
-[[hooks]]
-name = "ping"
-provides = ["n"]
-
-[delivery]
-allow_private_networks = true
-retry_schedule = [3600]
-timeout = 2
-
-[web]
-token = "{TOKEN}"
-"""
+AUTH = bearer(TOKEN)
+CONFIG = PING_HOOK + web_section(TOKEN)
 
 
 @pytest.fixture
-def config(conn: Any, make_config: Callable[..., Config]) -> Config:
-    configured = make_config(CONFIG)
-    installer.install(configured)
-    return configured
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG)
 
 
 def add(cli: Any, config: Config, url: str, *options: str) -> tuple[int, str]:

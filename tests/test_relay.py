@@ -10,8 +10,6 @@ in flight; PostgreSQL restarts) are marked ``slow``: ``-m "not slow"`` skips the
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import random
 import re
 import signal
@@ -29,7 +27,6 @@ import standardwebhooks
 from click.testing import Result
 from receivers import (
     InProcessRelay,
-    OwnPostgres,
     Received,
     Receiver,
     RelayProcess,
@@ -37,41 +34,17 @@ from receivers import (
     Reply,
     wait_until,
 )
+from shared import LOOPBACK_DELIVERY, PERSON_HOOKS, PROFILE_TABLE
 
 from cdc_hooks import install as installer
 from cdc_hooks import metrics
 from cdc_hooks.config import Config, load_config
 from cdc_hooks.hooks import Hook, Registry
 
-HOOKS = """
-[[hooks]]
-name = "person"
-table = "person"
-events = ["insert", "update", "delete"]
-provides = ["name", "address", "profile"]
+HOOKS = PERSON_HOOKS
+DELIVERY = LOOPBACK_DELIVERY
 
-[[hooks]]
-name = "myhook"
-provides = ["message", "n"]
-"""
-
-# Loopback receivers need allow_private_networks; a tiny schedule keeps retries fast.
-DELIVERY = """
-[delivery]
-allow_private_networks = true
-retry_schedule = [0.2, 0.2]
-timeout = 2
-"""
-
-TABLE = """
-CREATE TABLE person (
-    id serial PRIMARY KEY,
-    name text,
-    address text,
-    profile jsonb,
-    secret text
-)
-"""
+TABLE = PROFILE_TABLE
 
 Cli = Callable[..., Result]
 
@@ -837,19 +810,6 @@ def test_default_policy_refuses_a_stored_loopback_listener_at_send_time(conn, se
 
 # PostgreSQL restarted mid-stream -------------------------------------------------
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[OwnPostgres]:
-    """A server this test may restart: never the shared one."""
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a postgres user to run initdb as")
-    server = OwnPostgres()
-    server.start()
-    yield server
-    server.destroy()
 
 
 @pytest.mark.slow
