@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 # The application's table of durian's Person, with a column no hook provides.
 PERSON_TABLE = "CREATE TABLE person (id serial PRIMARY KEY, name text, address text, secret text)"
 
@@ -47,3 +50,16 @@ def web_section(token: str) -> str:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def csrf_of(client: Any, path: str = "/listeners") -> str:
+    """The CSRF token of a page's form (a logged-in client for any page but /login)."""
+    found = re.search(r'name="csrf" value="([^"]+)"', client.get(path).text)
+    assert found is not None, path
+    return found.group(1)
+
+
+def login(client: Any, token: str, next_page: str = "/listeners") -> Any:
+    """Logs a TestClient in through the login form; the answer (303 when the token is right)."""
+    return client.post("/login", data={"csrf": csrf_of(client, "/login"), "token": token,
+                                       "next": next_page}, follow_redirects=False)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import shared
 import standardwebhooks
 from fastapi.testclient import TestClient
 from receivers import InProcessRelay, Reply, wait_until
@@ -48,10 +49,7 @@ def stored(conn: Any, listener_id: int, column: str) -> Any:
 
 
 def login(client: TestClient) -> None:
-    page = client.get("/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    response = client.post("/login", data={"csrf": csrf, "token": TOKEN, "next": "/"},
-                           follow_redirects=False)
+    response = shared.login(client, TOKEN, "/")
     assert response.status_code == 303, response.text
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import shared
 from fastapi.testclient import TestClient
 from receivers import InProcessRelay, Reply, wait_until
 from shared import PING_HOOK, bearer, web_section
@@ -49,10 +50,7 @@ def stored_url(conn: Any, listener_id: int) -> str:
 
 
 def login(client: TestClient) -> None:
-    page = client.get("/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    response = client.post("/login", data={"csrf": csrf, "token": TOKEN, "next": "/"},
-                           follow_redirects=False)
+    response = shared.login(client, TOKEN, "/")
     assert response.status_code == 303, response.text
 
 

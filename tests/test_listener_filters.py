@@ -11,9 +11,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from receivers import InProcessRelay, Reply, wait_until
-from shared import PERSON_HOOKS
+from shared import PERSON_HOOKS, csrf_of
 from test_relay import DELIVERY, TABLE, add_listener, wait_settled
-from test_web_api import AUTH, WEB, csrf_of, login
+from test_web_api import AUTH, WEB, login
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config

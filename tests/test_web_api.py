@@ -16,12 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+import shared
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from receivers import InProcessRelay, Reply, wait_until
-from shared import PERSON_HOOKS, PROFILE_TABLE, bearer, web_section
+from shared import PERSON_HOOKS, PROFILE_TABLE, bearer, csrf_of, web_section
 
 from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
@@ -455,14 +456,7 @@ def test_status_figures(client, conn):
 
 
 def login(client: TestClient, token: str = TOKEN) -> Any:
-    page = client.get("/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    return client.post("/login", data={"csrf": csrf, "token": token, "next": "/listeners"},
-                       follow_redirects=False)
-
-
-def csrf_of(client: TestClient, path: str = "/listeners") -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', client.get(path).text).group(1)  # type: ignore[union-attr]
+    return shared.login(client, token)
 
 
 def test_pages_redirect_to_login_and_the_session_cookie_is_strict(client):
