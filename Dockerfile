@@ -8,8 +8,9 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /src
 COPY . .
-# Every dependency ships manylinux wheels (psycopg[binary], google-re2, pgserver): no compiler needed.
-RUN pip install . \
+# Every dependency ships manylinux wheels (psycopg[binary], google-re2): no compiler needed.
+# The web extra: `cdc-hooks web` and `run --web` work in the container too.
+RUN pip install '.[web]' \
     && useradd --system --create-home --shell /usr/sbin/nologin cdc
 
 USER cdc

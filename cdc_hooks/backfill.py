@@ -30,7 +30,7 @@ queues nothing of that batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from .db import Database, sql_text
+from .db import Database, query
 from .errors import CdcHooksError, NotFound
 from .rows import InstalledHook
 from .services.listeners import installed_hook
@@ -149,7 +149,7 @@ def _not_one_expression(condition: str) -> str | None:
     if len(statements) != 1 or statements[0].stmt_len:  # a length: the text goes on after a ;
         return "not one SQL condition: it holds a statement separator (;)"
     select = statements[0].stmt
-    columns = getattr(select, "targetList", None) or ()
+    columns: Sequence[Any] = getattr(select, "targetList", None) or ()
     if len(columns) != 1 or columns[0].name is not None or _clauses(select) != _clauses(
             pglast.parse_sql(_SELECT + "true")[0].stmt):
         return "not one SQL condition: it adds clauses of its own"
@@ -220,7 +220,7 @@ def _statement(name: str, hook: InstalledHook, condition: str | None, *,
     table = sql.Identifier(hook.table_schema or "public", hook.table_name or "")
     captured = list(dict.fromkeys([*hook.key_columns, *hook.provides]))
     # The operator's condition, % doubled: statements run with parameters.
-    where = sql.SQL(condition.replace("%", "%%")) if condition else sql.SQL("true")  # type: ignore[arg-type]
+    where = sql.SQL(condition.replace("%", "%%")) if condition else sql.SQL("true")
     last_key = sql.SQL(", ").join(sql.Placeholder(f"k{i}") for i in range(len(key)))
     fragments = {
         "table": table,
@@ -238,14 +238,4 @@ def _statement(name: str, hook: InstalledHook, condition: str | None, *,
         "revisited": sql.SQL("({}) <= ({})").format(
             sql.SQL(", ").join(key), last_key) if after else sql.SQL("false"),
     }
-    return sql.SQL(_templates()[name]).format(**fragments)  # type: ignore[arg-type]
-
-
-def _templates() -> dict[str, str]:
-    text = sql_text("backfill.sql")
-    parts = text.split("-- name: ")[1:]
-    found = {}
-    for part in parts:
-        name, _, body = part.partition("\n")
-        found[name.strip()] = body.strip().rstrip(";")
-    return found
+    return query(name, "backfill.sql").format(**fragments)

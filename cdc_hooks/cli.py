@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import psycopg
@@ -16,11 +16,13 @@ import sqlalchemy
 from . import capturing, jsoncodec, logs, services
 from . import install as installer
 from .config import Config, load_config
-from .db import Database
+from .db import SCHEMA_GONE, Database
 from .dsn import check_dsn
-from .errors import CdcHooksError, ListenerError
+from .errors import CdcHooksError, ListenerError, first_line
+from .extras import needs
 from .match import match_options_to_json
-from .relay.relay import SCHEMA_GONE, run_forever
+from .metrics import MetricsServer
+from .relay.relay import Server, run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,11 +47,10 @@ def friendly_errors(func: F) -> F:
             click.echo(f"error: PostgreSQL: {message or str(exc).strip()}", err=True)
             sys.exit(1)
         except sqlalchemy.exc.SQLAlchemyError as exc:  # install.py unwraps PostgreSQL's errors
-            click.echo(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
-                       err=True)
+            click.echo(f"error: {first_line(exc)}", err=True)
             sys.exit(1)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # functools.wraps keeps the signature mypy cannot follow
 
 
 class Context:
@@ -364,7 +365,7 @@ def deliveries(ctx: Context, failed: bool, listener_id: int | None, limit: int) 
     ])
 
 
-class Moment(click.ParamType):
+class Moment(click.ParamType):  # type: ignore[type-arg]  # generic in click's stubs alone
     """An ISO 8601 date or time; one without an offset is in the local time zone."""
 
     name = "time"
@@ -459,7 +460,14 @@ def run(ctx: Context, web_bind: str | None, metrics_bind: str | None, workers: i
     """Run the relay until SIGTERM/SIGINT."""
     config = ctx.config()
     configure_logging()
-    run_forever(config, web=web_bind, metrics_bind=metrics_bind, workers=workers)
+    servers: list[Server] = []  # each binds now: a bad address fails before the relay starts
+    if web_bind is not None:
+        with needs("web", "run --web"):  # the relay alone does not load the web stack
+            from .web.serve import WebServer
+        servers.append(WebServer(config, web_bind))
+    if metrics_bind is not None:
+        servers.append(MetricsServer(config, metrics_bind))
+    run_forever(config, servers, workers=workers)
 
 
 @main.command()
@@ -472,7 +480,8 @@ def web(ctx: Context, bind: str | None) -> None:
 
     Auth: [web] token in the config or CDC_HOOKS_WEB_TOKEN; refuses a non-loopback
     address without one."""
-    from .web.serve import serve_forever  # the web stack loads only for this command
+    with needs("web", "cdc-hooks web"):  # the web stack loads only for this command
+        from .web.serve import serve_forever
 
     config = ctx.config()
     configure_logging()

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -33,7 +33,7 @@ from .errors import CdcHooksError
 from .match import rules_to_json
 
 T = TypeVar("T")
-Answer = T | Awaitable[T]  # Client's methods answer T, AsyncClient's an awaitable of it
+Answer: TypeAlias = T | Awaitable[T]  # Client's methods answer T, AsyncClient's an awaitable of it
 
 # Failures of a request that never reached the server: safe to send again.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)

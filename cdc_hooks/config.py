@@ -277,9 +277,9 @@ def parse_hook(raw: Any, position: str, origin: str | None = None) -> HookConfig
     _check_keys(raw, {"name", "table", "events", "provides", "key", "when_changed", "senders"}, where)
     table = raw.get("table")
     if table is None:
-        for key in ("events", "key", "when_changed"):
-            if key in raw:
-                raise ConfigError(f"{where}: {key} needs a table (a custom hook has none)")
+        for table_only in ("events", "key", "when_changed"):
+            if table_only in raw:
+                raise ConfigError(f"{where}: {table_only} needs a table (a custom hook has none)")
         if "provides" not in raw:
             raise ConfigError(f"{where}: a custom hook (no table) must list what it provides")
         return HookConfig(name=name, provides=_names(raw["provides"], where, "provides"),
@@ -303,7 +303,7 @@ def parse_hook(raw: Any, position: str, origin: str | None = None) -> HookConfig
             )
     provides = _names(raw["provides"], where, "provides") if "provides" in raw else None
     key = _names(raw["key"], where, "key") if "key" in raw else None
-    when_changed = None
+    when_changed: tuple[str, ...] | None = None
     if "when_changed" in raw:
         when_changed = _names(raw["when_changed"], where, "when_changed")
         if "update" not in events:

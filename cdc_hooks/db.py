@@ -45,6 +45,9 @@ from .rows import (
 from .urls import redact_url
 
 SCHEMA = "cdc_hooks"
+# What statements raise once the cdc_hooks schema (or part of it) is dropped.
+SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
+               psycopg.errors.InvalidSchemaName)
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 T = TypeVar("T")
 Statement = str | sql.SQL | sql.Composed  # a query's name in sql/queries.sql, or a composed statement
@@ -56,15 +59,20 @@ def sql_text(name: str) -> str:
 
 
 @functools.cache
-def queries() -> dict[str, str]:
-    """The named queries of sql/queries.sql."""
-    text = sql_text("queries.sql")
-    parts = _QUERY_HEADER.split(text)
+def named_queries(file: str) -> dict[str, str]:
+    """The blocks of a file in sql/, each under its ``-- name: NAME`` line, by name."""
+    parts = _QUERY_HEADER.split(sql_text(file))
     return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def query(name: str) -> sql.SQL:
-    return sql.SQL(queries()[name])  # type: ignore[arg-type]
+def queries() -> dict[str, str]:
+    """The named queries of sql/queries.sql."""
+    return named_queries("queries.sql")
+
+
+def query(name: str, file: str = "queries.sql") -> sql.SQL:
+    """A named query of a file in sql/ (default queries.sql)."""
+    return sql.SQL(named_queries(file)[name])
 
 
 @functools.cache
@@ -89,11 +97,16 @@ def session_options(*, autocommit: bool = True) -> dict[str, Any]:
     return {"autocommit": autocommit, "connect_timeout": 10, "prepare_threshold": None}
 
 
-def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+def required_dsn(dsn: str | None) -> str:
     if not dsn:
         raise DatabaseUnavailable(
             "no database configured: set [database] dsn in the config or CDC_HOOKS_DSN"
         )
+    return dsn
+
+
+def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    dsn = required_dsn(dsn)
     check_dsn(dsn)
     try:
         return psycopg.connect(dsn, **session_options(autocommit=autocommit))
@@ -182,9 +195,9 @@ class Database:
         self.run("lock_install")
         pending = self.pending_migrations()
         if pending and not self.schema_exists():
-            self.run(sql.SQL(sql_text("bootstrap.sql")))  # type: ignore[arg-type]
+            self.run(sql.SQL(sql_text("bootstrap.sql")))
         for version, text in pending:
-            self.run(sql.SQL(text))  # type: ignore[arg-type]
+            self.run(sql.SQL(text))
             self.run("record_schema_version", {"version": version})
         return [v for v, _ in pending]
 

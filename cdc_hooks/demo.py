@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import secrets
 import shutil
 import signal
@@ -27,15 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import simplejson
-from psycopg import sql
 
 from . import install as installer
 from . import jsoncodec
 from .config import BUILTIN_PREFIX, Config, DeliveryConfig, HookConfig, TableName
-from .db import Database, query, sql_text
+from .db import Database, query
 from .dsn import describe_dsn, without_password
 from .errors import CdcHooksError
+from .extras import needs
 from .receiver import Delivery, Receiver
 from .relay.relay import Relay
 from .rows import InstalledHook
@@ -86,13 +84,6 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def demo_queries() -> dict[str, sql.SQL]:
-    """The named statements of sql/demo.sql."""
-    parts = re.split(r"^-- name: (\w+)\s*$", sql_text("demo.sql"), flags=re.MULTILINE)
-    return {name: sql.SQL(body.strip())  # type: ignore[arg-type]
-            for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
 def run_demo(dsn: str | None, *, keep_running: bool = False) -> int:
     """Runs the demo and returns the exit code: 0 if every check passed."""
     # SIGTERM unwinds like Ctrl-C, so the embedded server and the demo's tables go too.
@@ -131,13 +122,14 @@ def _run_demo(dsn: str | None, *, keep_running: bool) -> int:
 @contextlib.contextmanager
 def embedded_server() -> Iterator[tuple[str, Path]]:
     """An embedded PostgreSQL in a temporary directory, stopped and deleted afterwards."""
-    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), needs("embedded", "the demo without --dsn"):
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import pgserver
     folder = Path(tempfile.mkdtemp(prefix="cdc-hooks-demo-"))
     try:
         try:
-            server = pgserver.get_server(folder / "pgdata", cleanup_mode="stop")
+            # pgserver exports get_server without declaring it (no __all__).
+            server = pgserver.get_server(folder / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
         except Exception as exc:  # pgserver raises whatever initdb/pg_ctl raised
             raise CdcHooksError(
                 f"could not start an embedded PostgreSQL (pgserver): {exc}; "
@@ -179,7 +171,7 @@ def _run_in(dsn: str, *, embedded: bool, keep_running: bool) -> bool:
 def _check_database(config: Config) -> bool:
     """Refuses a database with hooks of its own; returns whether cdc_hooks existed before."""
     with Database.connect(config.dsn) as db:
-        version = db.conn.execute(demo_queries()["server_version"]).fetchone()
+        version = db.conn.execute(query("server_version", "demo.sql")).fetchone()
         say(f"        PostgreSQL {version[0] if version else '?'}")
         had_schema = db.schema_exists()
         foreign = [h.name for h in db.installed_hooks() if not _is_demo_hook(h)]
@@ -195,7 +187,7 @@ def _check_database(config: Config) -> bool:
 
 def _prepare(config: Config) -> None:
     with Database.connect(config.dsn) as db:
-        db.run(demo_queries()["create_schema"])
+        db.run(query("create_schema", "demo.sql"))
     say(f"[2/6] Table {SCHEMA}.person (id, name, address, secret) created")
     plan = installer.install(config)
     say("[3/6] cdc-hooks install: statement-level triggers record the provided columns only")
@@ -218,11 +210,11 @@ def _clean_up(config: Config, *, drop_cdc_hooks: bool) -> None:
     # Every installed hook is the demo's (checked at the start): remove them all.
     installer.uninstall(config, drop_schema=drop_cdc_hooks)
     with Database.connect(config.dsn) as db:
-        db.run(demo_queries()["drop_schema"])
+        db.run(query("drop_schema", "demo.sql"))
 
 
 def _remove_demo_listeners(db: Database) -> None:
-    rows = db.conn.execute(demo_queries()["demo_listeners"],
+    rows = db.conn.execute(query("demo_listeners", "demo.sql"),
                            {"hooks": [h.name for h in DEMO_HOOKS]}).fetchall()
     for (listener_id,) in rows:
         remove_listener(db, listener_id)
@@ -286,7 +278,6 @@ def _add_listeners(config: Config, url: str, secret_of: dict[str, str]) -> dict[
 
 async def _write(dsn: str, run: Run) -> None:
     say("[5/6] Relay started; now the application writes:")
-    statements = demo_queries()
     params: dict[str, dict[str, Any]] = {
         "insert_people": {k: run.hidden[k] for k in ("joe", "jane", "bob")},
         "change_jane_secret": {"secret": run.hidden["jane2"]},
@@ -296,7 +287,7 @@ async def _write(dsn: str, run: Run) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         run.first_write = time.monotonic()
         for name, what, expect in WRITES:
-            statement = query("send") if name == "send" else statements[name]
+            statement = query("send") if name == "send" else query(name, "demo.sql")
             await conn.execute(statement, params.get(name))
             say(f"        {what:<43} -> {expect}")
 
@@ -323,7 +314,7 @@ def _expected() -> Counter[tuple[str, str, str]]:
 
 def _what(delivery: Delivery) -> tuple[str, str, str]:
     payload = delivery.payload if isinstance(delivery.payload, dict) else {}
-    data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    data = payload["data"] if isinstance(payload.get("data"), dict) else {}
     return delivery.path, str(payload.get("event")), str(data.get("name"))
 
 
@@ -338,13 +329,13 @@ def _take(run: Run, delivery: Delivery) -> None:
         return
     run.received.append(delivery)
     payload = delivery.payload if isinstance(delivery.payload, dict) else {}
-    changes = f"  changes {_json(payload['changes'])}" if "changes" in payload else ""
+    changes = f"  changes {jsoncodec.dumps_spaced(payload['changes'])}" if "changes" in payload else ""
     signed = "signed ok" if _signed(run, delivery) else "BAD SIGNATURE"
     when = (time.strftime("%H:%M:%S") if run.clock
             else f"+{delivery.received_at - run.first_write:.2f}s")
     say(f"        {when}  "
         f"#{run.ids.get(delivery.path, '?')} {delivery.path:<15} {payload.get('event', '?'):<7} "
-        f"{_json(payload.get('data'))}{changes}  ({signed})")
+        f"{jsoncodec.dumps_spaced(payload.get('data'))}{changes}  ({signed})")
 
 
 def _signed(run: Run, delivery: Delivery) -> bool:
@@ -400,10 +391,6 @@ def _report(run: Run) -> bool:
 def _describe(items: Counter[tuple[str, str, str]]) -> str:
     return ", ".join(f"{event} {name} to {path}" + (f" (x{n})" if n > 1 else "")
                      for (path, event, name), n in items.items())
-
-
-def _json(value: Any) -> str:
-    return simplejson.dumps(value, use_decimal=True, ensure_ascii=False, default=str)
 
 
 async def _keep_running(dsn: str, run: Run, receiver: Receiver) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import MalformedDsn
+from .errors import MalformedDsn, first_line
 
 DSN_ENV = "CDC_HOOKS_DSN"
 
@@ -65,9 +66,9 @@ def check_dsn(dsn: str, origin: str | None = None) -> None:
 
 
 def connect_error(dsn: str, exc: BaseException) -> str:
-    """The reason a connection failed: psycopg's last line, with the password
+    """The reason a connection failed: psycopg's first line, with the password
     (should it ever show) masked."""
-    return redact(dsn, _last_line(exc))
+    return redact(dsn, first_line(exc))
 
 
 def redact(dsn: str, text: str) -> str:
@@ -97,11 +98,6 @@ def _url_with_stray_at(dsn: str) -> bool:
     return authority.count("@") > 1 or "@" in path
 
 
-def _entries(params: dict[str, str | None], key: str) -> list[str]:
+def _entries(params: Mapping[str, str | int | None], key: str) -> list[str]:
     value = params.get(key)
-    return [] if not value else value.split(",")
-
-
-def _last_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1].strip() if text else type(exc).__name__
+    return [] if not value else str(value).split(",")

@@ -43,3 +43,13 @@ class AlreadyQueued(CdcHooksError):
     """Redelivery of a delivery that is still pending: it will be sent anyway (HTTP 409)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """What went wrong, in one line: the first non-blank line of the message (psycopg's
+    says what happened, "connection refused"; the lines after it are hints), else the
+    exception's type."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from . import jsoncodec
 from .config import Config, HookConfig, TableName
-from .db import Database, connect, migrations, queries, query, sql_text
+from .db import Database, Statement, connect, migrations, queries, query, sql_text
 from .errors import ConfigError
 from .rows import InstalledHook
 
@@ -60,7 +60,7 @@ class Plan:
 
     changes: list[str] = field(default_factory=list)
     migrations: list[int] = field(default_factory=list)
-    statements: list[sql.Composable] = field(default_factory=list)
+    statements: list[Statement] = field(default_factory=list)
     hooks_to_save: list[InstalledHook] = field(default_factory=list)
     hooks_to_forget: list[str] = field(default_factory=list)
     # Listeners the change leaves unable to match (install --force): paused, with why.
@@ -149,7 +149,9 @@ def _resolve_hook(hook: HookConfig, inspector: sqlalchemy.Inspector) -> Installe
         for column in names:
             if column not in columns:
                 raise ConfigError(f'{where}: {kind} column "{column}" does not exist in {table}')
-    _check_key_is_unique(where, table, key, inspector.bind)
+    connection = inspector.bind
+    assert isinstance(connection, sqlalchemy.Connection)  # resolve_hooks inspects a connection
+    _check_key_is_unique(where, table, key, connection)
     return InstalledHook(hook.name, table.schema, table.name, hook.events, provides, key,
                          hook.when_changed or provides)
 
@@ -342,13 +344,13 @@ def _missing_triggers(db: Database, hook: InstalledHook) -> list[str]:
     return missing
 
 
-def _create_statements(db: Database, hook: InstalledHook) -> list[sql.Composable]:
+def _create_statements(db: Database, hook: InstalledHook) -> list[Statement]:
     if hook.table_name is None:
         return []
     captured = _captured(hook)
     function = sql.Identifier("cdc_hooks", function_name(hook.name))
-    statements: list[sql.Composable] = [
-        sql.SQL(sql_text("capture_function.sql")).format(  # type: ignore[arg-type]
+    statements: list[Statement] = [
+        sql.SQL(sql_text("capture_function.sql")).format(
             function=function, hook=sql.Literal(hook.name), **_capture_fragments(captured)),
         sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(function, sql.Literal(_fingerprint(hook))),
         # Only install attaches it (EXECUTE is checked when a trigger is created,
@@ -376,7 +378,7 @@ def _capture_fragments(captured: list[str]) -> dict[str, sql.Composable]:
             raise ConfigError(f'column "{c}" cannot be captured: its name contains $capture$')
     # Columns are qualified with the template's aliases (r, n, o): unqualified,
     # a column named like a trigger variable (new, old, tg_argv) would clash.
-    def arrays_of(alias: str) -> list[sql.Composable]:
+    def arrays_of(alias: str) -> list[Statement]:
         # json_agg/json_build_array, not array_agg: array_agg of an array column
         # fails on NULL or ragged arrays, which would break the app's write.
         return [sql.SQL("pg_catalog.json_build_array({})").format(sql.Identifier(alias, c))
@@ -400,14 +402,14 @@ def _capture_fragments(captured: list[str]) -> dict[str, sql.Composable]:
     }
 
 
-def _drop_trigger_statements(hook: InstalledHook, table: sql.Identifier) -> list[sql.Composable]:
+def _drop_trigger_statements(hook: InstalledHook, table: sql.Identifier) -> list[Statement]:
     return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
         sql.Identifier(trigger_name(hook.name, event)), table) for event in TRIGGER_EVENTS]
 
 
 def _create_trigger_statements(hook: InstalledHook, table: sql.Identifier, function: sql.Identifier,
-                               captured: list[str]) -> list[sql.Composable]:
-    statements: list[sql.Composable] = []
+                               captured: list[str]) -> list[Statement]:
+    statements: list[Statement] = []
     for event in hook.events:
         operation, referencing = TRIGGER_EVENTS[event]
         statements.append(sql.SQL(
@@ -415,9 +417,9 @@ def _create_trigger_statements(hook: InstalledHook, table: sql.Identifier, funct
             "FOR EACH STATEMENT EXECUTE FUNCTION {function}({hook}, {columns})"
         ).format(
             trigger=sql.Identifier(trigger_name(hook.name, event)),
-            operation=sql.SQL(operation),  # type: ignore[arg-type]
+            operation=sql.SQL(operation),
             table=table,
-            referencing=sql.SQL(referencing),  # type: ignore[arg-type]
+            referencing=sql.SQL(referencing),
             function=function,
             hook=sql.Literal(hook.name),
             columns=sql.Literal(_text_array(captured)),
@@ -425,10 +427,10 @@ def _create_trigger_statements(hook: InstalledHook, table: sql.Identifier, funct
     return statements
 
 
-def _drop_statements(db: Database, hook: InstalledHook) -> list[sql.Composable]:
+def _drop_statements(db: Database, hook: InstalledHook) -> list[Statement]:
     if hook.table_name is None:
         return []
-    statements: list[sql.Composable] = []
+    statements: list[Statement] = []
     for schema, table in _tables(db, hook):
         statements += _drop_trigger_statements(hook, sql.Identifier(schema, table))
     statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
@@ -525,13 +527,12 @@ def check(config: Config) -> list[str]:
         except ConfigError as exc:
             problems.extend(str(exc).splitlines())
             desired = {}
-        for hook in [*config.hooks, *BUILTIN_HOOKS]:
-            if hook.name not in installed:
-                problems.append(f'hook "{hook.name}": not installed (run cdc-hooks install)')
-            elif hook.name in desired and desired[hook.name] != installed[hook.name]:
-                problems.append(f'hook "{hook.name}": config changed since install '
-                                "(run cdc-hooks install)")
-        configured = {h.name for h in [*config.hooks, *BUILTIN_HOOKS]}
+        configured = [h.name for h in config.hooks] + [h.name for h in BUILTIN_HOOKS]
+        for name in configured:
+            if name not in installed:
+                problems.append(f'hook "{name}": not installed (run cdc-hooks install)')
+            elif name in desired and desired[name] != installed[name]:
+                problems.append(f'hook "{name}": config changed since install (run cdc-hooks install)')
         for hook in installed.values():
             if hook.name not in configured:
                 problems.append(f'hook "{hook.name}": installed but not in the config')

@@ -45,7 +45,7 @@ class Matcher:
         return {"$" + self.op: self.pattern}
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.pattern == self.pattern  # type: ignore[attr-defined]
+        return isinstance(other, type(self)) and type(other) is type(self) and other.pattern == self.pattern
 
     def __hash__(self) -> int:
         return hash((self.op, repr(self.pattern)))

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import socket
 import threading
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from aiohttp import web
@@ -33,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .binding import http_url, is_loopback, listen, parse_bind
 from .capturing import HookCapture
 from .config import WEB_TOKEN_ENV, Config, web_token
 from .db import Database
@@ -40,6 +39,7 @@ from .errors import ConfigError, DatabaseUnavailable
 from .guesses import GuessLimit, TooManyGuesses
 from .rows import ListenerBacklog
 
+T = TypeVar("T")
 log = logging.getLogger("cdc_hooks.metrics")
 
 # Upper bounds (seconds) of the attempt duration buckets: 1 ms to 10 s.
@@ -324,7 +324,7 @@ class OneConnection:
     def hooks_capturing(self) -> list[HookCapture]:
         return self._read(Database.hooks_capturing)
 
-    def _read(self, method: Callable[[Database], Any]) -> Any:
+    def _read(self, method: Callable[[Database], T]) -> T:
         with self._lock:
             try:
                 return method(self._database())
@@ -378,42 +378,26 @@ def bearer(header: str | None) -> str | None:
 # Standalone server (run --metrics) -----------------------------------------------
 
 
-def parse_bind(text: str) -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT or :PORT (loopback); as the web's, without loading the web stack."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f'--metrics {text!r}: expected HOST:PORT, such as "127.0.0.1:9464"')
-    return host.strip("[]") or "127.0.0.1", int(port_text)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class MetricsServer:
     """/metrics on a socket bound at construction (a bad or busy address fails
     before the relay starts); ``await serve()`` in the relay's loop until ``stop()``."""
 
     def __init__(self, config: Config, bind: str) -> None:
-        host, port = parse_bind(bind)
+        host, port = parse_bind(bind, "--metrics", "127.0.0.1:9464")
         self.token = metrics_token(config)
-        if self.token is None and not config.web.metrics_public and not _is_loopback(host):
+        if self.token is None and not config.web.metrics_public and not is_loopback(host):
             raise ConfigError(f"refusing to serve metrics on {host} without a token: set [web] token "
                               f"or {WEB_TOKEN_ENV}, or [web] metrics_public = true (or bind to 127.0.0.1)")
         self.sessions = OneConnection(config.dsn)
         self.collectors = registry(self.sessions.metrics_backlog, self.sessions.hooks_capturing)
-        self.socket = _listen(host, port)
+        self.socket = listen(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         self._stopping = asyncio.Event()
         self.guesses = GuessLimit()
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return http_url(self.host, self.port, "/metrics")
 
     async def serve(self) -> None:
         app = web.Application()
@@ -443,10 +427,3 @@ class MetricsServer:
         body = await asyncio.to_thread(render, self.collectors)  # the backlog query blocks
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -48,7 +48,7 @@ def _sqlalchemy_model(mapper: Mapper[Any]) -> ModelTable:
         column = attribute.columns[0]
         if isinstance(column, sqlalchemy.Column) and column.table is table:
             columns[attribute.key] = column.name
-    key = list(table.primary_key.columns) or [c for c in mapper.primary_key if c.table is table]
+    key: list[Any] = list(table.primary_key.columns) or [c for c in mapper.primary_key if c.table is table]
     return _sqlalchemy_table(table, columns, key)
 
 

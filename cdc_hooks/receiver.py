@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import simplejson
 from aiohttp import web
 
 from . import jsoncodec, signing
@@ -153,17 +152,12 @@ def format_delivery(delivery: Delivery) -> str:
         return "\n".join(lines)
     key = payload.get("key")
     lines.append(f"  hook: {payload.get('hook')}  event: {payload.get('event')}  "
-                 f"id: {payload.get('id')}" + (f"  key: {_json(key)}" if key else ""))
-    lines.append(f"  data: {_json(payload.get('data'))}")
+                 f"id: {payload.get('id')}" + (f"  key: {jsoncodec.dumps_spaced(key)}" if key else ""))
+    lines.append(f"  data: {jsoncodec.dumps_spaced(payload.get('data'))}")
     for extra in ("changes", "old_key"):
         if extra in payload:
-            lines.append(f"  {extra}: {_json(payload[extra])}")
+            lines.append(f"  {extra}: {jsoncodec.dumps_spaced(payload[extra])}")
     return "\n".join(lines)
-
-
-def _json(value: Any) -> str:
-    """JSON spaced for reading (jsoncodec's is compact, for the wire)."""
-    return simplejson.dumps(value, use_decimal=True, ensure_ascii=False, default=str)
 
 
 def serve(host: str, port: int, secrets: Sequence[str] = ()) -> None:

@@ -29,7 +29,7 @@ import psycopg
 from . import services
 from .config import DEFAULT_EVENTS, Config, HookConfig, hook_label, load_config, parse_hook
 from .db import Database
-from .errors import CdcHooksError, ConfigError, ListenerError
+from .errors import CdcHooksError, ConfigError, ListenerError, first_line
 from .match import rules_from_python, rules_to_json
 from .orm import ModelTable, model_table
 from .services.listeners import NewListener
@@ -38,17 +38,18 @@ from .services.listeners import NewListener
 class Hook:
     """A custom hook: not bound to a table, sent explicitly (durian's Hook)."""
 
-    name: ClassVar[str] = ""
-    provides_args: ClassVar[Sequence[str] | None] = None
-    senders: ClassVar[Sequence[str] | None] = None  # roles that may send it (config: senders)
+    # Defaults a subclass may set (durian's style); the constructor's arguments override them.
+    name: str = ""
+    provides_args: Sequence[str] | None = None
+    senders: Sequence[str] | None = None  # roles that may send it (config: senders)
 
     def __init__(self, name: str | None = None, provides_args: Sequence[str] | None = None,
                  registry: Registry | None = None, senders: Sequence[str] | None = None) -> None:
-        self.name = name or type(self).name  # type: ignore[misc]
+        self.name = name or type(self).name
         # Kept as given: config.parse_hook refuses what is not a list of names.
-        self.provides_args = (provides_args if provides_args is not None  # type: ignore[misc]
+        self.provides_args = (provides_args if provides_args is not None
                               else type(self).provides_args)
-        self.senders = senders if senders is not None else type(self).senders  # type: ignore[misc]
+        self.senders = senders if senders is not None else type(self).senders
         if not self.name:
             raise CdcHooksError(f"{type(self).__name__} needs a name")
         self.registry = registry or hooks
@@ -242,8 +243,7 @@ def _import(module: str) -> None:
     try:
         importlib.import_module(module)
     except Exception as exc:  # whatever the module raised: one line, not a traceback
-        message = str(exc).strip().splitlines()
-        detail = f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+        detail = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"[python] modules: cannot import {module}: {detail}") from exc
 
 

@@ -36,6 +36,17 @@ Fixtures
         (hooks, delivery, web sections) to ``tmp_path/name`` and returns the
         loaded Config; ``config.path`` is the file, for ``--config``.
         Call it again with another body to rewrite the same file.
+    ``installed`` (function)
+        ``installed(body: str, table: str | None = None) -> Config``: runs the
+        ``table`` SQL (CREATE TABLE ...), writes the config (make_config) and
+        installs it: what most tests start from.
+    ``serve_web`` (function)
+        ``serve_web(config) -> str``: ``cdc-hooks web`` as its own process on a
+        free loopback port, up; its URL. Stopped with SIGTERM after the test,
+        which must end it cleanly (exit 0).
+    ``own_postgres`` (function)
+        A PostgreSQL server of the test's own (tests/receivers.OwnPostgres), which
+        it may stop, restart or configure; never the shared one.
     ``cli`` (function)
         ``cli(config, *args, input=None) -> click.testing.Result``: runs
         ``cdc-hooks --config <config.path> *args`` in-process with CliRunner
@@ -51,6 +62,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -63,8 +77,9 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from receivers import Receiver
+from receivers import OwnPostgres, Receiver, free_port, skip_without_postgres_user, wait_until
 
+from cdc_hooks import install as installer
 from cdc_hooks.cli import main
 from cdc_hooks.config import Config, load_config
 
@@ -221,6 +236,56 @@ def make_config(clean_db: str, tmp_path: Path) -> Callable[..., Config]:
         return load_config(path)
 
     return make
+
+
+@pytest.fixture
+def installed(conn: psycopg.Connection[Any], make_config: Callable[..., Config]
+              ) -> Callable[..., Config]:
+    def install(body: str, table: str | None = None) -> Config:
+        if table is not None:
+            conn.execute(table)
+        config = make_config(body)
+        installer.install(config)
+        return config
+
+    return install
+
+
+@pytest.fixture
+def serve_web(tmp_path: Path) -> Iterator[Callable[[Config], str]]:
+    started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def serve(config: Config) -> str:
+        port = free_port()
+        log = tmp_path / f"web-{len(started)}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "cdc_hooks", "--config", str(config.path),
+                                     "web", "--bind", f"127.0.0.1:{port}"],
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        started.append((proc, log))
+        wait_until(lambda: "web interface" in log.read_text() or proc.poll() is not None,
+                   message="cdc-hooks web up")
+        assert proc.poll() is None, log.read_text()
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for proc, log in started:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(30) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    skip_without_postgres_user()
+    server = OwnPostgres()
+    server.start()
+    yield server
+    server.destroy()
 
 
 @pytest.fixture

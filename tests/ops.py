@@ -14,6 +14,7 @@ import psycopg
 from click.testing import Result
 from prometheus_client.parser import text_string_to_metric_families
 from receivers import wait_until
+from shared import PERSON_TABLE
 
 from cdc_hooks.config import Config
 
@@ -33,7 +34,7 @@ retry_schedule = [0.2, 0.2]
 timeout = 2
 """
 
-TABLE = "CREATE TABLE person (id serial PRIMARY KEY, name text, address text, secret text)"
+TABLE = PERSON_TABLE
 TOKEN = "metrics-test-token-0123456789"
 
 Cli = Callable[..., Result]

@@ -322,6 +322,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def skip_without_postgres_user() -> None:
+    """initdb refuses to run as root: a server of a test's own then runs as postgres."""
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            import pytest
+
+            pytest.skip("running as root without a postgres user to run initdb as")
+
+
 class OwnPostgres:
     """A PostgreSQL server the test owns (initdb + pg_ctl into a temp dir on a
     free port), so it may stop and restart it: the shared server is never touched.

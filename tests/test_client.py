@@ -6,21 +6,16 @@ receiver; error answers as ApiError; retries only of requests that never left.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from receivers import InProcessRelay, Receiver, Reply, free_port, wait_until
+from shared import PERSON_TABLE
 
 from cdc_hooks import Endswith, Startswith
-from cdc_hooks import install as installer
 from cdc_hooks.client import ApiError, AsyncClient, Client, Page
 from cdc_hooks.config import Config
 
@@ -46,32 +41,14 @@ token = "{TOKEN}"
 
 
 @pytest.fixture
-def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
-    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text, address text, secret text)")
-    config = make_config(CONFIG)
-    installer.install(config)
-    return config
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG, PERSON_TABLE)
 
 
 @pytest.fixture
-def server(config: Config, tmp_path: Path) -> Iterator[str]:
+def server(config: Config, serve_web: Callable[[Config], str]) -> str:
     """`cdc-hooks web` as its own process; its URL."""
-    port = free_port()
-    log = tmp_path / "web.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cdc_hooks", "--config", str(config.path),
-                                 "web", "--bind", f"127.0.0.1:{port}"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: "web interface" in log.read_text() or proc.poll() is not None)
-        assert proc.poll() is None, log.read_text()
-        yield f"http://127.0.0.1:{port}"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    return serve_web(config)
 
 
 @pytest.fixture

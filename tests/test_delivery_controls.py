@@ -9,11 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import shared
 import standardwebhooks
 from fastapi.testclient import TestClient
 from receivers import InProcessRelay, Reply, wait_until
+from shared import PING_HOOK, bearer, web_section
 
-from cdc_hooks import install as installer
 from cdc_hooks.client import Client
 from cdc_hooks.config import Config
 from cdc_hooks.registry import Hook, Registry
@@ -21,27 +22,13 @@ from cdc_hooks.web import create_app
 
 API_KEY = "key-4Rt9Wq2Lm7"  # a header value: a secret, never listed
 TOKEN = "controls-test-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CONFIG = f"""
-[[hooks]]
-name = "ping"
-provides = ["n"]
-
-[delivery]
-allow_private_networks = true
-retry_schedule = [3600]
-timeout = 2
-
-[web]
-token = "{TOKEN}"
-"""
+AUTH = bearer(TOKEN)
+CONFIG = PING_HOOK + web_section(TOKEN)
 
 
 @pytest.fixture
-def config(conn: Any, make_config: Callable[..., Config]) -> Config:
-    configured = make_config(CONFIG)
-    installer.install(configured)
-    return configured
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG)
 
 
 def add(cli: Any, config: Config, url: str, *options: str) -> tuple[int, str]:
@@ -62,10 +49,7 @@ def stored(conn: Any, listener_id: int, column: str) -> Any:
 
 
 def login(client: TestClient) -> None:
-    page = client.get("/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    response = client.post("/login", data={"csrf": csrf, "token": TOKEN, "next": "/"},
-                           follow_redirects=False)
+    response = shared.login(client, TOKEN, "/")
     assert response.status_code == 303, response.text
 
 

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from psycopg.conninfo import make_conninfo
-from receivers import OwnPostgres, RelayProcess, free_port, wait_until
+from receivers import OwnPostgres, RelayProcess, free_port, skip_without_postgres_user, wait_until
 
 from cdc_hooks.config import Config
 from cdc_hooks.dsn import describe_dsn, parse_dsn, without_password
@@ -230,13 +230,7 @@ WRONG = ("papaya5Wv", "guava8Rt")
 @pytest.fixture
 def password_server() -> Iterator[OwnPostgres]:
     """A PostgreSQL server where alice logs in with PASSWORD (scram-sha-256)."""
-    if os.geteuid() == 0:
-        try:
-            import pwd
-
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a postgres user to run initdb as")
+    skip_without_postgres_user()
     server = OwnPostgres()
     (server.data / "pg_hba.conf").write_text(
         "local all all trust\nhost all alice 127.0.0.1/32 scram-sha-256\n"

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 from click.testing import Result
-from receivers import InProcessRelay, free_port, wait_until
+from receivers import InProcessRelay
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
@@ -63,33 +59,15 @@ token = "{TOKEN}"
 
 
 @pytest.fixture
-def config(conn: Conn, make_config: Callable[..., Config]) -> Config:
-    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text, profile jsonb)")
-    config = make_config(CONFIG)
-    installer.install(config)
-    return config
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG, "CREATE TABLE person (id serial PRIMARY KEY, name text, profile jsonb)")
 
 
 @pytest.fixture
-def web(config: Config, tmp_path: Path) -> Iterator[httpx.Client]:
+def web(config: Config, serve_web: Callable[[Config], str]) -> Iterator[httpx.Client]:
     """`cdc-hooks web` as a process on a loopback port, and a client of it."""
-    port = free_port()
-    log = tmp_path / "web.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cdc_hooks", "--config", str(config.path), "web",
-                                 "--bind", f"127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: "web interface" in log.read_text() or proc.poll() is not None)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with httpx.Client(base_url=serve_web(config), timeout=30) as client:
+        yield client
 
 
 def nested(depth: int, leaf: Any = 1) -> Any:

@@ -4,11 +4,13 @@ for every value loads can make: the body a listener gets does not depend on whic
 from __future__ import annotations
 
 import json
+from datetime import date
 from decimal import Decimal
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cdc_hooks import jsoncodec
 from cdc_hooks.jsoncodec import dumps, dumps_decoded, dumps_rows, loads
 
 json_numbers = st.integers() | st.decimals(allow_nan=False, allow_infinity=False)
@@ -36,3 +38,16 @@ def test_dumps_rows_is_json_and_takes_what_orjson_refuses() -> None:
     assert json.loads(dumps_rows(rows)) == [list(row) for row in rows]
     lone = "\udc80"  # orjson refuses a lone surrogate; the statement still gets JSON
     assert json.loads(dumps_rows([[1, lone]])) == [[1, lone]]
+
+
+@given(json_values)
+def test_dumps_spaced_reads_back_as_the_same_value(value: object) -> None:
+    decoded = loads(dumps(value))
+    assert loads(jsoncodec.dumps_spaced(decoded)) == decoded
+
+
+def test_dumps_spaced_is_spaced_and_keeps_digits() -> None:
+    assert jsoncodec.dumps_spaced(loads('{"a": 1E-8, "b": [0.10, "\u00e9"]}')) == \
+        '{"a": 1E-8, "b": [0.10, "\u00e9"]}'
+    assert jsoncodec.dumps_spaced({"n": Decimal("1E-8"), "when": date(2026, 1, 2)}) == \
+        '{"n": 0.00000001, "when": "2026-01-02"}'

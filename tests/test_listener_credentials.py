@@ -15,11 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import shared
 from fastapi.testclient import TestClient
 from receivers import InProcessRelay, Reply, wait_until
+from shared import PING_HOOK, bearer, web_section
 
 from cdc_hooks import health
-from cdc_hooks import install as installer
 from cdc_hooks.config import Config
 from cdc_hooks.db import Database
 from cdc_hooks.urls import redact_url
@@ -27,27 +28,13 @@ from cdc_hooks.web import create_app
 
 PASSWORD = "pw-7Hq2Zx9"
 TOKEN = "credentials-test-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CONFIG = f"""
-[[hooks]]
-name = "ping"
-provides = ["n"]
-
-[delivery]
-allow_private_networks = true
-retry_schedule = [3600]
-timeout = 2
-
-[web]
-token = "{TOKEN}"
-"""
+AUTH = bearer(TOKEN)
+CONFIG = PING_HOOK + web_section(TOKEN)
 
 
 @pytest.fixture
-def config(conn: Any, make_config: Callable[..., Config]) -> Config:
-    configured = make_config(CONFIG)
-    installer.install(configured)
-    return configured
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG)
 
 
 def add(cli: Any, config: Config, hook: str, url: str) -> int:
@@ -63,10 +50,7 @@ def stored_url(conn: Any, listener_id: int) -> str:
 
 
 def login(client: TestClient) -> None:
-    page = client.get("/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    response = client.post("/login", data={"csrf": csrf, "token": TOKEN, "next": "/"},
-                           follow_redirects=False)
+    response = shared.login(client, TOKEN, "/")
     assert response.status_code == 303, response.text
 
 

@@ -11,36 +11,19 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from receivers import InProcessRelay, Reply, wait_until
+from shared import PERSON_HOOKS, csrf_of
 from test_relay import DELIVERY, TABLE, add_listener, wait_settled
-from test_web_api import csrf_of, login
+from test_web_api import AUTH, WEB, login
 
 from cdc_hooks import install as installer
 from cdc_hooks.config import Config
 from cdc_hooks.registry import Registry
 from cdc_hooks.web import create_app
 
-TOKEN = "test-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-HOOKS = """
-[[hooks]]
-name = "person"
-table = "person"
-events = ["insert", "update", "delete"]
-provides = ["name", "address", "profile"]
-
-[[hooks]]
-name = "myhook"
-provides = ["message", "n"]
-"""
-WEB = f'\n[web]\ntoken = "{TOKEN}"\n'
-
 
 @pytest.fixture
-def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
-    conn.execute(TABLE)
-    config = make_config(HOOKS + DELIVERY + WEB)
-    installer.install(config)
-    return config
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(PERSON_HOOKS + DELIVERY + WEB, TABLE)
 
 
 @pytest.fixture

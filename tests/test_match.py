@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import re
 from decimal import Decimal
 
 import pytest
@@ -149,11 +149,32 @@ def test_matchers_never_raise_on_other_types(matcher: object, value: object) -> 
         assert result is False  # string matchers match strings only
 
 
+def is_text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+# What each of ALL_MATCHERS must answer, written plainly (Like: Python's re on the same pattern).
+REFERENCE = [
+    lambda v: True,
+    lambda v: is_text(v) and v == "Joe",
+    lambda v: is_number(v) and Decimal(str(v)) == 1,
+    lambda v: is_text(v) and v.startswith("J"),
+    lambda v: is_text(v) and v.endswith("e"),
+    lambda v: is_text(v) and "o" in v,
+    lambda v: is_text(v) and re.fullmatch("J.e", v) is not None and not "\ud800" <= v[1] <= "\udfff",
+]
+
+
 @given(json_values)
-def test_matchers_never_raise_on_any_json_value(value: object) -> None:
-    for matcher in ALL_MATCHERS:
-        assert isinstance(matcher(value), bool)
-    assert isinstance(deepmatch({"a": {"b": "c"}, "d": Like("x")}, {"a": value, "d": value}), bool)
+def test_matchers_agree_with_a_plain_reference(value: object) -> None:
+    assert [matcher(value) for matcher in ALL_MATCHERS] == [check(value) for check in REFERENCE]
+    assert deepmatch({"a": {"b": "c"}}, {"a": value}) == (
+        isinstance(value, dict) and is_text(value.get("b")) and value["b"] == "c")
+    assert deepmatch({"a": {"b": "c"}, "d": Like("x")}, {"a": value, "d": value}) is False  # dict and str
 
 
 def test_like_on_text_that_is_not_valid_unicode_does_not_match() -> None:
@@ -255,17 +276,32 @@ def canonical(value: object) -> object:
 def test_rules_from_json_parses_or_raises_match_error(raw: object) -> None:
     try:
         rules = rules_from_json(raw)
-    except MatchError:
+    except MatchError as exc:
+        assert str(exc).startswith("match"), str(exc)  # names the match (and the field, below)
         return
-    deepmatch(rules, {})
+    assert rules_from_json(rules_to_json(rules)) == rules  # written back, it reads the same
+    assert isinstance(deepmatch(rules, {}), bool)
 
 
 @given(st.dictionaries(st.text(max_size=3), st.dictionaries(
     st.sampled_from(["$any", "$is", "$like", "$startswith", "$x", "$", "a"]), json_values,
     max_size=2), max_size=3))
 def test_matcher_objects_parse_or_raise_match_error(raw: dict[str, object]) -> None:
-    with contextlib.suppress(MatchError):
+    try:
         rules_from_json(raw)
+    except MatchError as exc:  # the refusal names the first field refused on its own
+        refused = [field for field in raw if refuses({field: raw[field]})]
+        assert refused and str(exc).startswith(f'match field "{refused[0]}"'), (str(exc), refused)
+        return
+    assert not any(refuses({field: rule}) for field, rule in raw.items())
+
+
+def refuses(raw: dict[str, object]) -> bool:
+    try:
+        rules_from_json(raw)
+    except MatchError:
+        return True
+    return False
 
 
 # --match option ---------------------------------------------------------------
@@ -348,8 +384,13 @@ def test_match_options_conflicts(options: list[str], message: str) -> None:
 
 @given(st.text())
 def test_parse_match_option_fuzz(option: str) -> None:
-    with contextlib.suppress(MatchError):
-        parse_match_option(option)
+    try:
+        path, rule = parse_match_option(option)
+    except MatchError as exc:
+        assert str(exc).startswith(f"--match {option!r}: "), str(exc)  # names the option
+        return
+    assert option.startswith(".".join(path)) and all(path)  # the field is the option's own
+    assert jsoncodec.loads(jsoncodec.dumps(rule)) == rule  # the rule is JSON, stored as such
 
 
 @given(st.lists(st.one_of(
@@ -362,5 +403,14 @@ def test_parse_match_option_fuzz(option: str) -> None:
               st.sampled_from(["1", "null", "[", "{}", "\"s\"", "tru", "1e999", "[1,{}]"])),
 ), max_size=4))
 def test_match_options_to_json_fuzz(options: list[str]) -> None:
-    with contextlib.suppress(MatchError):
-        match_options_to_json(options)
+    try:
+        match = match_options_to_json(options)
+    except MatchError as exc:  # names the option refused, or the match as a whole
+        assert any(str(exc).startswith(f"--match {option!r}: ") for option in options) or \
+            str(exc).startswith("match"), str(exc)
+        return
+    for option in options:  # each option's field is in the match, as its own path
+        node: object = match
+        for part in parse_match_option(option)[0]:
+            assert isinstance(node, dict) and part in node, (option, match)
+            node = node[part]

@@ -10,8 +10,6 @@ in flight; PostgreSQL restarts) are marked ``slow``: ``-m "not slow"`` skips the
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import random
 import re
 import signal
@@ -29,7 +27,6 @@ import standardwebhooks
 from click.testing import Result
 from receivers import (
     InProcessRelay,
-    OwnPostgres,
     Received,
     Receiver,
     RelayProcess,
@@ -37,41 +34,17 @@ from receivers import (
     Reply,
     wait_until,
 )
+from shared import LOOPBACK_DELIVERY, PERSON_HOOKS, PROFILE_TABLE
 
 from cdc_hooks import install as installer
 from cdc_hooks import metrics
 from cdc_hooks.config import Config, load_config
 from cdc_hooks.registry import Hook, Registry
 
-HOOKS = """
-[[hooks]]
-name = "person"
-table = "person"
-events = ["insert", "update", "delete"]
-provides = ["name", "address", "profile"]
+HOOKS = PERSON_HOOKS
+DELIVERY = LOOPBACK_DELIVERY
 
-[[hooks]]
-name = "myhook"
-provides = ["message", "n"]
-"""
-
-# Loopback receivers need allow_private_networks; a tiny schedule keeps retries fast.
-DELIVERY = """
-[delivery]
-allow_private_networks = true
-retry_schedule = [0.2, 0.2]
-timeout = 2
-"""
-
-TABLE = """
-CREATE TABLE person (
-    id serial PRIMARY KEY,
-    name text,
-    address text,
-    profile jsonb,
-    secret text
-)
-"""
+TABLE = PROFILE_TABLE
 
 Cli = Callable[..., Result]
 
@@ -753,10 +726,27 @@ def test_run_on_an_older_schema_says_to_upgrade(config, conn, relays):
     assert "Traceback" not in relay.log()
 
 
-def test_in_process_stop_returns(config):
+def test_stop_records_what_is_in_flight_and_releases_what_is_not(setup, conn, cli, receiver):
+    """stop(): the request under way finishes and its result is recorded; deliveries
+    claimed but not sent are due again at once, with no attempt spent."""
+    config = setup(DELIVERY + "listener_concurrency = 1\n")
+    receiver.set_default("/slow", Reply(delay=1.5))  # under the 2 s timeout
+    listener_id, _ = add_listener(cli, config, "myhook", receiver.url("/slow"))
+    for n in range(5):
+        assert cli(config, "send", "myhook", "message=m", f"n:={n}").exit_code == 0
     relay = InProcessRelay(config).start()
-    wait_until(lambda: relay.relay._loaded_at > 0, message="relay connected")
+    receiver.wait_for_arrivals(1)  # one request under way (1.5 s), the others claimed behind it
+    wait_until(lambda: [row[3] for row in delivery_rows(conn, listener_id)] == [1] * 5,
+               message="all five claimed (an attempt each)")
     relay.stop(timeout=20)
+    assert receiver.arrivals == 1
+    rows = delivery_rows(conn, listener_id)
+    assert [(status, attempts) for _, _, status, attempts, _, _ in rows] == \
+        [("delivered", 1)] + [("pending", 0)] * 4
+    due_later = conn.execute("SELECT count(*) FROM cdc_hooks.deliveries WHERE listener_id = %s"
+                             " AND status = 'pending' AND next_attempt_at > now()",
+                             (listener_id,)).fetchone()
+    assert due_later == (0,)
 
 
 def insert_stream(conn: psycopg.Connection[Any], rows: int, per_statement: int = 100) -> None:
@@ -890,19 +880,6 @@ def test_default_policy_refuses_a_stored_loopback_listener_at_send_time(conn, se
 
 # PostgreSQL restarted mid-stream -------------------------------------------------
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[OwnPostgres]:
-    """A server this test may restart: never the shared one."""
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a postgres user to run initdb as")
-    server = OwnPostgres()
-    server.start()
-    yield server
-    server.destroy()
 
 
 @pytest.mark.slow

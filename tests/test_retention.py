@@ -12,7 +12,6 @@ import pytest
 from click.testing import Result
 from receivers import InProcessRelay, wait_until
 
-from cdc_hooks import install as installer
 from cdc_hooks import retention
 from cdc_hooks.config import Config, parse_config
 from cdc_hooks.db import Database
@@ -37,10 +36,8 @@ interval = 0
 
 
 @pytest.fixture
-def config(make_config: Callable[..., Config]) -> Config:
-    config = make_config(CONFIG)
-    installer.install(config)
-    return config
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG)
 
 
 def listener(conn: Conn) -> int:

@@ -10,64 +10,49 @@ from __future__ import annotations
 
 import html
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
+import shared
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from receivers import InProcessRelay, Reply, free_port, wait_until
+from receivers import InProcessRelay, Reply, wait_until
+from shared import PERSON_HOOKS, PROFILE_TABLE, bearer, csrf_of, web_section
 
 from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
+from cdc_hooks.binding import parse_bind
 from cdc_hooks.config import Config
 from cdc_hooks.errors import ConfigError, MatchError
 from cdc_hooks.guesses import LIMIT, GuessLimit
 from cdc_hooks.web import create_app
 from cdc_hooks.web.forms import CONDITIONS, exact_value, match_from_form, rows_from_match
-from cdc_hooks.web.serve import WebServer, parse_bind
+from cdc_hooks.web.serve import WebServer
 
 TOKEN = "test-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = bearer(TOKEN)
 
-HOOKS = """
-[[hooks]]
-name = "person"
-table = "person"
-events = ["insert", "update", "delete"]
-provides = ["name", "address", "profile"]
-
-[[hooks]]
-name = "myhook"
-provides = ["message", "n"]
-
+HOOKS = PERSON_HOOKS + """
 [delivery]
 allow_private_networks = true
 retry_schedule = [0.2]
 timeout = 2
 """
-WEB = f'\n[web]\ntoken = "{TOKEN}"\n'
-
-TABLE = "CREATE TABLE person (id serial PRIMARY KEY, name text, address text, profile jsonb, secret text)"
+WEB = web_section(TOKEN)
+TABLE = PROFILE_TABLE
 
 
 # Fixtures ------------------------------------------------------------------
 
 
 @pytest.fixture
-def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
-    conn.execute(TABLE)
-    config = make_config(HOOKS + WEB)
-    installer.install(config)
-    return config
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(HOOKS + WEB, TABLE)
 
 
 @pytest.fixture
@@ -471,14 +456,7 @@ def test_status_figures(client, conn):
 
 
 def login(client: TestClient, token: str = TOKEN) -> Any:
-    page = client.get("/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    return client.post("/login", data={"csrf": csrf, "token": token, "next": "/listeners"},
-                       follow_redirects=False)
-
-
-def csrf_of(client: TestClient, path: str = "/listeners") -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', client.get(path).text).group(1)  # type: ignore[union-attr]
+    return shared.login(client, token)
 
 
 def test_pages_redirect_to_login_and_the_session_cookie_is_strict(client):
@@ -674,26 +652,12 @@ def test_cli_web_refuses_public_binds_without_a_token_and_bad_addresses(conn, ma
     assert result.exit_code == 2 and "HOST:PORT" in result.stderr
 
 
-def test_cli_web_serves_until_sigterm(config, tmp_path):
-    port = free_port()
-    log = tmp_path / "web.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cdc_hooks", "--config", str(config.path), "web",
-                                 "--bind", f"127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: "web interface" in log.read_text() or proc.poll() is not None)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
-            assert http.get("/healthz").json() == {"status": "ok"}
-            assert http.get("/api/hooks").status_code == 401
-            # person, myhook and the built-in cdc_hooks.listener_disabled
-            assert len(http.get("/api/hooks", headers=AUTH).json()) == 3
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+def test_cli_web_serves_until_sigterm(config, serve_web):
+    with httpx.Client(base_url=serve_web(config)) as http:  # which ends it with SIGTERM: exit 0
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/api/hooks").status_code == 401
+        # person, myhook and the built-in cdc_hooks.listener_disabled
+        assert len(http.get("/api/hooks", headers=AUTH).json()) == 3
 
 
 # The filter form (pure logic) ------------------------------------------------

@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from receivers import RelayProcess, free_port, wait_until
+from shared import PERSON_TABLE
 
-from cdc_hooks import install as installer
 from cdc_hooks.config import Config
 
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
@@ -79,11 +78,8 @@ class WebProcess(RelayProcess):
 
 
 @pytest.fixture
-def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
-    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text, address text, secret text)")
-    config = make_config(CONFIG)
-    installer.install(config)
-    return config
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG, PERSON_TABLE)
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from receivers import RelayProcess, free_port, wait_until
 
@@ -70,11 +69,8 @@ class WebProcess(RelayProcess):
 
 
 @pytest.fixture
-def config(conn: psycopg.Connection[Any], make_config: Callable[..., Config]) -> Config:
-    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text)")
-    config = make_config(CONFIG)
-    installer.install(config)
-    return config
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG, "CREATE TABLE person (id serial PRIMARY KEY, name text)")
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
 """One HTTP attempt: signed POST, bounded in time and in what is read.
 
-aiohttp, not httpx, carries the deliveries: measured here against a local
-receiver, httpx's AsyncClient made ~400 POSTs/s at 64 in flight where aiohttp
-made 7,000-10,000/s (see README, "Why aiohttp").
+aiohttp, not httpx, carries the deliveries: it made many times more POSTs per
+second against a local receiver (README, "Why aiohttp"; bench/RESULTS-relay.md).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class Target:
     previous_until: float = 0.0
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per request
+@dataclass(slots=True)  # not frozen: a frozen __init__ is several times slower; this is per request
 class Response:
     code: int | None  # None: no HTTP response (connection error, timeout, refused)
     duration_ms: float
@@ -106,7 +105,7 @@ class Sender:
     def _checked(self, url: str) -> URL:
         """The URL, parsed, once its host passed the policy if it is an IP literal
         (names are checked as they are resolved). Once per URL: parsing it on every
-        request cost 5% of the relay."""
+        request showed in the relay's profile."""
         parsed = self._urls.get(url)
         if parsed is None:
             parsed = URL(url)

@@ -32,24 +32,25 @@ import logging
 import sys
 import time
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
 from .. import capturing, jsoncodec, logs, maintenance, metrics
 from ..config import Config
-from ..db import RelayStore, migrations
+from ..db import SCHEMA_GONE, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
-from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
+from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable, first_line
 from ..match import deepmatch, rules_from_json
 from ..netpolicy import NetworkPolicy
 from ..rows import InstalledHook
 from ..services.listeners import takes
 from ..signing import secret_key
 from .circuit import FIRST_PAUSE, MAX_PAUSE, Circuits, verdict
-from .events import ALL_ROWS, expand
+from .events import ALL_ROWS, Event, expand
 from .http import Sender, Target
 from .pacing import Pacing
 from .retry import classify
@@ -73,9 +74,6 @@ CAPTURE_CHECK_EVERY = 5.0  # seconds between checks that each hook's triggers ar
 # once, so a SIGKILLed relay's deliveries wait at most about this long): one statement
 # reading a few rows, the only one an idle relay makes for it.
 TAKEOVER_EVERY = 2.0
-# What a relay's statements raise once the cdc_hooks schema (or part of it) is dropped.
-SCHEMA_GONE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
-               psycopg.errors.InvalidSchemaName)
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ class Listener:
     rate: float | None = None  # deliveries per second at most, across relays (pacing.py)
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
+@dataclass(slots=True)  # not frozen: a frozen __init__ is several times slower; this is per attempt
 class Result:
     delivery_id: int
     attempt: int
@@ -213,7 +211,7 @@ class Relay:
                 if gone is not None:  # dropped under us: say so and stop, loudly
                     raise CdcHooksError(
                         f"cdc_hooks is no longer installed in {describe_dsn(self.dsn)} "
-                        f"({_first_line(gone)}): changes are not captured; run cdc-hooks install")
+                        f"({first_line(gone)}): changes are not captured; run cdc-hooks install")
         finally:
             lag.stop()
             await self._finish_in_flight()
@@ -336,7 +334,7 @@ class Relay:
             try:
                 await asyncio.to_thread(maintenance.run, self.config, self._stopping.is_set)
             except (psycopg.Error, CdcHooksError) as exc:
-                log.warning("maintenance failed, next try in %g s: %s", interval, _first_line(exc))
+                log.warning("maintenance failed, next try in %g s: %s", interval, first_line(exc))
             await self._sleep(interval)
 
     async def _capture_loop(self, store: RelayStore) -> None:
@@ -360,7 +358,7 @@ class Relay:
         if self._outage_since is None:  # log each outage once, not every retry
             self._outage_since = time.monotonic()
             log.warning("database at %s unavailable (%s); reconnecting with backoff",
-                        describe_dsn(self.dsn), redact(self.dsn, _first_line(exc)))
+                        describe_dsn(self.dsn), redact(self.dsn, first_line(exc)))
 
     def _note_connected(self) -> None:
         metrics.connected()
@@ -448,7 +446,7 @@ class Relay:
                 # changes always gets them.
                 await self._reload(store, force=True)
                 self._config_version = rows[0][5]
-            events = []
+            events: list[Event] = []
             for outbox_id, hook, kind, payload, occurred_at, _ in sorted(rows):
                 events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at,
                                      self.delivery.max_event_bytes))
@@ -861,18 +859,12 @@ def _set(names: list[str] | None) -> frozenset[str] | None:
     return None if names is None else frozenset(names)
 
 
-def _takes_backfill(listener: Listener, event: Any) -> bool:
+def _takes_backfill(listener: Listener, event: Event) -> bool:
     """Backfill events go to listeners that did not opt out, or to the one asked for."""
     if event.for_listener is not None:
         return event.for_listener == listener.id
     return listener.backfill
 
-
-def _first_line(exc: BaseException) -> str:
-    """psycopg's first line says what happened ("server closed the connection
-    unexpectedly"); the lines after it are hints."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
@@ -889,23 +881,23 @@ class _Stopped(Exception):
     """Ends a connected session when the relay is asked to stop."""
 
 
-def run_forever(config: Config, web: str | None = None, metrics_bind: str | None = None,
-                workers: int = 1, report_to: Connection | None = None) -> None:
-    """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop); with
-    web=HOST:PORT it also serves the web interface in the same event loop, with
-    metrics_bind=HOST:PORT Prometheus metrics (both also serve /metrics). With
-    workers > 1, that many relays in as many processes (relay/workers.py); this
-    process is the first, and reports for all. report_to: this process is one of
-    the others, reporting its metrics there."""
+class Server(Protocol):
+    """A server that runs beside the relay, in its event loop (the web interface,
+    /metrics), bound before the relay starts."""
+
+    async def serve(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_forever(config: Config, servers: Sequence[Server] = (), workers: int = 1,
+                report_to: Connection | None = None) -> None:
+    """Runs a relay until SIGTERM/SIGINT (exit 0 after a graceful stop), and the
+    servers beside it in the same event loop, stopped with it. With workers > 1,
+    that many relays in as many processes (relay/workers.py); this process is the
+    first, and reports for all. report_to: this process is one of the others,
+    reporting its metrics there."""
     import signal
-
-    servers: list[Any] = []  # each binds now: a bad address fails before the relay starts
-    if web is not None:  # imported here: the relay alone does not load the web stack
-        from ..web.serve import WebServer
-
-        servers.append(WebServer(config, web))
-    if metrics_bind is not None:
-        servers.append(metrics.MetricsServer(config, metrics_bind))
 
     async def main() -> None:
         mine = share(config, workers)  # each worker's share of the limits

@@ -13,7 +13,7 @@ MAX_RETRY_AFTER = 3600.0  # a receiver cannot park a delivery for longer per att
 JITTER = 0.2  # +-20%, so retries of a burst do not return as a burst
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 6x, and this is per attempt
+@dataclass(slots=True)  # not frozen: a frozen __init__ is several times slower; this is per attempt
 class Outcome:
     status: str  # 'delivered', 'pending' (retry later) or 'dead'
     retry_in: float | None = None

@@ -1,7 +1,7 @@
 """`cdc-hooks run --workers N`: N relays in N processes, to use more than one core.
 
-One relay process is CPU-bound at about 10,000 deliveries/s here: the HTTP client and
-the event loop run on one core (bench/RESULTS-relay.md). The workers share the work
+One relay process is CPU-bound: the HTTP client and the event loop run on one core
+(figures: bench/RESULTS-relay.md). The workers share the work
 through the database exactly as separate relays do (docs/operations.md, "Running several
 relays"). This module only starts the other workers, gives each its share of the
 limits, stops them with the first, and gathers their counters into its /metrics.

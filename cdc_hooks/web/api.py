@@ -7,7 +7,7 @@ pool, so they never block the event loop a relay may share (`run --web`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from .. import jsoncodec, services
 from ..db import Database
 from .auth import TokenFirst, require_token
+from .dbpool import BIGINT, Db
 from .limits import BodyTooLarge
 from .models import (
     DeliveryDetail,
@@ -38,14 +39,7 @@ from .models import (
     shown,
 )
 
-BIGINT = 2**63 - 1
 NO_STORE = {"Cache-Control": "no-store"}  # answers that carry a secret
-
-
-def database(request: Request) -> Iterator[Database]:
-    """A pooled connection for the request (see dbpool)."""
-    with request.app.state.web.connections.database() as db:
-        yield db
 
 
 def single_query_values(request: Request) -> None:
@@ -104,7 +98,6 @@ def _exact_content(answer: BaseModel | list[Any]) -> Any:
     return content
 
 
-Db = Annotated[Database, Depends(database)]
 ListenerId = Annotated[int, Path(ge=1, le=BIGINT, description="A listener's id")]
 DeliveryId = Annotated[int, Path(ge=1, le=BIGINT, description="A delivery's id")]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import services
 from ..config import WEB_TOKEN_ENV, Config, web_token
 from ..db import Database
-from ..errors import AlreadyQueued, CdcHooksError, ConfigError, DatabaseUnavailable, NotFound
+from ..errors import AlreadyQueued, CdcHooksError, ConfigError, DatabaseUnavailable, NotFound, first_line
 from ..guesses import GuessLimit, TooManyGuesses
 from . import api, metrics, pages
 from .auth import LoginRequired, require_token
@@ -98,16 +98,15 @@ def _add_health(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["health"], summary="The database answers and the relay keeps up",
              responses={503: {"model": Readiness, "description": "Not ready"}},
-             openapi_extra={"security": []})
-    def readyz(request: Request) -> Readiness:
+             openapi_extra={"security": []}, response_model=Readiness)
+    def readyz(request: Request) -> Readiness | JSONResponse:
         try:
             with Database.connect(request.app.state.web.config.dsn) as db:
                 problems = services.status.readiness(db)
         except (DatabaseUnavailable, psycopg.Error) as exc:
-            problems = [_first_line(exc)]
+            problems = [first_line(exc)]
         if problems:
-            return JSONResponse(Readiness(ready=False, problems=problems).model_dump(),  # type: ignore[return-value]
-                                status_code=503)
+            return JSONResponse(Readiness(ready=False, problems=problems).model_dump(), status_code=503)
         return Readiness(ready=True, problems=[])
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
@@ -124,13 +123,13 @@ def _wants_json(request: Request) -> bool:
 
 
 def _problem(status: int, detail: str, errors: list[FieldProblem] | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+             headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(Problem(detail=detail, errors=errors).model_dump(exclude_none=True),
                         status_code=status, headers=headers)
 
 
 async def _answer(request: Request, status: int, detail: str, errors: list[FieldProblem] | None = None,
-                  headers: dict[str, str] | None = None) -> Response:
+                  headers: Mapping[str, str] | None = None) -> Response:
     if _wants_json(request):
         return _problem(status, detail, errors, headers)
     # On a worker thread: drawing a page may look its session up in the database.
@@ -174,18 +173,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(psycopg.OperationalError)
     async def connection_lost(request: Request, exc: psycopg.OperationalError) -> Response:
-        return await _answer(request, 503, f"the database connection failed: {_first_line(exc)}")
+        return await _answer(request, 503, f"the database connection failed: {first_line(exc)}")
 
     @app.exception_handler(psycopg.DataError)
     async def unstorable(request: Request, exc: psycopg.DataError) -> Response:
         # A value the checks above let through but PostgreSQL refuses: still the caller's.
         message = exc.diag.message_primary or str(exc)
         return await _answer(request, 422, f"a value cannot be stored: {message}")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 # Headers ---------------------------------------------------------------------

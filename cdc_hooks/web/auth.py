@@ -20,8 +20,8 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..errors import CdcHooksError
+from ..jsoncodec import storable_text
 from . import sessions
-from .models import storable_text
 
 BEARER = HTTPBearer(auto_error=False, description="The [web] token (or CDC_HOOKS_WEB_TOKEN)")
 LOGIN_COOKIE = "cdc_hooks_login"  # the login form's CSRF token, before there is a session
@@ -37,14 +37,16 @@ def same(given: str, expected: str) -> bool:
 
 
 def token_of(request: Request) -> str:
-    return request.app.state.web.token  # type: ignore[no-any-return]
+    token: str = request.app.state.web.token
+    return token
 
 
 def is_token(request: Request, given: str | None) -> bool:
     """given is the token; raises TooManyGuesses (429) while this client is
     locked out for sending wrong ones (cdc_hooks/guesses.py)."""
     address = request.client.host if request.client else "unknown"
-    return request.app.state.web.guesses.check(address, given, token_of(request))  # type: ignore[no-any-return]
+    right: bool = request.app.state.web.guesses.check(address, given, token_of(request))
+    return right
 
 
 def require_bearer(request: Request, given: str | None) -> None:

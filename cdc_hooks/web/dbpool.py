@@ -1,9 +1,9 @@
 """Database sessions for requests, from a small pool.
 
-Measured on loopback: opening a connection took ~10 ms of an API request
-whose queries take 1-2 ms; with the pool, GET /api/listeners went from ~50 to
-~250 requests/s for one client (94 -> 536/s for eight). Connections are checked
-before use, so a database restart costs a reconnect, not an error.
+Opening a connection costs several times what an API request's queries take,
+so requests borrow open ones (figures: bench/RESULTS-relay.md, "Figures behind
+design choices"). Connections are checked before use, so a database restart
+costs a reconnect, not an error.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
+from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..db import Database, connect, session_options
+from ..db import Database, connect, required_dsn, session_options
 from ..dsn import check_dsn, describe_dsn
 from ..errors import DatabaseUnavailable
 
+BIGINT = 2**63 - 1  # ids are bigint: a larger one in a path or query is refused, not looked up
 POOL_SIZE = 8  # FastAPI's thread pool runs 40 sync endpoints at most; 8 keep up with a UI
 
 
@@ -31,12 +34,11 @@ class Connections:
     def _opened(self) -> ConnectionPool:
         with self._lock:
             if self._pool is None:
-                if not self.dsn:
-                    connect(self.dsn)  # raises the CLI's "no database configured"
+                dsn = required_dsn(self.dsn)
                 # A malformed DSN is refused here: the pool would log libpq's words on it.
-                check_dsn(self.dsn)
+                check_dsn(dsn)
                 self._pool = ConnectionPool(
-                    self.dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
+                    dsn, min_size=1, max_size=POOL_SIZE, open=False, timeout=self.wait,
                     check=ConnectionPool.check_connection, name="cdc-hooks-web",
                     kwargs=session_options())
                 self._pool.open(wait=False)
@@ -63,3 +65,12 @@ class Connections:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+
+
+def database(request: Request) -> Iterator[Database]:
+    """A pooled connection for the request: the dependency of API routes and pages."""
+    with request.app.state.web.connections.database() as db:
+        yield db
+
+
+Db = Annotated[Database, Depends(database)]

@@ -23,7 +23,6 @@ from .. import jsoncodec, services
 from ..errors import CdcHooksError, ListenerError
 from ..guesses import TooManyGuesses
 from . import chart, sessions
-from .api import BIGINT, Db
 from .auth import (
     SessionFirst,
     checked_form,
@@ -33,6 +32,7 @@ from .auth import (
     page_session,
     remember_login_csrf,
 )
+from .dbpool import BIGINT, Db
 from .forms import CONDITIONS, FilterRow, match_from_form, rows_from_form, rows_from_match
 
 PREVIEW_EVENTS = 10

@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, TypedDict
 
 import psycopg
 from fastapi import Request, Response
@@ -47,16 +48,18 @@ def login_tag(token: str) -> str:
 
 def session_of(request: Request) -> Session | None:
     """The request's live session, looked up once per request."""
-    found = getattr(request.state, "web_session", _NOT_LOOKED_UP)
+    found: Session | object | None = getattr(request.state, "web_session", _NOT_LOOKED_UP)
     if found is not _NOT_LOOKED_UP:
-        return found  # type: ignore[return-value]
+        return found if isinstance(found, Session) else None
     request.state.web_session = None  # a lookup that failed is not tried again (the error page)
     cookie = request.cookies.get(COOKIE)
+    session = None
     if cookie:
         with _sessions(request) as db:
             row = db.web_session(_hash(cookie), request.app.state.web.login_tag)
-        request.state.web_session = Session(_hash(cookie), *row) if row else None
-    return request.state.web_session  # type: ignore[no-any-return]
+        session = Session(_hash(cookie), *row) if row else None
+    request.state.web_session = session
+    return session
 
 
 def start(request: Request, response: Response) -> None:
@@ -103,7 +106,14 @@ def take_flash(request: Request) -> str | None:
     return session.flash
 
 
-def cookie_flags(request: Request) -> dict[str, object]:
+class CookieFlags(TypedDict):
+    path: str
+    httponly: bool
+    samesite: Literal["strict"]
+    secure: bool
+
+
+def cookie_flags(request: Request) -> CookieFlags:
     """HttpOnly (no script reads it), SameSite=Strict (no other site's request
     carries it), Secure unless the app was made for plain http (tests)."""
     return {"path": "/", "httponly": True, "samesite": "strict",

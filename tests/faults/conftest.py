@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import platform
-import pwd
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,16 +114,3 @@ def own_world(own_postgres: OwnPostgres, tmp_path: Path) -> Iterator[World]:
     yield scene
     scene.close()
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[OwnPostgres]:
-    """A PostgreSQL server this test may stop and restart: never the shared one."""
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a postgres user to run initdb as")
-    server = OwnPostgres()
-    server.start()
-    yield server
-    server.destroy()

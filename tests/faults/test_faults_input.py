@@ -9,6 +9,9 @@ against a real database, which is compared before and after.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from faultkit import World, delivery, record
 from receivers import wait_until
@@ -92,6 +95,20 @@ COMMANDS = [["install"], ["check"], ["status"], ["listeners", "list"],
             ["deliveries"], ["redeliver", "1"], ["prune"]]
 
 
+# Each case's outcome as the tests below ran it: True once refused cleanly and the
+# database left as it was. test_bad_input_figure, last, sums them into the figure.
+OUTCOMES: dict[str, bool] = {}
+CASES = len(BAD_CONFIGS) + len(BAD_COMMANDS) + len(COMMANDS) * len(UNREACHABLE) + 5
+
+
+@contextmanager
+def outcome(case: str) -> Iterator[None]:
+    """Records the case as lost unless the block's assertions all hold."""
+    OUTCOMES[case] = False
+    yield
+    OUTCOMES[case] = True
+
+
 def snapshot(world: World) -> tuple[object, ...]:
     """What a refused command must leave as it was."""
     if not world.scalar("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'cdc_hooks')"):
@@ -118,16 +135,18 @@ def test_a_bad_config_installs_nothing(world):
     assert world.config is not None and world.config.path is not None
     for case, body, fragment in BAD_CONFIGS:  # one database for all: each must leave it empty
         world.config.path.write_text(f'[database]\ndsn = "{world.dsn}"\n{body}', encoding="utf-8")
-        assert_refused(world.cli("install"), fragment, 2, case)
-        assert snapshot(world) == ("no schema",), case
+        with outcome(f"config: {case}"):
+            assert_refused(world.cli("install"), fragment, 2, case)
+            assert snapshot(world) == ("no schema",), case
 
 
 def test_a_bad_command_changes_nothing(world):
     world.setup(delivery())  # loopback URLs allowed: each case fails for its own reason
     before = snapshot(world)
     for case, args, fragment, code in BAD_COMMANDS:
-        assert_refused(world.cli(*args), fragment, code, case)
-        assert snapshot(world) == before, case
+        with outcome(f"command: {case}"):
+            assert_refused(world.cli(*args), fragment, code, case)
+            assert snapshot(world) == before, case
 
 
 @pytest.mark.parametrize("dsn", UNREACHABLE, ids=["url", "keywords"])
@@ -137,9 +156,10 @@ def test_an_unreachable_database_is_named_without_its_password(world, dsn):
     world.config.path.write_text(f'[database]\ndsn = "{dsn}"\n{HOOK}\n[[hooks]]\nname = "myhook"\n'
                                  'provides = ["n"]\n', encoding="utf-8")
     for args in COMMANDS:
-        result = world.cli(*args)
-        assert_refused(result, "cannot connect to PostgreSQL at 127.0.0.1:1/app", 1)
-        assert PASSWORD not in result.output, args
+        with outcome(f"unreachable: {dsn.partition(PASSWORD)[0]} {args}"):
+            result = world.cli(*args)
+            assert_refused(result, "cannot connect to PostgreSQL at 127.0.0.1:1/app", 1)
+            assert PASSWORD not in result.output, args
 
 
 def test_the_relay_names_an_unreachable_database_without_its_password(world, relays):
@@ -158,17 +178,23 @@ def test_the_relay_names_an_unreachable_database_without_its_password(world, rel
                          ids=["object", "int key", "NUL", "set", "complex"])
 def test_python_values_that_are_not_json_are_refused(world, value):
     config = world.setup(delivery())
-    with pytest.raises(CdcHooksError) as refused:
-        send("myhook", {"n": value}, config=config)
-    assert len(str(refused.value).splitlines()) == 1
-    assert str(refused.value).startswith('send "myhook": "n" ')  # names the key
-    assert world.scalar("SELECT count(*) FROM cdc_hooks.outbox") == 0
+    with outcome(f"send: {type(value).__name__} {value!r:.20}"):
+        with pytest.raises(CdcHooksError) as refused:
+            send("myhook", {"n": value}, config=config)
+        assert len(str(refused.value).splitlines()) == 1
+        assert str(refused.value).startswith('send "myhook": "n" ')  # names the key
+        assert world.scalar("SELECT count(*) FROM cdc_hooks.outbox") == 0
 
 
 def test_bad_input_figure():
+    """Last in the file: the cases above, as they ran. Lost: a case not refused
+    cleanly, or one that changed the database."""
+    if len(OUTCOMES) < CASES:
+        pytest.skip(f"the figure sums this file's {CASES} cases; {len(OUTCOMES)} ran")
+    lost = [case for case, held in OUTCOMES.items() if not held]
     record("Bad input", f"{len(BAD_CONFIGS)} bad configs, {len(BAD_COMMANDS)} bad commands, "
            f"{len(COMMANDS)} commands x {len(UNREACHABLE)} unreachable DSNs, 5 non-JSON values",
-           events=len(BAD_CONFIGS) + len(BAD_COMMANDS) + len(COMMANDS) * len(UNREACHABLE) + 5,
-           faults=len(BAD_CONFIGS) + len(BAD_COMMANDS) + len(COMMANDS) * len(UNREACHABLE) + 5,
-           lost=0, notes="each refused with one 'error:' line and a non-zero exit, no traceback, "
-                         "the database unchanged; the DSN's password never shown")
+           events=len(OUTCOMES), faults=len(OUTCOMES), lost=len(lost),
+           notes="each refused with one 'error:' line and a non-zero exit, no traceback, "
+                 "the database unchanged; the DSN's password never shown")
+    assert len(OUTCOMES) == CASES and not lost, lost
