@@ -21,7 +21,7 @@ from psycopg import sql
 
 from . import jsoncodec
 from .config import Config, HookConfig, TableName
-from .db import Database, Statement, connect, migrations, queries, query, sql_text
+from .db import Database, connect, migrations, queries, query, sql_text
 from .errors import ConfigError
 from .rows import InstalledHook
 
@@ -60,7 +60,7 @@ class Plan:
 
     changes: list[str] = field(default_factory=list)
     migrations: list[int] = field(default_factory=list)
-    statements: list[Statement] = field(default_factory=list)
+    statements: list[sql.SQL | sql.Composed] = field(default_factory=list)
     hooks_to_save: list[InstalledHook] = field(default_factory=list)
     hooks_to_forget: list[str] = field(default_factory=list)
     # Listeners the change leaves unable to match (install --force): paused, with why.
@@ -344,12 +344,12 @@ def _missing_triggers(db: Database, hook: InstalledHook) -> list[str]:
     return missing
 
 
-def _create_statements(db: Database, hook: InstalledHook) -> list[Statement]:
+def _create_statements(db: Database, hook: InstalledHook) -> list[sql.SQL | sql.Composed]:
     if hook.table_name is None:
         return []
     captured = _captured(hook)
     function = sql.Identifier("cdc_hooks", function_name(hook.name))
-    statements: list[Statement] = [
+    statements: list[sql.SQL | sql.Composed] = [
         sql.SQL(sql_text("capture_function.sql")).format(
             function=function, hook=sql.Literal(hook.name), **_capture_fragments(captured)),
         sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(function, sql.Literal(_fingerprint(hook))),
@@ -378,7 +378,7 @@ def _capture_fragments(captured: list[str]) -> dict[str, sql.Composable]:
             raise ConfigError(f'column "{c}" cannot be captured: its name contains $capture$')
     # Columns are qualified with the template's aliases (r, n, o): unqualified,
     # a column named like a trigger variable (new, old, tg_argv) would clash.
-    def arrays_of(alias: str) -> list[Statement]:
+    def arrays_of(alias: str) -> list[sql.SQL | sql.Composed]:
         # json_agg/json_build_array, not array_agg: array_agg of an array column
         # fails on NULL or ragged arrays, which would break the app's write.
         return [sql.SQL("pg_catalog.json_build_array({})").format(sql.Identifier(alias, c))
@@ -402,14 +402,14 @@ def _capture_fragments(captured: list[str]) -> dict[str, sql.Composable]:
     }
 
 
-def _drop_trigger_statements(hook: InstalledHook, table: sql.Identifier) -> list[Statement]:
+def _drop_trigger_statements(hook: InstalledHook, table: sql.Identifier) -> list[sql.SQL | sql.Composed]:
     return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
         sql.Identifier(trigger_name(hook.name, event)), table) for event in TRIGGER_EVENTS]
 
 
 def _create_trigger_statements(hook: InstalledHook, table: sql.Identifier, function: sql.Identifier,
-                               captured: list[str]) -> list[Statement]:
-    statements: list[Statement] = []
+                               captured: list[str]) -> list[sql.SQL | sql.Composed]:
+    statements: list[sql.SQL | sql.Composed] = []
     for event in hook.events:
         operation, referencing = TRIGGER_EVENTS[event]
         statements.append(sql.SQL(
@@ -427,10 +427,10 @@ def _create_trigger_statements(hook: InstalledHook, table: sql.Identifier, funct
     return statements
 
 
-def _drop_statements(db: Database, hook: InstalledHook) -> list[Statement]:
+def _drop_statements(db: Database, hook: InstalledHook) -> list[sql.SQL | sql.Composed]:
     if hook.table_name is None:
         return []
-    statements: list[Statement] = []
+    statements: list[sql.SQL | sql.Composed] = []
     for schema, table in _tables(db, hook):
         statements += _drop_trigger_statements(hook, sql.Identifier(schema, table))
     statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
