@@ -33,7 +33,8 @@ from ..db import InstalledHook, RelayStore, migrations
 from ..dsn import check_dsn, describe_dsn, redact
 from ..errors import CdcHooksError, ConfigError, DatabaseUnavailable
 from ..listeners import takes
-from ..match import deepmatch, rules_from_json
+from ..match import rules_from_json
+from ..match_index import MatchIndex
 from ..netpolicy import NetworkPolicy
 from ..signing import secret_key
 from .circuit import Circuit, counts_as_failure
@@ -103,6 +104,7 @@ class Relay:
         self.lease = self.delivery.timeout * (PREFETCH + 1) + 30.0
         self.hooks: dict[str, InstalledHook] = {}
         self.listeners: dict[int, Listener] = {}
+        self._matching: dict[str, MatchIndex[int]] = {}  # per hook: its listeners by match
         self._compiled: dict[tuple[int, str], dict[str, Any]] = {}
         self._loaded_at = 0.0
         self._config_version: int | None = None
@@ -296,6 +298,7 @@ class Relay:
         if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
             self._claimable = True  # e.g. a resumed listener's held deliveries
             self._work_ready.set()
+            self._matching = _index_matches(listeners)
         for listener_id in self._circuits.keys() - listeners.keys():  # removed or disabled since
             del self._circuits[listener_id]
             metrics.circuit_closed(listener_id)
@@ -356,25 +359,25 @@ class Relay:
         """Records the matching deliveries; returns the rows leased to this relay to
         send at once (as many as each listener's window has room for), and how many
         deliveries were recorded."""
-        by_hook: dict[str, list[Listener]] = defaultdict(list)
-        for listener in self.listeners.values():
-            by_hook[listener.hook].append(listener)
         # Up to the claim window, not more: what dispatch sends itself is this
         # process's alone, and the other relays must find the rest to claim.
         held = self._held
         window = PREFETCH * self.delivery.listener_concurrency
-        room = {lid: window - held[lid] for lid in self.listeners}
+        room: dict[int, int] = {}  # per listener that matched in this batch
         seen_rows: set[tuple[int, str]] = set()
         deliveries: list[tuple[int, int, str | None, bool, bool]] = []
         truncated: set[int] = set()  # listeners with a TRUNCATE earlier in this batch
         for event in events:
+            index = self._matching.get(event.hook)
+            if index is None:
+                continue
             everything = event.row_key == ALL_ROWS  # a TRUNCATE: whatever the match
-            for listener in by_hook.get(event.hook, ()):
+            for listener_id in index.items if everything else index.matching(event.data):
+                listener = self.listeners[listener_id]
                 if listener.filtered and not takes(listener.kinds, listener.changed, event.kind,
                                                    event.changes, event.for_listener):
                     continue
-                if not (everything or deepmatch(listener.rules, event.data)) or (
-                        event.kind == "read" and not _takes_backfill(listener, event)):
+                if event.kind == "read" and not _takes_backfill(listener, event):
                     continue
                 first_of_row = event.row_key is None or (listener.id, event.row_key) not in seen_rows
                 if event.row_key is not None:
@@ -384,8 +387,9 @@ class Relay:
                     # (claim_deliveries), and later ones in this batch wait for it
                     truncated.add(listener.id)
                     first_of_row = False
-                send_now = listener.active and first_of_row and room[listener.id] > 0
-                room[listener.id] -= send_now
+                left = room.get(listener_id, window - held[listener_id])
+                send_now = listener.active and first_of_row and left > 0
+                room[listener_id] = left - send_now
                 deliveries.append((event.id, listener.id, event.row_key, send_now, first_of_row))
         if not deliveries:
             return [], 0
@@ -682,6 +686,16 @@ def _target(url: str, secret: str, headers: dict[str, str], previous_secret: str
     previous_key = None if previous_secret is None else secret_key(previous_secret)
     until = 0.0 if previous_key is None else time.time() + (previous_seconds_left or 0.0)
     return Target(url, secret_key(secret), tuple(headers.items()), previous_key, until)
+
+
+def _index_matches(listeners: dict[int, Listener]) -> dict[str, MatchIndex[int]]:
+    """Per hook, its listeners' ids indexed by their matches (in the listeners' order)."""
+    by_hook: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for listener in listeners.values():
+        by_hook[listener.hook].append((listener.id, listener.rules))
+    return {hook: MatchIndex(entries) for hook, entries in by_hook.items()}
+
+
 def _set(names: list[str] | None) -> frozenset[str] | None:
     return None if names is None else frozenset(names)
 
