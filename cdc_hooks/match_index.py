@@ -88,11 +88,12 @@ class MatchIndex(Generic[T]):
     deepmatch(rules, data) holds for, in the order they were given."""
 
     def __init__(self, entries: Iterable[tuple[T, Rules]]) -> None:
+        self.entries = list(entries)  # as given: a caller may compare them to reuse the index
         self.items: list[T] = []
         self._always: list[_Entry] = []
         self._checked: list[_Entry] = []
         self._fields: dict[Path, _Field] = defaultdict(_Field)
-        for order, (item, rules) in enumerate(entries):
+        for order, (item, rules) in enumerate(self.entries):
             self.items.append(item)
             self._file(order, item, rules)
         for field in self._fields.values():
@@ -155,7 +156,7 @@ def _best_rule(rules: Rules, path: Path) -> tuple[Path, Any] | None:
     best: tuple[Path, Any] | None = None
     best_rank = -1
     for key, rule in rules.items():
-        if isinstance(rule, Mapping) and not isinstance(rule, Matcher):
+        if not isinstance(rule, Matcher) and isinstance(rule, Mapping):
             found = _best_rule(rule, (*path, key))
             if found is None:
                 continue

@@ -298,7 +298,7 @@ class Relay:
         if listeners.keys() != self.listeners.keys() or listeners != self.listeners:
             self._claimable = True  # e.g. a resumed listener's held deliveries
             self._work_ready.set()
-            self._matching = _index_matches(listeners)
+        self._matching = _index_matches(listeners, self._matching)
         for listener_id in self._circuits.keys() - listeners.keys():  # removed or disabled since
             del self._circuits[listener_id]
             metrics.circuit_closed(listener_id)
@@ -688,12 +688,20 @@ def _target(url: str, secret: str, headers: dict[str, str], previous_secret: str
     return Target(url, secret_key(secret), tuple(headers.items()), previous_key, until)
 
 
-def _index_matches(listeners: dict[int, Listener]) -> dict[str, MatchIndex[int]]:
-    """Per hook, its listeners' ids indexed by their matches (in the listeners' order)."""
+def _index_matches(listeners: dict[int, Listener], previous: dict[str, MatchIndex[int]]
+                   ) -> dict[str, MatchIndex[int]]:
+    """Per hook, its listeners' ids indexed by their matches (in the listeners' order).
+    A hook whose listeners and matches are unchanged keeps its index: indexing 10,000
+    listeners takes a tenth of a second, and reloads come every second."""
     by_hook: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     for listener in listeners.values():
         by_hook[listener.hook].append((listener.id, listener.rules))
-    return {hook: MatchIndex(entries) for hook, entries in by_hook.items()}
+    indexes = {}
+    for hook, entries in by_hook.items():
+        index = previous.get(hook)
+        indexes[hook] = index if index is not None and index.entries == entries else MatchIndex(
+            entries)
+    return indexes
 
 
 def _set(names: list[str] | None) -> frozenset[str] | None:
