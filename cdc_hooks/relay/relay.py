@@ -505,7 +505,10 @@ class Relay:
         """Starts queued deliveries within the global and per-listener limits."""
         free = self.delivery.concurrency - sum(self._in_flight.values())
         now = time.monotonic()
+        drained = []
         for listener_id, queue in self._queued.items():
+            if free <= 0:
+                break
             listener = self.listeners.get(listener_id)
             circuit = self._circuits.get(listener_id)
             while queue and free > 0 and (
@@ -524,6 +527,12 @@ class Relay:
                 self._in_flight[listener_id] += 1
                 free -= 1
                 self._sends.put_nowait((listener, delivery_id, event_id, attempt, body))
+            if not queue:
+                drained.append(listener_id)
+        # Only listeners with queued rows stay: _pump runs after every request, and
+        # walking every listener that ever had one cost O(listeners) per delivery.
+        for listener_id in drained:
+            del self._queued[listener_id]
 
     @property
     def _held(self) -> dict[int, int]:
@@ -565,9 +574,18 @@ class Relay:
                 delivery_id, attempt, listener.id, outcome.status, outcome.retry_in,
                 response.code, response.error, response.duration_ms, response.body, outcome.gone))
         finally:
-            self._in_flight[listener.id] -= 1
+            self._request_ended(listener.id)
             self._pump()
             self._room.set()
+
+    def _request_ended(self, listener_id: int) -> None:
+        """One request fewer in flight; a listener with none leaves the table (it is
+        summed after every request)."""
+        left = self._in_flight[listener_id] - 1
+        if left:
+            self._in_flight[listener_id] = left
+        else:
+            del self._in_flight[listener_id]
 
     def _note_answer(self, listener: Listener, response: Response) -> None:
         """Keeps the listener's circuit (circuit.py) in step with its receiver."""
@@ -647,7 +665,7 @@ class Relay:
         while not self._sends.empty():  # admitted, no sender took it yet
             listener, delivery_id, *_ = self._sends.get_nowait()
             self._released.append(delivery_id)
-            self._in_flight[listener.id] -= 1
+            self._request_ended(listener.id)
         deadline = time.monotonic() + self.delivery.timeout + 1
         while sum(self._in_flight.values()) and time.monotonic() < deadline:
             self._room.clear()  # set as each request ends
