@@ -40,6 +40,12 @@ Scenarios (names for --only):
               bar >= 0.8), and table sizes after draining.
   idle        CPU of a relay with nothing to do for 30 s (--quick 10 s), % of
               one core. Bar <= 1%.
+  listeners   L listeners on the hook, each matching one name exactly (name=n<i>,
+              as a service registers one endpoint per tenant), and a 5,000-row
+              INSERT whose names are spread over them (each row reaches one
+              listener), for L = 10, 100, 1,000, 2,000 and 10,000: deliveries/s from
+              the commit to the last receipt, each ÷ the 10-listener rate of the same
+              run. Bars: 2,000 >= 0.7, 10,000 >= 0.8.
 
 --quick (a smoke test, ~3 minutes): 5,000-event bursts, 8 s of latency, a
 100,000-event backlog (drains limited to 150 s), 10 s idle.
@@ -110,7 +116,11 @@ LATENCY_RATE = 200
 REFERENCE_BACKLOG = 20_000
 FILL_CHUNK = 50_000  # rows per INSERT ... SELECT generate_series when queueing a backlog
 NO_PROGRESS = 60.0  # seconds without a new receipt before a scenario is declared stuck
-SCENARIOS = ("throughput", "fanout", "slow", "latency", "backlog", "idle")
+SCENARIOS = ("throughput", "fanout", "slow", "latency", "backlog", "idle", "listeners")
+LISTENER_COUNTS = (10, 100, 1_000, 2_000, 10_000)  # the listeners scenario; the first is its baseline
+LISTENER_BARS = {2_000: 0.7, 10_000: 0.8}
+LISTENER_EVENTS = 5_000
+LISTENER_LIMIT = 300.0  # seconds for one count's deliveries (main took 44 s for 10,000)
 REPO = Path(__file__).resolve().parent.parent
 CODE_ENV, CODE_DIR_ENV = "CDC_HOOKS_BENCH_CODE", "CDC_HOOKS_BENCH_CODE_DIR"  # set by --rev
 
@@ -415,8 +425,10 @@ class Bench:
         """Empty tables, these listeners (/l/1, /l/2, ... by match), a receiver reset."""
         rows(self.conn, "reset")
         db = Database(self.conn)  # not closed: it wraps the benchmark's connection
-        for i, match in enumerate(listeners, 1):
-            add_listener(db, self.config(), HOOK, self.receiver.url(f"/l/{i}"), match)
+        config = self.config()
+        with self.conn.transaction():  # one commit: 10,000 listeners are added in seconds
+            for i, match in enumerate(listeners, 1):
+                add_listener(db, config, HOOK, self.receiver.url(f"/l/{i}"), match)
         self.receiver.reset(delay=delay, stamp=stamp)
 
     @contextmanager
@@ -456,9 +468,13 @@ class Bench:
     def backends(self) -> list[int]:
         return [r[0] for r in rows(self.conn, "other_backends", ours=APP)]
 
-    def insert(self, first: int, last: int) -> float:
-        """Rows first..last in one autocommit statement; returns when it committed."""
-        rows(self.conn, "insert_rows", first=first, last=last)
+    def insert(self, first: int, last: int, names: int = 0) -> float:
+        """Rows first..last in one autocommit statement, named n1..n<names> in turn if
+        names (else 'item number <i>'); returns when it committed."""
+        if names:
+            rows(self.conn, "insert_named_rows", first=first, last=last, names=names)
+        else:
+            rows(self.conn, "insert_rows", first=first, last=last)
         return time.monotonic()
 
     def wait_receipts(self, count: int, relay: Process, limit: float,
@@ -470,7 +486,7 @@ class Bench:
         deadline = progress_at + limit
         while True:
             stats = self.receiver.stats()
-            if stats["count"] >= count:
+            if stats["unique"] >= count:  # duplicates (a timed-out request sent again) aside
                 return stats
             relay.check()
             if on_poll:
@@ -701,8 +717,10 @@ def summarize_stacks(path: Path, top: int = 20) -> list[str]:
 # Scenarios -----------------------------------------------------------------------------------
 
 def burst(bench: Bench, name: str, listeners: list[dict[str, Any]], events: int,
-          matching: int, delay: float = 0.0) -> Burst:
-    """One INSERT of `events` rows with a ready relay; waits for every delivery."""
+          matching: int, delay: float = 0.0, names: int = 0, limit: float = 0.0) -> Burst:
+    """One INSERT of `events` rows with a ready relay; waits for every delivery (at most
+    limit seconds, by default 1 s per 50). names: rows named n1..n<names> in turn, each
+    for the listener matching its name."""
     bench.reset(listeners, delay=delay)
     expected = events * matching
     with bench.relay() as relay:
@@ -711,8 +729,8 @@ def burst(bench: Bench, name: str, listeners: list[dict[str, Any]], events: int,
         try:
             before = (relay.cpu(), sum(map(cpu_seconds, backends)), bench.receiver.process.cpu(),
                       machine_busy())
-            committed = bench.insert(1, events)
-            stats = bench.wait_receipts(expected, relay, max(60, expected / 50))
+            committed = bench.insert(1, events, names)
+            stats = bench.wait_receipts(expected, relay, limit or max(60, expected / 50))
             after = (relay.cpu(), sum(map(cpu_seconds, backends)), bench.receiver.process.cpu(),
                      machine_busy())
         finally:
@@ -720,13 +738,21 @@ def burst(bench: Bench, name: str, listeners: list[dict[str, Any]], events: int,
                 bench.profiles += profiler.finish()
         bench.wait_recorded(expected, relay)
     want = {f"/l/{i}": events for i, m in enumerate(listeners, 1) if m.get("region", "eu") == "eu"}
-    if stats["paths"] != want:
-        raise BenchError(f"deliveries reached {stats['paths']}, expected {want}")
+    if names:
+        want = {f"/l/{n}": count for n, count in Counter(i % names + 1 for i in range(1, events + 1)).items()}
+    # A duplicate (a request that timed out, sent again) is counted below, not an error.
+    if stats["paths"].keys() != want.keys() or any(stats["paths"][p] < n for p, n in want.items()):
+        raise BenchError(f"deliveries reached {_short(stats['paths'])}, expected {_short(want)}")
     seconds = stats["last"] - committed
     relay_cpu, backends_cpu, receiver_cpu, machine = (
         a - b for a, b in zip(after, before, strict=True))
     return Burst(expected, seconds, expected / seconds, relay_cpu, backends_cpu, receiver_cpu,
                  machine, stats["count"] - stats["unique"], stats["first"] - committed)
+
+
+def _short(paths: dict[str, int]) -> str:
+    text = str(paths)
+    return text if len(text) < 300 else f"{text[:300]}... ({len(paths):,} paths)"
 
 
 def cpu_row(label: str, b: Burst) -> Row:
@@ -987,9 +1013,37 @@ def scenario_idle(bench: Bench) -> list[Row]:
     return out
 
 
+def scenario_listeners(bench: Bench) -> list[Row]:
+    """Many listeners on one hook, each matching one name: the rate should not fall
+    with their number (dispatch finds an event's listeners by its values)."""
+    n = LISTENER_EVENTS
+    bursts = {}
+    out = []
+    for count in bench.args.listener_counts:
+        log(f"  {count:,} listeners")
+        listeners = [{"name": f"n{i}"} for i in range(1, count + 1)]
+        try:
+            bursts[count] = burst(bench, f"listeners-{count}", listeners, n, 1, names=count,
+                                  limit=LISTENER_LIMIT)
+        except TooSlow as exc:  # the larger counts may be that slow: the rest still run
+            out.append(Row(f"listeners: {count:,} on one hook: TOO SLOW", f"{exc} (< "
+                           f"{exc.stats['unique'] / LISTENER_LIMIT:,.0f}/s)", ok=False))
+    base = bursts[bench.args.listener_counts[0]].rate
+    for count, b in bursts.items():
+        bar = LISTENER_BARS.get(count)
+        ratio = b.rate / base
+        out += [Row(f"listeners: {count:,} on one hook, each matching one name; {n:,} events",
+                    f"{b.rate:,.0f}/s" + (f"; {b.duplicates} duplicates" if b.duplicates else ""),
+                    f"{base:,.0f}/s", f"{ratio:.2f}", f">= {bar}" if bar else "",
+                    None if bar is None else ratio >= bar),
+                cpu_row(f"{count:,} listeners", b)]
+    return out
+
+
 RUNNERS: dict[str, Callable[[Bench], list[Row]]] = {
     "throughput": scenario_throughput, "fanout": scenario_fanout, "slow": scenario_slow,
     "latency": scenario_latency, "backlog": scenario_backlog, "idle": scenario_idle,
+    "listeners": scenario_listeners,
 }
 
 
@@ -1086,10 +1140,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="cdc-hooks run --workers N (default: the machine's CPUs); the "
                              "idle scenario also measures 1")
+    parser.add_argument("--listener-counts", default=",".join(map(str, LISTENER_COUNTS)),
+                        help="listeners scenario: the counts to run, the first the baseline "
+                             "(default: %(default)s)")
     parser.add_argument("--rev", help="benchmark cdc_hooks as committed at REV (e.g. HEAD), "
                         "not the work tree")
     args = parser.parse_args(argv)
     args.dsn = args.dsn or os.environ.get("CDC_HOOKS_DSN") or DEFAULT_DSN
+    try:
+        args.listener_counts = [int(c) for c in args.listener_counts.split(",")]
+    except ValueError:
+        parser.error(f"--listener-counts {args.listener_counts!r}: expected numbers like 10,1000")
     args.only = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
     unknown = [s for s in args.only if s not in SCENARIOS]
     if unknown:

@@ -36,6 +36,12 @@ INSERT INTO bench_items (region, name, amount, qty, created)
 SELECT 'eu', 'item number ' || i, i * 1.25, i %% 100, now()
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS i;
 
+-- name: insert_named_rows
+-- The listeners scenario's rows: named n1..n<names> in turn, one listener's each.
+INSERT INTO bench_items (region, name, amount, qty, created)
+SELECT 'eu', 'n' || (i %% %(names)s + 1), i * 1.25, i %% 100, now()
+FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS i;
+
 -- name: insert_one
 -- The latency writer's transaction: one row, committed on its own.
 INSERT INTO bench_items (region, name, amount, qty, created)
