@@ -420,8 +420,9 @@ class Relay:
             metrics.circuit_closed(listener_id)
         self.listeners = listeners
         if self.delivery.circuit_breaker:
-            self._note_circuits(await store.circuit_states(self.delivery.circuit_window),
-                                complete=True)
+            # a removed listener's row outlives it until maintenance forgets it: not known
+            states = await store.circuit_states(self.delivery.circuit_window)
+            self._note_circuits([row for row in states if row[0] in listeners], complete=True)
         self._pacing.update({i: lsn.rate for i, lsn in listeners.items() if lsn.rate is not None})
 
     # Dispatch ----------------------------------------------------------------
