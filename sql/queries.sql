@@ -260,7 +260,7 @@ RETURNING id, hook, kind, payload::text, occurred_at,
           (SELECT version FROM cdc_hooks.config_version);
 
 -- name: copy_events
-COPY cdc_hooks.events (id, hook, kind, row_key, body, occurred_at) FROM STDIN;
+COPY cdc_hooks.events (id, hook, kind, body, occurred_at) FROM STDIN;
 
 -- name: insert_deliveries
 -- New deliveries. Those marked direct are leased at once to the dispatching
@@ -398,8 +398,7 @@ WITH result AS (
     UPDATE cdc_hooks.deliveries d
     SET status = r.status, last_status = r.code, last_error = r.error,
         next_attempt_at = CASE WHEN r.status = 'pending'
-                               THEN now() + make_interval(secs => r.retry_in)
-                               ELSE d.next_attempt_at END,
+                               THEN now() + make_interval(secs => r.retry_in) END,
         finished_at = CASE WHEN r.status = 'pending' THEN NULL ELSE now() END,
         first_try_ms = CASE WHEN r.first_try THEN r.duration_ms END,
         first_try_response = CASE WHEN r.first_try THEN r.response END
@@ -473,7 +472,7 @@ LEFT JOIN LATERAL (
 -- Deliveries: inspection and redelivery --------------------------------------
 
 -- name: list_deliveries
--- next_attempt_at only while pending: a finished delivery keeps its last lease's.
+-- next_attempt_at only while pending: one finished before schema version 14 kept its last lease's.
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
        d.last_status, d.last_error, d.created_at, d.finished_at,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END
@@ -583,7 +582,7 @@ ORDER BY l.id;
 -- name: web_deliveries
 -- A page of deliveries, newest first; `before` (a delivery id) is the cursor.
 -- latency_ms: from the change's commit to the delivery's end; next_attempt_at only
--- while pending (a finished delivery keeps its last lease's).
+-- while pending (one finished before schema version 14 kept its last lease's).
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
        d.last_status, d.last_error, d.created_at, d.finished_at,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END,
@@ -623,7 +622,8 @@ LEFT JOIN LATERAL (
 WHERE d.id = %(id)s;
 
 -- name: web_recent_events
--- A hook's last events, newest first: what a new listener's filter is previewed on.
+-- A hook's last events, newest first: what a new listener's filter is previewed on
+-- (by the primary key backwards, or events_by_hook for a rarer hook).
 SELECT id, kind, cdc_hooks.event_body(id, hook, kind, occurred_at, body), occurred_at
 FROM cdc_hooks.events
 WHERE hook = %(hook)s

@@ -38,3 +38,26 @@ LANGUAGE sql STABLE AS $$
          || '+00:00",' || pg_catalog.substr(body::text, 2)
     END
 $$;
+
+-- Once a delivery finished its due time means nothing (it is shown only while
+-- pending): record_results clears it, 8 bytes of each finished delivery.
+ALTER TABLE cdc_hooks.deliveries ALTER COLUMN next_attempt_at DROP NOT NULL;
+
+-- Written by dispatch and never read: deliveries keep their row's key themselves.
+ALTER TABLE cdc_hooks.events DROP COLUMN row_key;
+
+-- A hook's latest events (web_recent_events, the filter preview) by an index on
+-- the hook alone: btree deduplication keeps its repeated keys as posting lists,
+-- about 7 bytes an event where (hook, id DESC) took 32 (57 as it grew: new ids
+-- went to the left of each hook's range, splitting pages in half). The planner
+-- reads a common hook's latest events backwards along the primary key instead.
+DROP INDEX cdc_hooks.events_hook_recent;
+CREATE INDEX events_by_hook ON cdc_hooks.events (hook);
+
+-- Indexes that grow at their right end (ids in order of insertion; a listener's
+-- deliveries at the end of its range): their pages are filled, not left 10% empty
+-- for inserts that never come.
+ALTER INDEX cdc_hooks.events_pkey SET (fillfactor = 100);
+ALTER INDEX cdc_hooks.deliveries_pkey SET (fillfactor = 100);
+ALTER INDEX cdc_hooks.deliveries_by_event SET (fillfactor = 100);
+ALTER INDEX cdc_hooks.deliveries_by_listener SET (fillfactor = 100);
