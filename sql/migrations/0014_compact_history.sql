@@ -54,10 +54,7 @@ ALTER TABLE cdc_hooks.events DROP COLUMN row_key;
 DROP INDEX cdc_hooks.events_hook_recent;
 CREATE INDEX events_by_hook ON cdc_hooks.events (hook);
 
--- Indexes that grow at their right end (ids in order of insertion; a listener's
--- deliveries at the end of its range): their pages are filled, not left 10% empty
--- for inserts that never come.
+-- Events are inserted in id order and never updated: the pages of their primary
+-- key are filled, not left 10% empty for inserts that never come. (Not so for
+-- deliveries: every update of one adds index entries beside the old ones.)
 ALTER INDEX cdc_hooks.events_pkey SET (fillfactor = 100);
-ALTER INDEX cdc_hooks.deliveries_pkey SET (fillfactor = 100);
-ALTER INDEX cdc_hooks.deliveries_by_event SET (fillfactor = 100);
-ALTER INDEX cdc_hooks.deliveries_by_listener SET (fillfactor = 100);
