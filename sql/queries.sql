@@ -407,7 +407,7 @@ WITH result AS (
     -- delivery (the plan chosen without statistics)
     WHERE d.id = ANY(ARRAY(SELECT id FROM result))
       AND d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
-    RETURNING d.id, r.first_try
+    RETURNING d.id
 )
 INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, error, response)
 SELECT id, code, duration_ms, error, response FROM result r
