@@ -1,6 +1,7 @@
-"""How cdc_hooks.events keeps a body (schema version 14): without its envelope,
-which SQL's cdc_hooks.event_body puts back byte for byte, so that a delivery
-claimed later, the API and the pages show exactly what dispatch sent."""
+"""What schema version 14 keeps in fewer bytes: an event's body without its
+envelope, which SQL's cdc_hooks.event_body puts back byte for byte (so that a
+delivery claimed later, the API and the pages show exactly what dispatch sent),
+and a first attempt that delivered on its delivery instead of the attempt log."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from cdc_hooks import install as installer
 from cdc_hooks import jsoncodec
-from cdc_hooks.db import InstalledHook
+from cdc_hooks.db import InstalledHook, query
 from cdc_hooks.relay.events import Event, expand
 
 PERSON = InstalledHook("person", "public", "person", ("insert", "update", "delete", "truncate"),
@@ -88,3 +89,26 @@ def test_a_body_kept_whole_before_version_14_is_returned_as_it_is(installed):
     whole = '{"id":"evt_1000","hook":"person","event":"insert","created":true,"key":{"id":1}}'
     assert installed.execute("SELECT cdc_hooks.event_body(1000, 'person', 'insert', now(), %s::json)",
                              (whole,)).fetchone() == (whole,)
+
+
+def test_only_a_first_attempt_that_delivered_on_record_stays_off_the_attempt_log(installed):
+    conn = installed
+    ids = [row[0] for row in conn.execute(
+        "INSERT INTO cdc_hooks.deliveries (event_id, listener_id, attempts)"
+        " SELECT g, 1, a FROM unnest(ARRAY[1, 1, 2, 1]) WITH ORDINALITY AS x (a, g)"
+        " RETURNING id").fetchall()]
+    first, failed, lost, later = ids
+    conn.execute("UPDATE cdc_hooks.deliveries SET attempts = 2 WHERE id = %s", (later,))
+    conn.execute(query("record_results"), {"results": jsoncodec.dumps_decoded([
+        [first, 1, "delivered", None, 200, None, 5.5, "ok"],
+        [failed, 1, "pending", 5, 500, "HTTP 500", 6.5, "no"],
+        [lost, 1, "delivered", None, 200, None, 7.5, "ok"],  # claimed again since: attempt 2
+        [later, 2, "delivered", None, 204, None, 8.5, None]])})
+    assert conn.execute("SELECT delivery_id, status_code, duration_ms FROM cdc_hooks.attempts"
+                        " ORDER BY delivery_id").fetchall() == [
+        (failed, 500, 6.5), (lost, 200, 7.5), (later, 204, 8.5)]
+    assert conn.execute("SELECT id, status, first_try_ms, first_try_response, next_attempt_at IS NULL"
+                        " FROM cdc_hooks.deliveries WHERE status <> 'pending' ORDER BY id").fetchall() == [
+        (first, "delivered", 5.5, "ok", True), (later, "delivered", None, None, True)]
+    assert conn.execute("SELECT status_code, duration_ms, response FROM cdc_hooks.attempt_log"
+                        " WHERE delivery_id = %s", (first,)).fetchall() == [(200, 5.5, "ok")]
