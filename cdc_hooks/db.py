@@ -523,8 +523,8 @@ class RelayStore:
             return None
         return await self.run("take_outbox", {"limit": limit})
 
-    async def insert_events(self, rows: Iterable[tuple[int, str, str, str | None, str, datetime]]) -> None:
-        """(id, hook, kind, row_key, body, occurred_at) rows, by COPY: dumping
+    async def insert_events(self, rows: Iterable[tuple[int, str, str, str, datetime]]) -> None:
+        """(id, hook, kind, stored body, occurred_at) rows, by COPY: dumping
         large array parameters cost the dispatcher more than the rest of it."""
         async with self.conn.cursor() as cur, cur.copy(query("copy_events")) as copy:
             for row in rows:

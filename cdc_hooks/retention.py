@@ -8,7 +8,8 @@ and the space freed is reused by new rows once autovacuum has seen it
 - delivered deliveries, delivered_days after they finished;
 - dead letters, failed_days after they were given up, unless redelivered first
   (a redelivered dead letter is pending again, and pending is never pruned);
-- the attempt log, attempts_days after each attempt;
+- the attempt log, attempts_days after each attempt (a first attempt that
+  delivered is kept on its delivery, and goes with it);
 - events no delivery refers to any more, events_days after they occurred.
 
 The outbox needs none: the relay deletes each row as it dispatches it.

@@ -121,7 +121,7 @@ SELECT r FROM unnest(%(roles)s::text[]) AS r WHERE NOT EXISTS (SELECT FROM pg_ro
 -- for NOTIFY, retention (DELETE), listener health (auto-disable updates
 -- listeners) and the built-in cdc_hooks.listener_disabled event.
 GRANT USAGE ON SCHEMA cdc_hooks TO {role};
-GRANT SELECT ON cdc_hooks.hooks, cdc_hooks.schema_version TO {role};
+GRANT SELECT ON cdc_hooks.hooks, cdc_hooks.schema_version, cdc_hooks.attempt_log TO {role};
 GRANT SELECT, UPDATE ON cdc_hooks.listeners, cdc_hooks.config_version TO {role};
 GRANT SELECT, DELETE ON cdc_hooks.outbox TO {role};
 GRANT SELECT, INSERT, DELETE ON cdc_hooks.events, cdc_hooks.attempts, cdc_hooks.waiters TO {role};
@@ -266,7 +266,7 @@ RETURNING id, hook, kind, payload::text, occurred_at,
           (SELECT version FROM cdc_hooks.config_version);
 
 -- name: copy_events
-COPY cdc_hooks.events (id, hook, kind, row_key, body, occurred_at) FROM STDIN;
+COPY cdc_hooks.events (id, hook, kind, body, occurred_at) FROM STDIN;
 
 -- name: insert_deliveries
 -- New deliveries. Those marked direct are leased at once to the dispatching
@@ -431,7 +431,8 @@ SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.att
     claimed_by = %(session)s
 FROM due, cdc_hooks.events ev
 WHERE d.id = due.id AND ev.id = d.event_id
-RETURNING d.id, d.event_id, d.listener_id, d.attempts, ev.body::text;
+RETURNING d.id, d.event_id, d.listener_id, d.attempts,
+          cdc_hooks.event_body(ev.id, ev.hook, ev.kind, ev.occurred_at, ev.body);
 
 -- name: record_results
 -- Results of a batch of attempts, as one JSON array of
@@ -439,19 +440,23 @@ RETURNING d.id, d.event_id, d.listener_id, d.attempts, ev.body::text;
 -- (one string parameter: psycopg dumps big array parameters slowly); a result
 -- whose claim was lost (its session's claims were taken over, or its lease
 -- lapsed and another relay claimed the delivery again) only lands in the
--- attempt log: the fence is the attempt number and the claiming session.
+-- attempt log: the fence is the attempt number and the claiming session. A first
+-- attempt that delivered stays on its delivery (first_try_ms, first_try_response;
+-- migration 0014), not in the attempt log.
 WITH result AS (
     SELECT (r ->> 0)::bigint AS id, (r ->> 1)::int AS attempt, r ->> 2 AS status,
            (r ->> 3)::float8 AS retry_in, (r ->> 4)::int AS code, r ->> 5 AS error,
-           (r ->> 6)::real AS duration_ms, r ->> 7 AS response, (r ->> 8)::bigint AS session
+           (r ->> 6)::real AS duration_ms, r ->> 7 AS response, (r ->> 8)::bigint AS session,
+           (r ->> 1) = '1' AND (r ->> 2) = 'delivered' AS first_try
     FROM json_array_elements(%(results)s::json) AS r
 ), updated AS (
     UPDATE cdc_hooks.deliveries d
     SET status = r.status, last_status = r.code, last_error = r.error,
         next_attempt_at = CASE WHEN r.status = 'pending'
-                               THEN now() + make_interval(secs => r.retry_in)
-                               ELSE d.next_attempt_at END,
+                               THEN now() + make_interval(secs => r.retry_in) END,
         finished_at = CASE WHEN r.status = 'pending' THEN NULL ELSE now() END,
+        first_try_ms = CASE WHEN r.first_try THEN r.duration_ms END,
+        first_try_response = CASE WHEN r.first_try THEN r.response END,
         claimed_by = NULL
     FROM result r
     -- = ANY(ARRAY(...)): primary-key probes, never a hash join over every pending
@@ -459,9 +464,11 @@ WITH result AS (
     WHERE d.id = ANY(ARRAY(SELECT id FROM result))
       AND d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
       AND d.claimed_by = r.session
+    RETURNING d.id
 )
 INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, error, response)
-SELECT id, code, duration_ms, error, response FROM result;
+SELECT id, code, duration_ms, error, response FROM result r
+WHERE NOT (r.first_try AND r.id IN (SELECT id FROM updated));
 
 -- name: renew_leases
 -- Deliveries a relay holds, queued, not yet sent: leased again, so that the lease
@@ -659,19 +666,34 @@ RETURNING p.listener_id, extract(epoch FROM p.next_at - now())::float8;
 -- Deliveries: inspection and redelivery --------------------------------------
 
 -- name: delivery_attempts
+-- The view attempt_log: the attempt log and first attempts that delivered (0014).
 SELECT attempted_at, status_code, duration_ms, error, response
-FROM cdc_hooks.attempts WHERE delivery_id = %(id)s ORDER BY attempted_at;
+FROM cdc_hooks.attempt_log WHERE delivery_id = %(id)s ORDER BY attempted_at;
 
 -- name: redeliver
--- Back to pending, due now, with a fresh attempt budget; keeps its webhook-id.
-UPDATE cdc_hooks.deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL
-WHERE status <> 'pending'
-  AND (%(id)s::bigint IS NULL OR id = %(id)s)
-  AND (%(listener_id)s::bigint IS NULL OR listener_id = %(listener_id)s)
-  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
-  AND (%(only_dead)s = false OR status = 'dead')
-RETURNING id;
+-- Back to pending, due now, with a fresh attempt budget; keeps its webhook-id. A
+-- first attempt that delivered, kept on the delivery, moves to the attempt log.
+WITH chosen AS (
+    SELECT id, finished_at, last_status, last_error, first_try_ms, first_try_response
+    FROM cdc_hooks.deliveries
+    WHERE status <> 'pending'
+      AND (%(id)s::bigint IS NULL OR id = %(id)s)
+      AND (%(listener_id)s::bigint IS NULL OR listener_id = %(listener_id)s)
+      AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+      AND (%(only_dead)s = false OR status = 'dead')
+    FOR UPDATE
+), logged AS (
+    INSERT INTO cdc_hooks.attempts (delivery_id, attempted_at, status_code, duration_ms, error,
+                                    response)
+    SELECT id, finished_at, last_status, first_try_ms, last_error, first_try_response
+    FROM chosen WHERE first_try_ms IS NOT NULL
+)
+UPDATE cdc_hooks.deliveries d
+SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL,
+    first_try_ms = NULL, first_try_response = NULL
+FROM chosen
+WHERE d.id = chosen.id
+RETURNING d.id;
 
 -- name: status
 SELECT (SELECT count(*) FROM cdc_hooks.outbox) AS outbox_chunks,
@@ -742,17 +764,18 @@ ORDER BY l.id;
 -- A page of deliveries, newest first; `before` (a delivery id) is the cursor. Every
 -- interface lists with it (services/deliveries.py).
 -- latency_ms: from the change's commit to the delivery's end; next_attempt_at only
--- while pending (a finished delivery keeps its last lease's).
+-- while pending (one finished before schema version 14 kept its last lease's).
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
        d.last_status AS last_code, d.last_error, d.created_at, d.finished_at,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       a.duration_ms,
+       coalesce(d.first_try_ms, a.duration_ms) AS duration_ms,
        (extract(epoch FROM d.finished_at - ev.occurred_at) * 1000)::float8 AS latency_ms
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id
 LEFT JOIN LATERAL (
+    -- a first attempt that delivered is its only one, on the delivery (0014)
     SELECT a.duration_ms FROM cdc_hooks.attempts a
-    WHERE a.delivery_id = d.id ORDER BY a.attempted_at DESC LIMIT 1
+    WHERE a.delivery_id = d.id AND d.first_try_ms IS NULL ORDER BY a.attempted_at DESC LIMIT 1
 ) a ON true
 WHERE (%(status)s::text IS NULL OR d.status = %(status)s)
   AND (%(listener_id)s::bigint IS NULL OR d.listener_id = %(listener_id)s)
@@ -768,21 +791,22 @@ LIMIT %(limit)s;
 SELECT d.id, d.event_id, d.listener_id, ev.hook, ev.kind, d.status, d.attempts,
        d.last_status AS last_code, d.last_error, d.created_at, d.finished_at,
        CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-       a.duration_ms,
+       coalesce(d.first_try_ms, a.duration_ms) AS duration_ms,
        (extract(epoch FROM d.finished_at - ev.occurred_at) * 1000)::float8 AS latency_ms,
-       l.url, ev.body::text AS body
+       l.url, cdc_hooks.event_body(ev.id, ev.hook, ev.kind, ev.occurred_at, ev.body) AS body
 FROM cdc_hooks.deliveries d
 JOIN cdc_hooks.events ev ON ev.id = d.event_id
 LEFT JOIN cdc_hooks.listeners l ON l.id = d.listener_id
 LEFT JOIN LATERAL (
     SELECT a.duration_ms FROM cdc_hooks.attempts a
-    WHERE a.delivery_id = d.id ORDER BY a.attempted_at DESC LIMIT 1
+    WHERE a.delivery_id = d.id AND d.first_try_ms IS NULL ORDER BY a.attempted_at DESC LIMIT 1
 ) a ON true
 WHERE d.id = %(id)s;
 
 -- name: recent_events
--- A hook's last events, newest first: what a new listener's filter is previewed on.
-SELECT id, kind, body::text AS body, occurred_at
+-- A hook's last events, newest first: what a new listener's filter is previewed on
+-- (by the primary key backwards, or events_by_hook for a rarer hook).
+SELECT id, kind, cdc_hooks.event_body(id, hook, kind, occurred_at, body) AS body, occurred_at
 FROM cdc_hooks.events
 WHERE hook = %(hook)s
 ORDER BY id DESC

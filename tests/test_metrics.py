@@ -52,7 +52,7 @@ def test_scraped_counters_match_what_was_delivered_and_failed(conn, setup, cli, 
         assert value(samples, "cdc_hooks_dead_letters_total", **labels) == dead
     assert sum(len(receiver.received(p)) for p in ("/ok", "/flaky")) == 5 + 6
     # Every attempt of /bad on record is a request that was made.
-    sent = conn.execute("SELECT count(*) FROM cdc_hooks.attempts a JOIN cdc_hooks.deliveries d"
+    sent = conn.execute("SELECT count(*) FROM cdc_hooks.attempt_log a JOIN cdc_hooks.deliveries d"
                         " ON d.id = a.delivery_id WHERE d.listener_id = %s", (bad,)).fetchone()
     assert sent == (len(receiver.received("/bad")),) == (15,)
     check_histograms(conn, samples)
@@ -80,7 +80,7 @@ def check_histograms(conn, samples) -> None:
     """Per listener: one observation per attempt in the database's attempt log,
     cumulative buckets from 1 ms to 10 s and +Inf."""
     attempts = dict(conn.execute(
-        "SELECT d.listener_id, count(*) FROM cdc_hooks.attempts a"
+        "SELECT d.listener_id, count(*) FROM cdc_hooks.attempt_log a"
         " JOIN cdc_hooks.deliveries d ON d.id = a.delivery_id GROUP BY 1").fetchall())
     name = "cdc_hooks_attempt_duration_seconds"
     for listener, count in attempts.items():

@@ -135,7 +135,7 @@ def delivery_rows(conn: psycopg.Connection[Any], listener_id: int) -> list[tuple
 
 def attempt_rows(conn: psycopg.Connection[Any], delivery_id: int) -> list[tuple[Any, ...]]:
     return conn.execute(
-        "SELECT status_code, error FROM cdc_hooks.attempts WHERE delivery_id = %s"
+        "SELECT status_code, error FROM cdc_hooks.attempt_log WHERE delivery_id = %s"
         " ORDER BY attempted_at", (delivery_id,)).fetchall()
 
 

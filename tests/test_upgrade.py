@@ -5,17 +5,21 @@ then delivers. Real PostgreSQL, relay and receiver."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from click.testing import Result
-from receivers import InProcessRelay
+from receivers import InProcessRelay, wait_until
 
+from cdc_hooks import db as database
+from cdc_hooks import install as installer
 from cdc_hooks.db import Database, migrations, query
 from cdc_hooks.relay.events import expand
 from cdc_hooks.signing import generate_secret
+from cdc_hooks.web import views
 
 Conn = psycopg.Connection[Any]
 Cli = Callable[..., Result]
@@ -142,3 +146,56 @@ def test_install_on_an_upgraded_database_has_nothing_left_to_do(conn, make_confi
     assert cli(config, "install").exit_code == 0
     assert cli(config, "install").stdout.startswith("no changes")
     assert cli(config, "install", "--dry-run").stdout.strip() == "-- nothing to do"
+
+
+def test_upgrade_from_version_9_keeps_undelivered_events_and_shows_every_attempt(
+        conn, make_config, cli, receiver, monkeypatch):
+    """Schema version 14 keeps bodies without their envelope and a first attempt that
+    delivered on its delivery: what version 9 stored is still sent and shown."""
+    conn.execute("CREATE TABLE person (id serial PRIMARY KEY, name text)")
+    config = make_config(CONFIG + "\n[retention]\ninterval = 0\n")
+    with monkeypatch.context() as patch:
+        up_to_9 = [m for m in migrations() if m[0] <= 9]
+        for module in (installer, database):
+            patch.setattr(module, "migrations", lambda: up_to_9)
+        assert cli(config, "install").exit_code == 0
+    person = add_listener_like_version_1(conn, "person", receiver.url("/person"))
+    conn.execute("INSERT INTO person (name) VALUES ('Ann'), ('Bob')")
+    dispatch_like_version_1(conn)  # events kept whole, two pending deliveries
+    # Ann's, delivered at its first attempt as version 9 recorded it: an attempt log row.
+    (ann,) = conn.execute(
+        "UPDATE cdc_hooks.deliveries SET status = 'delivered', attempts = 1, last_status = 200,"
+        " finished_at = now() WHERE id = (SELECT min(id) FROM cdc_hooks.deliveries)"
+        " RETURNING id").fetchone()
+    conn.execute("INSERT INTO cdc_hooks.attempts (delivery_id, status_code, duration_ms, response)"
+                 " VALUES (%s, 200, 12.5, 'ok')", (ann,))
+    conn.execute("INSERT INTO person (name) VALUES ('Cy')")  # captured, not dispatched
+    assert counts(conn) == (1, 1, 1)
+
+    result = cli(config, "install")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == (
+        f"schema cdc_hooks: upgrade from version 9 to version {migrations()[-1][0]}")
+    assert counts(conn) == (1, 1, 1)
+    relay = InProcessRelay(config).start()
+    try:
+        bodies = [json.loads(r.body) for r in receiver.wait_for(2, "/person")]
+        wait_until(lambda: counts(conn)[:2] == (0, 0), message="everything delivered")
+    finally:
+        relay.stop()
+    assert sorted(b["data"]["name"] for b in bodies) == ["Bob", "Cy"]
+
+    with Database.connect(config.dsn) as db:
+        shown = {d.id: d for d in (views.delivery(db, r[0]) for r in db.list_deliveries(
+            listener_id=person, limit=10))}
+    assert [(a.status_code, a.duration_ms, a.response) for a in shown[ann].attempt_log] == [
+        (200, 12.5, "ok")]
+    assert shown[ann].duration_ms == 12.5
+    for delivery in shown.values():  # Bob's (a body kept whole) and Cy's (kept compact)
+        (attempt,) = delivery.attempt_log
+        assert delivery.status == "delivered" and attempt.status_code == 200
+        assert attempt.duration_ms == delivery.duration_ms > 0
+    assert {d.body["data"]["name"] for d in shown.values()} == {"Ann", "Bob", "Cy"}
+    assert next(d for d in shown.values() if d.body["data"]["name"] == "Cy").body == bodies[
+        [b["data"]["name"] for b in bodies].index("Cy")]
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.attempts").fetchone() == (1,)

@@ -391,6 +391,38 @@ def test_deliveries_list_filter_page_detail_and_redeliver(client, conn, receiver
     assert [r.webhook_id for r in arrived].count(detail["webhook_id"]) == 2
 
 
+def test_a_first_try_success_shows_its_attempt_without_a_log_row(client, conn, config, cli,
+                                                                  receiver, relay):
+    # Kept on the delivery (schema version 14), not as a row of the attempt log; every
+    # view still shows it: CLI, API list and detail, page. A redelivery moves it to the log.
+    receiver.set_default("/ok", Reply(201, body="made"))
+    listener = add(client, receiver.url("/ok"), {})
+    conn.execute("INSERT INTO person (name) VALUES ('Joe')")
+    (listed,) = settled(client, 1, listener=listener["id"])
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.attempts").fetchone() == (0,)
+    assert listed["last_code"] == 201 and listed["duration_ms"] > 0
+    detail = client.get(f"/api/deliveries/{listed['id']}", headers=AUTH).json()
+    (attempt,) = detail["attempt_log"]
+    assert (attempt["status_code"], attempt["response"], attempt["error"]) == (201, "made", None)
+    assert attempt["duration_ms"] == detail["duration_ms"] == listed["duration_ms"]
+    assert attempt["attempted_at"] == detail["finished_at"]
+    shown = cli(config, "deliveries", "--listener", str(listener["id"]))
+    assert shown.stdout.splitlines()[1].split()[-3:] == ["delivered", "1", "201"]
+    login(client)
+    page = client.get(f"/deliveries/{listed['id']}").text
+    assert re.search(r'<table class="attempts">.*<td>201</td>', page, re.S)
+
+    receiver.set_default("/ok", Reply(500, body="no"))
+    client.post(f"/api/deliveries/{listed['id']}/redeliver", headers=AUTH)
+    (dead,) = settled(client, 1, listener=listener["id"])
+    assert dead["status"] == "dead"
+    log = client.get(f"/api/deliveries/{listed['id']}", headers=AUTH).json()["attempt_log"]
+    assert [(a["status_code"], a["response"]) for a in log] == [(201, "made"), (500, "no"),
+                                                                (500, "no")]
+    assert log[0] == attempt
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.attempts").fetchone() == (3,)
+
+
 def test_only_a_pending_delivery_has_a_next_attempt(client, conn, receiver, relay):
     # A claim leases a delivery by moving its next attempt ahead; once it is
     # delivered (or dead) that time in the future meant nothing.

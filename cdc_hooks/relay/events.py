@@ -10,6 +10,11 @@ id, hook, event, key and time, "data" and "changes" null, and "truncated"
 saying why, so that the receiver can read the row by its key. Captured
 changes are never refused (the application's writes must not fail because of
 cdc-hooks); listeners still match against the whole data.
+
+A body starts with its envelope, {"id", "hook", "event", "created",
+"occurred_at"}, which cdc_hooks.events keeps in columns: the row keeps the rest
+(Event.stored, from "key" on), and SQL's cdc_hooks.event_body puts the two
+together again, byte for byte (schema version 14).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from .. import jsoncodec
@@ -43,6 +48,7 @@ class Event:
     row_key: str | None  # canonical JSON of the key, for per-row order
     data: dict[str, Any]
     body: str  # the JSON POSTed to listeners
+    stored: str  # the body without its envelope: what cdc_hooks.events keeps
     occurred_at: datetime
     for_listener: int | None = None  # a backfill's --listener: deliveries for it only
     changes: dict[str, Any] | None = None  # an update's changed columns (old values)
@@ -50,14 +56,27 @@ class Event:
 
 class Stamp(NamedTuple):
     at: datetime
-    text: str  # ISO 8601, as in the body
+    text: str  # ISO 8601 in UTC, as in the body (and as cdc_hooks.event_body writes it)
+
+
+def envelope(event_id: int, hook: str, kind: str, stamp: Stamp) -> str:
+    """The start of an event's body, up to its "key" (see the module's docstring)."""
+    return (f'{{"id":"evt_{event_id}","hook":{jsoncodec.dumps_decoded(hook)},'
+            f'"event":{jsoncodec.dumps_decoded(kind)},'
+            f'"created":{"true" if kind == "insert" else "false"},"occurred_at":"{stamp.text}",')
+
+
+def _texts(event_id: int, hook: str, kind: str, stamp: Stamp, rest: dict[str, Any]) -> tuple[str, str]:
+    """(body, stored) of an event whose body after the envelope is rest, from "key" on."""
+    stored = jsoncodec.dumps_decoded(rest)
+    return envelope(event_id, hook, kind, stamp) + stored[1:], stored
 
 
 def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: str,
            occurred_at: datetime, max_bytes: int = MAX_EVENT_BYTES) -> Iterator[Event]:
     """The events of one outbox row (none for updates filtered by when_changed);
     bodies over max_bytes are sent as markers without data."""
-    stamp = Stamp(occurred_at, occurred_at.isoformat())  # once per outbox row, not per event
+    stamp = Stamp(occurred_at, occurred_at.astimezone(UTC).isoformat())  # once per outbox row
     limit = Limit(max_bytes, max_bytes >> 2)
     try:
         payload = jsoncodec.loads(payload_text)
@@ -102,10 +121,8 @@ def expand(outbox_id: int, hook: InstalledHook | None, kind: str, payload_text: 
 
 def _truncate(outbox_id: int, hook: str, stamp: Stamp) -> Event:
     """A TRUNCATE: one event without key or data, for every listener whatever its match."""
-    body = {"id": f"evt_{outbox_id * CHUNK}", "hook": hook, "event": "truncate",
-            "created": False, "key": None, "data": None, "occurred_at": stamp.text}
-    return Event(outbox_id * CHUNK, hook, "truncate", ALL_ROWS, {}, jsoncodec.dumps_decoded(body),
-                 stamp.at)
+    body, stored = _texts(outbox_id * CHUNK, hook, "truncate", stamp, {"key": None, "data": None})
+    return Event(outbox_id * CHUNK, hook, "truncate", ALL_ROWS, {}, body, stored, stamp.at)
 
 
 def _rows(columns: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -123,42 +140,35 @@ class Limit(NamedTuple):
 def _event(event_id: int, hook: str, kind: str, key: dict[str, Any] | None,
            data: dict[str, Any], changes: dict[str, Any] | None,
            old_key: dict[str, Any] | None, stamp: Stamp, limit: Limit) -> Event:
-    body: dict[str, Any] = {
-        "id": f"evt_{event_id}",
-        "hook": hook,
-        "event": kind,
-        "created": kind == "insert",
-        "key": key,
-        "data": data,
-        "occurred_at": stamp.text,
-    }
+    rest: dict[str, Any] = {"key": key, "data": data}
     if changes is not None:
-        body["changes"] = changes
+        rest["changes"] = changes
     if old_key is not None:
-        body["old_key"] = old_key
+        rest["old_key"] = old_key
     row_key = None if key is None else jsoncodec.dumps_decoded(sorted(key.items()))
     try:
-        text = jsoncodec.dumps_decoded(body)
+        body, stored = _texts(event_id, hook, kind, stamp, rest)
     except jsoncodec.TooDeep:
-        text = _marker(body, "depth", None)
+        body, stored = _marker(event_id, hook, kind, stamp, rest, "depth", None)
     else:
-        if len(text) > limit.chars:  # the one check on the hot path: a length comparison
-            size = len(text.encode())
+        if len(body) > limit.chars:  # the one check on the hot path: a length comparison
+            size = len(body.encode())
             if size > limit.bytes:
-                text = _marker(body, "size", size)
-    return Event(event_id, hook, kind, row_key, data, text, stamp.at, None, changes)
+                body, stored = _marker(event_id, hook, kind, stamp, rest, "size", size)
+    return Event(event_id, hook, kind, row_key, data, body, stored, stamp.at, None, changes)
 
 
-def _marker(body: dict[str, Any], reason: str, size: int | None) -> str:
+def _marker(event_id: int, hook: str, kind: str, stamp: Stamp, rest: dict[str, Any], reason: str,
+            size: int | None) -> tuple[str, str]:
     """The body without data and changes, saying why (never logging values)."""
-    log.warning("event %s of hook %s, key %s: %s; sent without data (truncated)", body["id"],
-                body["hook"], jsoncodec.dumps_decoded(body["key"]),
+    log.warning("event evt_%s of hook %s, key %s: %s; sent without data (truncated)", event_id,
+                hook, jsoncodec.dumps_decoded(rest["key"]),
                 f"{size} bytes, over [delivery] max_event_bytes" if reason == "size"
                 else f"nested more than {jsoncodec.ENCODE_DEPTH} levels deep")
-    marker = {**body, "data": None, "truncated": {"reason": reason, "bytes": size}}
-    if "changes" in body:
+    marker = {**rest, "data": None, "truncated": {"reason": reason, "bytes": size}}
+    if "changes" in rest:
         marker["changes"] = None
-    return jsoncodec.dumps_decoded(marker)
+    return _texts(event_id, hook, kind, stamp, marker)
 
 
 def _unreadable(outbox_id: int, hook: str, kind: str, stamp: Stamp) -> Event:
@@ -166,9 +176,8 @@ def _unreadable(outbox_id: int, hook: str, kind: str, stamp: Stamp) -> Event:
     its data is empty to matching, so only listeners without a filter get it)."""
     log.error("outbox row %s of hook %s is nested too deeply to read: one event without "
               "key or data sent for it", outbox_id, hook)
-    body = {"id": f"evt_{outbox_id * CHUNK}", "hook": hook, "event": kind,
-            "created": kind == "insert", "key": None, "data": None, "occurred_at": stamp.text,
-            "truncated": {"reason": "depth", "bytes": None}}
+    rest: dict[str, Any] = {"key": None, "data": None, "truncated": {"reason": "depth", "bytes": None}}
     if kind == "update":
-        body["changes"] = None
-    return Event(outbox_id * CHUNK, hook, kind, None, {}, jsoncodec.dumps_decoded(body), stamp.at)
+        rest["changes"] = None
+    body, stored = _texts(outbox_id * CHUNK, hook, kind, stamp, rest)
+    return Event(outbox_id * CHUNK, hook, kind, None, {}, body, stored, stamp.at)

@@ -467,7 +467,7 @@ class Relay:
                                      self.delivery.max_event_bytes))
             if events:
                 await store.insert_events(
-                    (e.id, e.hook, e.kind, e.row_key, e.body, e.occurred_at) for e in events)
+                    (e.id, e.hook, e.kind, e.stored, e.occurred_at) for e in events)
                 leased, deliveries = await self._insert_deliveries(store, events)
         metrics.dispatched(e.hook for e in events)
         # Sent only once the deliveries are committed: a send is always on record.

@@ -543,7 +543,7 @@ class World:
         found: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
         for row in self.conn.execute(
                 "SELECT a.delivery_id, extract(epoch FROM a.attempted_at)::float8, a.status_code,"
-                " a.error, a.duration_ms FROM cdc_hooks.attempts a"
+                " a.error, a.duration_ms FROM cdc_hooks.attempt_log a"
                 " JOIN cdc_hooks.deliveries d ON d.id = a.delivery_id"
                 " WHERE d.listener_id = %s ORDER BY a.attempted_at", (listener_id,)):
             found[row[0]].append(row[1:])

@@ -241,7 +241,7 @@ def run_cast(world: World, relays: Any, tmp_path: Any, cases: list[str], *, conc
         assert per_request < 64 << 20, "the relay read far past its cap"
         assert peak_rss_mb(relay.proc.pid) < 400, peak_rss_mb(relay.proc.pid)
         responses = world.conn.execute(
-            "SELECT max(length(a.response)) FROM cdc_hooks.attempts a JOIN cdc_hooks.deliveries d"
+            "SELECT max(length(a.response)) FROM cdc_hooks.attempt_log a JOIN cdc_hooks.deliveries d"
             " ON d.id = a.delivery_id WHERE d.listener_id = %s",
             (results["endless"][0].listener,)).fetchone()
         assert responses == (world.config.delivery.max_response_bytes,)  # type: ignore[union-attr]
