@@ -16,10 +16,10 @@ from receivers import InProcessRelay, wait_until
 
 from cdc_hooks import db as database
 from cdc_hooks import install as installer
+from cdc_hooks import services
 from cdc_hooks.db import Database, migrations, query
 from cdc_hooks.relay.events import expand
 from cdc_hooks.signing import generate_secret
-from cdc_hooks.web import views
 
 Conn = psycopg.Connection[Any]
 Cli = Callable[..., Result]
@@ -186,8 +186,8 @@ def test_upgrade_from_version_9_keeps_undelivered_events_and_shows_every_attempt
     assert sorted(b["data"]["name"] for b in bodies) == ["Bob", "Cy"]
 
     with Database.connect(config.dsn) as db:
-        shown = {d.id: d for d in (views.delivery(db, r[0]) for r in db.list_deliveries(
-            listener_id=person, limit=10))}
+        shown = {d.id: d for d in (services.deliveries.get_delivery(db, r.id) for r in
+                                   services.deliveries.page(db, listener_id=person, limit=10).items)}
     assert [(a.status_code, a.duration_ms, a.response) for a in shown[ann].attempt_log] == [
         (200, 12.5, "ok")]
     assert shown[ann].duration_ms == 12.5
