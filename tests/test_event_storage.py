@@ -94,16 +94,16 @@ def test_a_body_kept_whole_before_version_14_is_returned_as_it_is(installed):
 def test_only_a_first_attempt_that_delivered_on_record_stays_off_the_attempt_log(installed):
     conn = installed
     ids = [row[0] for row in conn.execute(
-        "INSERT INTO cdc_hooks.deliveries (event_id, listener_id, attempts)"
-        " SELECT g, 1, a FROM unnest(ARRAY[1, 1, 2, 1]) WITH ORDINALITY AS x (a, g)"
+        "INSERT INTO cdc_hooks.deliveries (event_id, listener_id, attempts, claimed_by)"
+        " SELECT g, 1, a, 7 FROM unnest(ARRAY[1, 1, 2, 1]) WITH ORDINALITY AS x (a, g)"
         " RETURNING id").fetchall()]
     first, failed, lost, later = ids
     conn.execute("UPDATE cdc_hooks.deliveries SET attempts = 2 WHERE id = %s", (later,))
     conn.execute(query("record_results"), {"results": jsoncodec.dumps_decoded([
-        [first, 1, "delivered", None, 200, None, 5.5, "ok"],
-        [failed, 1, "pending", 5, 500, "HTTP 500", 6.5, "no"],
-        [lost, 1, "delivered", None, 200, None, 7.5, "ok"],  # claimed again since: attempt 2
-        [later, 2, "delivered", None, 204, None, 8.5, None]])})
+        [first, 1, "delivered", None, 200, None, 5.5, "ok", 7],  # 7: the claiming relay session
+        [failed, 1, "pending", 5, 500, "HTTP 500", 6.5, "no", 7],
+        [lost, 1, "delivered", None, 200, None, 7.5, "ok", 7],  # claimed again since: attempt 2
+        [later, 2, "delivered", None, 204, None, 8.5, None, 7]])})
     assert conn.execute("SELECT delivery_id, status_code, duration_ms FROM cdc_hooks.attempts"
                         " ORDER BY delivery_id").fetchall() == [
         (failed, 500, 6.5), (lost, 200, 7.5), (later, 204, 8.5)]
