@@ -576,6 +576,12 @@ class RelayStore:
         assert locked, "a new relay session's lock is free"
         return int(session)
 
+    async def carry_over(self, old: int, session: int) -> bool:
+        """Moves the claims of this relay's last session `old` to `session`, while
+        nobody took it over: whether it did."""
+        carried, _ = (await self.run("carry_over_session", {"old": old, "session": session}))[0]
+        return bool(carried)
+
     async def take_over(self, session: int) -> tuple[int, int, int]:
         """Takes over the claims of relay sessions that ended: (live sessions,
         sessions ended, deliveries made due)."""

@@ -353,6 +353,23 @@ DELETE FROM cdc_hooks.waiters w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_get_acti
 INSERT INTO cdc_hooks.relay_sessions (pid) VALUES (pg_backend_pid())
 RETURNING id, pg_try_advisory_lock(1667523433, mod(id, 2147483648)::int);
 
+-- name: carry_over_session
+-- A relay reconnecting: its last session's claims move to its new one, so that
+-- what it has queued is still sent and its results in flight still land. Only
+-- while that session is still on record and nobody else is taking it over (the
+-- transaction lock, as in take_over_sessions); its row is deleted with it.
+-- Returns whether it was carried over.
+WITH old AS (
+    DELETE FROM cdc_hooks.relay_sessions s
+    WHERE s.id = %(old)s AND pg_try_advisory_xact_lock(1667523433, mod(s.id, 2147483648)::int)
+    RETURNING s.id
+), moved AS (
+    UPDATE cdc_hooks.deliveries d SET claimed_by = %(session)s
+    WHERE d.claimed_by IN (SELECT id FROM old) AND d.status = 'pending'
+    RETURNING 1
+)
+SELECT EXISTS (SELECT FROM old), (SELECT count(*) FROM moved);
+
 -- name: take_over_sessions
 -- Sessions whose lock nobody holds have ended (SIGKILL, OOM, lost node,
 -- pg_terminate_backend): their rows (and slots) are deleted and their claimed

@@ -59,11 +59,11 @@ def add_listener(conn: Conn) -> int:
     return int(row[0])
 
 
-def pending_delivery(conn: Conn, listener: int) -> int:
+def pending_delivery(conn: Conn, listener: int, event: int = 1000) -> int:
     conn.execute("INSERT INTO cdc_hooks.events (id, hook, kind, body, occurred_at)"
-                 " VALUES (1000, 'myhook', 'send', '{}', now())")
+                 " VALUES (%s, 'myhook', 'send', '{}', now())", (event,))
     row = conn.execute("INSERT INTO cdc_hooks.deliveries (event_id, listener_id, queued_behind)"
-                       " VALUES (1000, %s, false) RETURNING id", (listener,)).fetchone()
+                       " VALUES (%s, %s, false) RETURNING id", (event, listener)).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -131,6 +131,40 @@ def test_an_ended_sessions_claims_are_due_at_once_and_its_results_fenced_off(
                         (delivery,)).fetchone() == (2,), "the late results are in the log"
     record(conn, new_id, delivery, 2, 200)
     assert state(conn, delivery)[:4] == ("delivered", 2, None, 200)
+
+
+def carry_over(conn: Conn, old: int, session: int) -> tuple[bool, int]:
+    row = conn.execute(query("carry_over_session"), {"old": old, "session": session}).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_a_reconnecting_relay_carries_its_claims_over_unless_taken_over(
+        conn, installed, sessions):
+    """A relay that lost its connection keeps what it claimed (its requests in
+    flight are not sent again), but never what another relay took over."""
+    listener = add_listener(conn)
+    delivery = pending_delivery(conn, listener)
+    old, old_id = sessions()
+    claim(old, old_id, listener)
+    old.close()
+    new, new_id = sessions()
+    assert wait_until(lambda: carry_over(new, old_id, new_id)[0],
+                      message="the old session's lock free")
+    assert state(conn, delivery) == ("pending", 1, new_id, None, False)
+    assert take_over(new, new_id) == (1, 0, 0), "nothing left to take over"
+    record(conn, new_id, delivery, 1, 200)  # the in-flight result, under the new session
+    assert state(conn, delivery)[:4] == ("delivered", 1, None, 200)
+
+    second = pending_delivery(conn, listener, 1001)
+    lost, lost_id = sessions()
+    claim(lost, lost_id, listener)
+    lost.close()
+    other, other_id = sessions()
+    taken_over(other, other_id)
+    again, again_id = sessions()
+    assert carry_over(again, lost_id, again_id) == (False, 0)
+    assert state(conn, second)[2] is None, "taken over: due for any relay, not carried"
 
 
 def test_a_release_gives_back_the_attempt_only_in_the_claiming_session(

@@ -158,6 +158,7 @@ class Relay:
         self._circuits = Circuits(config.delivery.circuit_breaker)  # the shared circuits it knows of
         self._session_id = 0  # this relay's session (relay_sessions), per connection
         self._sessions = 1  # relay sessions of the database, at the last take-over check
+        self._carried: set[int] = set()  # earlier sessions whose claims moved to this one
         # Per listener, the requests this relay may have in flight: its share of the
         # listener_concurrency of all relays (listener_slots); none: not sent to. What
         # it holds on record may be more, for a while: the requests in flight of a
@@ -165,6 +166,8 @@ class Relay:
         self._slots: dict[int, int] = {}
         self._slots_held: dict[int, int] = {}  # on record (listener_slots)
         self._slots_short = False  # a listener has more or fewer slots than its share
+        self._slots_asked: set[int] = set()  # the listeners the last take_slots was for
+        self._taking_slots = asyncio.Lock()  # the failover loop's, or dispatch's for a new listener
         self._share_slots = asyncio.Event()  # set: divide the slots again now
         self._pacing = Pacing(self._pump)  # the rate-limited listeners' send slots
         self.delivered = 0
@@ -264,13 +267,19 @@ class Relay:
                     await store.close()
 
     async def _start_relay_session(self, store: RelayStore) -> None:
-        """A new relay session on the claim connection. Claims of the last one not
-        yet sent are forgotten: that session ended, and its claims are taken over,
-        here or by another relay (its requests still in flight record under it)."""
-        self._unsent()
-        self._released = []  # the last session's too: a release is fenced off the new one
+        """A new relay session on the claim connection. The last one's claims move
+        to it while no other relay took them over (a reconnect): what it queued is
+        still sent, and its results in flight land, not sent again. Once taken over,
+        they are forgotten (its requests in flight record under it: fenced off)."""
+        last = self._session_id
         self._slots, self._slots_held = {}, {}
         self._session_id = await store.register_session()
+        if last and await store.carry_over(last, self._session_id):
+            self._carried.add(last)
+        else:
+            self._carried.clear()
+            self._unsent()
+            self._released = []  # the last session's too: a release is fenced off the new one
         await self._take_over(store)
         self._share_slots.clear()
         await self._take_slots(store)
@@ -307,6 +316,10 @@ class Relay:
         A share given up is kept on record for the requests still in flight (the
         next round gives back what they no longer use), and while asked for, a
         listener's slots are at most those on record."""
+        async with self._taking_slots:
+            await self._take_slots_now(store)
+
+    async def _take_slots_now(self, store: RelayStore) -> None:
         cap = self.delivery.listener_concurrency
         share = -(-cap // max(1, self._sessions))
         wants = {}
@@ -320,6 +333,7 @@ class Relay:
         if not wants:
             return
         granted = await store.take_slots(self._session_id, wants, cap)
+        self._slots_asked = set(wants)
         self._slots_held = {listener_id: n for listener_id, n in granted.items() if n}
         self._slots = {listener_id: min(n, wants[listener_id][0])
                        for listener_id, n in self._slots_held.items()}
@@ -465,6 +479,10 @@ class Relay:
             for outbox_id, hook, kind, payload, occurred_at, _ in sorted(rows):
                 events.extend(expand(outbox_id, self.hooks.get(hook), kind, payload, occurred_at,
                                      self.delivery.max_event_bytes))
+            if events and _active(self.listeners) - self._slots_asked:
+                # a new listener's slots before its first delivery: else that one waits
+                # for a claim while the next ones, sent at once, overtake it
+                await self._take_slots(store)
             if events:
                 await store.insert_events(
                     (e.id, e.hook, e.kind, e.stored, e.occurred_at) for e in events)
@@ -812,6 +830,9 @@ class Relay:
         if not self._unrecorded:
             return
         batch = self._unrecorded
+        for result in batch:  # claimed in a session carried over: lands under this one
+            if result.session in self._carried:
+                result.session = self._session_id
         await store.record_results(batch)
         self._unrecorded = []
         if self.delivery.circuit_breaker:
