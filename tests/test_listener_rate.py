@@ -110,7 +110,7 @@ def test_two_relays_share_a_listeners_rate(conn, config, cli, receiver, tmp_path
     assert all(mine & used for mine in ports), (ports, used)
     # Waiting for a slot failed nothing and spent no attempt.
     assert attempts(conn) == [("delivered", 1, events)]
-    assert conn.execute("SELECT count(*) FROM cdc_hooks.attempts").fetchone() == (events,)
+    assert conn.execute("SELECT count(*) FROM cdc_hooks.attempt_log").fetchone() == (events,)
 
 
 def test_a_429_with_retry_after_holds_a_delivery_back_on_top_of_the_rate(
