@@ -350,7 +350,7 @@ def requests_on_record(conn: psycopg.Connection[Any], listener_id: int) -> tuple
     """(attempts counted on its deliveries, attempts in the log) of a listener."""
     return conn.execute(
         "SELECT (SELECT coalesce(sum(attempts), 0) FROM cdc_hooks.deliveries WHERE listener_id = %s),"
-        " (SELECT count(*) FROM cdc_hooks.attempts a JOIN cdc_hooks.deliveries d"
+        " (SELECT count(*) FROM cdc_hooks.attempt_log a JOIN cdc_hooks.deliveries d"
         "  ON d.id = a.delivery_id WHERE d.listener_id = %s)", (listener_id, listener_id)).fetchone()
 
 
