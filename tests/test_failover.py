@@ -15,7 +15,6 @@ import psycopg
 import pytest
 from receivers import wait_until
 
-from cdc_hooks import install as installer
 from cdc_hooks.config import Config, DeliveryConfig
 from cdc_hooks.db import query
 from cdc_hooks.relay.http import Target
@@ -28,10 +27,8 @@ LEASE = 60.0
 
 
 @pytest.fixture
-def installed(conn: Conn, make_config: Callable[..., Config]) -> Config:
-    config = make_config(HOOKS)
-    installer.install(config)
-    return config
+def hook_installed(installed: Callable[..., Config]) -> Config:
+    return installed(HOOKS)
 
 
 @pytest.fixture
@@ -101,7 +98,7 @@ def taken_over(conn: Conn, session: int) -> tuple[int, int, int]:
 
 
 def test_an_ended_sessions_claims_are_due_at_once_and_its_results_fenced_off(
-        conn, installed, sessions):
+        conn, hook_installed, sessions):
     listener = add_listener(conn)
     delivery = pending_delivery(conn, listener)
     old, old_id = sessions()
@@ -140,7 +137,7 @@ def carry_over(conn: Conn, old: int, session: int) -> tuple[bool, int]:
 
 
 def test_a_reconnecting_relay_carries_its_claims_over_unless_taken_over(
-        conn, installed, sessions):
+        conn, hook_installed, sessions):
     """A relay that lost its connection keeps what it claimed (its requests in
     flight are not sent again), but never what another relay took over."""
     listener = add_listener(conn)
@@ -168,7 +165,7 @@ def test_a_reconnecting_relay_carries_its_claims_over_unless_taken_over(
 
 
 def test_a_release_gives_back_the_attempt_only_in_the_claiming_session(
-        conn, installed, sessions):
+        conn, hook_installed, sessions):
     listener = add_listener(conn)
     delivery = pending_delivery(conn, listener)
     relay, relay_id = sessions()
@@ -189,7 +186,7 @@ def held(conn: Conn, listener: int) -> dict[int, int]:
                              " WHERE listener_id = %s", (listener,)).fetchall())
 
 
-def test_listener_slots_never_add_up_to_more_than_the_limit(conn, installed, sessions):
+def test_listener_slots_never_add_up_to_more_than_the_limit(conn, hook_installed, sessions):
     listener = add_listener(conn)
     (a, a_id), (b, b_id), (c, c_id) = sessions(), sessions(), sessions()
     # Three relays, listener_concurrency 2: an even share is 1, rounded up; the
@@ -214,7 +211,7 @@ def test_listener_slots_never_add_up_to_more_than_the_limit(conn, installed, ses
 
 
 def test_resuming_a_listener_leaves_its_claims_alone_whatever_their_lease(
-        conn, installed, sessions):
+        conn, hook_installed, sessions):
     """A claim's lease may be far out ([delivery] timeout 300 s: 2,730 s): resuming
     the listener must not give its attempt budget back under the request."""
     listener = add_listener(conn)

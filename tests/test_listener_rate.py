@@ -21,7 +21,6 @@ from test_delivery_controls import AUTH, TOKEN, add, login, stored
 from test_delivery_controls import CONFIG as CONTROLS
 from test_web_api import csrf_of
 
-from cdc_hooks import install as installer
 from cdc_hooks.client import Client
 from cdc_hooks.config import Config
 from cdc_hooks.db import RelayStore
@@ -41,10 +40,8 @@ BAD_RATES = ["0", "-1", "abc", "nan", "inf", "1e9", "0.0001"]
 
 
 @pytest.fixture
-def config(conn: Any, make_config: Callable[..., Config]) -> Config:
-    configured = make_config(CONFIG)
-    installer.install(configured)
-    return configured
+def config(installed: Callable[..., Config]) -> Config:
+    return installed(CONFIG)
 
 
 @pytest.fixture
